@@ -1,0 +1,28 @@
+"""ASGI entry point: HTTP to Django, WebSocket to Channels (Daphne serves both)."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "callwaiting_tts.settings")
+
+# Django must be set up before anything that imports models.
+django_http_app = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.urls import URLPattern  # noqa: E402
+from servestatic import ServeStaticASGI  # noqa: E402
+
+# Static files (admin, API docs) are served in front of Django so that they
+# never take the sync thread; with DEBUG off nothing else would serve them.
+http_app = ServeStaticASGI(django_http_app, root=settings.STATIC_ROOT, prefix=settings.STATIC_URL)
+
+websocket_urlpatterns: list[URLPattern] = []
+
+application = ProtocolTypeRouter(
+    {
+        "http": http_app,
+        "websocket": URLRouter(websocket_urlpatterns),
+    }
+)

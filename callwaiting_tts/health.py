@@ -1,0 +1,48 @@
+"""Liveness: cheap, unauthenticated, and never touching the database."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from django.conf import settings
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import serializers
+from rest_framework.decorators import api_view, authentication_classes, permission_classes
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+PROCESS_STARTED = time.monotonic()
+
+
+def engine_info() -> dict[str, Any] | None:
+    """What the speech engine reports about itself; None until an engine is configured."""
+    return None
+
+
+@extend_schema(
+    auth=[],
+    summary="Liveness and engine information",
+    responses=inline_serializer(
+        "Health",
+        {
+            "status": serializers.CharField(),
+            "version": serializers.CharField(),
+            "uptime_s": serializers.FloatField(),
+            "engine": serializers.DictField(allow_null=True),
+        },
+    ),
+)
+@api_view(["GET"])
+@authentication_classes([])
+@permission_classes([AllowAny])
+def health(request: Request) -> Response:
+    return Response(
+        {
+            "status": "ok",
+            "version": settings.VERSION,
+            "uptime_s": round(time.monotonic() - PROCESS_STARTED, 3),
+            "engine": engine_info(),
+        }
+    )

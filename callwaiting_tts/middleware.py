@@ -1,0 +1,76 @@
+"""Request ids: every response carries X-Request-ID and every log line names it."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# A client's id is echoed only if it is short and plain, so that it cannot
+# inject anything into logs or headers.
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+current_request_id: ContextVar[str] = ContextVar("current_request_id", default="-")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def request_id_for(request: HttpRequest) -> str:
+    """The id already given to this request, or a fresh one for code outside the middleware."""
+    existing = getattr(request, "request_id", None)
+    if isinstance(existing, str):
+        return existing
+    return new_request_id()
+
+
+def _assign_request_id(request: HttpRequest) -> str:
+    offered = request.headers.get(REQUEST_ID_HEADER, "")
+    request_id = offered if _SANE_REQUEST_ID.match(offered) else new_request_id()
+    request.request_id = request_id  # type: ignore[attr-defined]
+    current_request_id.set(request_id)
+    return request_id
+
+
+class RequestIdMiddleware:
+    sync_capable = True
+    async_capable = True
+
+    def __init__(
+        self,
+        get_response: Callable[[HttpRequest], HttpResponseBase]
+        | Callable[[HttpRequest], Awaitable[HttpResponseBase]],
+    ) -> None:
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
+        if self.is_async:
+            return self.__acall__(request)
+        request_id = _assign_request_id(request)
+        response = self.get_response(request)
+        assert isinstance(response, HttpResponseBase)
+        response[REQUEST_ID_HEADER] = request_id
+        return response
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        request_id = _assign_request_id(request)
+        response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
+        response[REQUEST_ID_HEADER] = request_id
+        return response
+
+
+class RequestIdLogFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = current_request_id.get()
+        return True

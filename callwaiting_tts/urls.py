@@ -1,0 +1,23 @@
+from django.contrib import admin
+from django.urls import path
+from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
+
+from callwaiting_tts.health import health
+from tenants.views import tenant_detail
+
+handler400 = "callwaiting_tts.errors.bad_request_view"
+handler403 = "callwaiting_tts.errors.permission_denied_view"
+handler404 = "callwaiting_tts.errors.not_found_view"
+handler500 = "callwaiting_tts.errors.server_error_view"
+
+# Endpoints that answer without an API key. Everything else under /v1 needs
+# one; tests/test_auth_coverage.py holds every route to this list.
+PUBLIC_URL_NAMES = frozenset({"health", "openapi-schema", "docs"})
+
+urlpatterns = [
+    path("v1/health", health, name="health"),
+    path("v1/tenant", tenant_detail, name="tenant-detail"),
+    path("v1/openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
+    path("v1/docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="docs"),
+    path("admin/", admin.site.urls),
+]

@@ -1,0 +1,121 @@
+"""Bearer API key authentication, for DRF views, plain async views and WebSockets.
+
+Every failure is a 401 with `WWW-Authenticate: Bearer` and a stable code:
+
+    missing_api_key   no Authorization header, or not a Bearer one
+    invalid_api_key   malformed, unknown, or wrong secret
+    expired_api_key   past its expires_at (e.g. the old key after a rotation)
+    revoked_api_key   revoked
+    tenant_inactive   the tenant behind the key is deactivated
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.http import HttpRequest
+from django.utils import timezone
+from rest_framework import exceptions
+from rest_framework.authentication import BaseAuthentication
+from rest_framework.request import Request
+
+from callwaiting_tts.errors import ApiError
+from tenants import keys
+from tenants.models import ApiKey, Tenant
+
+# last_used_at is for humans deciding which keys to retire: minute precision
+# is plenty, and it keeps a write off most requests.
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+WWW_AUTHENTICATE_REALM = 'Bearer realm="callwaiting-tts"'
+
+
+class ApiKeyError(ApiError, exceptions.AuthenticationFailed):
+    def __init__(self, code: str, message: str) -> None:
+        challenge = WWW_AUTHENTICATE_REALM
+        if code != "missing_api_key":
+            challenge += ', error="invalid_token"'
+        super().__init__(401, code, message, headers={"WWW-Authenticate": challenge})
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant: Tenant
+    api_key: ApiKey
+
+
+def bearer_token(authorization: str | None) -> str:
+    if not authorization:
+        raise ApiKeyError("missing_api_key", "Send your API key as 'Authorization: Bearer <key>'.")
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiKeyError("missing_api_key", "Send your API key as 'Authorization: Bearer <key>'.")
+    return token.strip()
+
+
+def _parse(token: str) -> keys.ParsedKey:
+    parsed = keys.parse_key(token)
+    if parsed is None:
+        raise ApiKeyError("invalid_api_key", "The API key is not valid.")
+    return parsed
+
+
+def _verify(api_key: ApiKey | None, parsed: keys.ParsedKey) -> Principal:
+    if api_key is None or not keys.secret_matches(parsed.secret, api_key.secret_hash):
+        raise ApiKeyError("invalid_api_key", "The API key is not valid.")
+    if api_key.is_revoked:
+        raise ApiKeyError("revoked_api_key", "This API key has been revoked.")
+    if api_key.is_expired():
+        raise ApiKeyError("expired_api_key", "This API key has expired; use the tenant's current key.")
+    if not api_key.tenant.is_active:
+        raise ApiKeyError("tenant_inactive", "The tenant for this API key is deactivated.")
+    return Principal(tenant=api_key.tenant, api_key=api_key)
+
+
+def _last_used_is_stale(api_key: ApiKey) -> bool:
+    return api_key.last_used_at is None or timezone.now() - api_key.last_used_at >= LAST_USED_RESOLUTION
+
+
+def authenticate_token(token: str) -> Principal:
+    parsed = _parse(token)
+    api_key = ApiKey.objects.select_related("tenant").filter(prefix=parsed.prefix).first()
+    principal = _verify(api_key, parsed)
+    if _last_used_is_stale(principal.api_key):
+        ApiKey.objects.filter(pk=principal.api_key.pk).update(last_used_at=timezone.now())
+    return principal
+
+
+async def aauthenticate_token(token: str) -> Principal:
+    parsed = _parse(token)
+    api_key = await ApiKey.objects.select_related("tenant").filter(prefix=parsed.prefix).afirst()
+    principal = _verify(api_key, parsed)
+    if _last_used_is_stale(principal.api_key):
+        await ApiKey.objects.filter(pk=principal.api_key.pk).aupdate(last_used_at=timezone.now())
+    return principal
+
+
+async def aauthenticate_request(request: HttpRequest) -> Principal:
+    """For plain async views; attaches the tenant to the request like the DRF class does."""
+    principal = await aauthenticate_token(bearer_token(request.headers.get("Authorization")))
+    request.tenant = principal.tenant  # type: ignore[attr-defined]
+    return principal
+
+
+def request_tenant(request: Request) -> Tenant:
+    """The tenant that authenticated this DRF request."""
+    tenant = request.user
+    if not isinstance(tenant, Tenant):
+        raise ApiKeyError("missing_api_key", "Send your API key as 'Authorization: Bearer <key>'.")
+    return tenant
+
+
+class ApiKeyAuthentication(BaseAuthentication):
+    """DRF authentication: `request.user` is the Tenant, `request.auth` the ApiKey."""
+
+    def authenticate(self, request: Request) -> tuple[Tenant, ApiKey]:
+        principal = authenticate_token(bearer_token(request.headers.get("Authorization")))
+        request._request.tenant = principal.tenant  # type: ignore[attr-defined]
+        return principal.tenant, principal.api_key
+
+    def authenticate_header(self, request: Request) -> str:
+        return WWW_AUTHENTICATE_REALM

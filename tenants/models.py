@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import ClassVar
+
+from django.db import models
+from django.db.models import Q, QuerySet
+from django.utils import timezone
+
+
+class Permission(models.TextChoices):
+    UPLOAD = "upload", "Upload cloned voices"
+
+
+def _no_permissions() -> list[str]:
+    return []
+
+
+class Tenant(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=200, unique=True)
+    is_active = models.BooleanField(default=True)
+    quota_minutes = models.PositiveIntegerField(
+        default=600, help_text="Minutes of synthesized audio per calendar month (UTC)."
+    )
+    rate_limit_minute = models.PositiveIntegerField(default=60, help_text="Requests per minute.")
+    rate_limit_hour = models.PositiveIntegerField(default=1000, help_text="Requests per hour.")
+    max_concurrent_streams = models.PositiveIntegerField(default=4)
+    permissions = models.JSONField(default=_no_permissions, blank=True, help_text='e.g. ["upload"]')
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    # DRF's IsAuthenticated asks the principal on the request; a tenant that an
+    # API key resolved to is authenticated.
+    is_authenticated: ClassVar[bool] = True
+    is_anonymous: ClassVar[bool] = False
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def has_permission(self, permission: Permission | str) -> bool:
+        return str(permission) in self.permissions
+
+
+class ApiKeyQuerySet(QuerySet["ApiKey"]):
+    def usable(self, at: datetime | None = None) -> ApiKeyQuerySet:
+        at = at or timezone.now()
+        return self.filter(revoked_at__isnull=True).filter(Q(expires_at__isnull=True) | Q(expires_at__gt=at))
+
+
+class ApiKey(models.Model):
+    """A tenant's credential. Only a keyed hash of the secret is stored.
+
+    The full key, `cwt_<prefix>_<secret>`, exists in plaintext only in the
+    response that created it (see tenants.keys).
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
+    prefix = models.CharField(max_length=16, unique=True, editable=False)
+    secret_hash = models.CharField(max_length=64, editable=False)
+    name = models.CharField(max_length=100, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    objects = ApiKeyQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"cwt_{self.prefix}_…"
+
+    def is_expired(self, at: datetime | None = None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (at or timezone.now())
+
+    @property
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    @property
+    def is_usable(self) -> bool:
+        return not self.is_revoked and not self.is_expired()

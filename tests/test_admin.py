@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.contrib.messages import get_messages
+from django.test import Client
+
+from tenants.authentication import ApiKeyError, authenticate_token
+from tenants.models import ApiKey, Tenant
+from tests.conftest import TenantFactory
+
+pytestmark = pytest.mark.django_db
+KEY_PATTERN = re.compile(r"cwt_[a-z0-9]{8}_[A-Za-z0-9]{32}")
+
+
+def shown_keys(response) -> list[str]:
+    return [
+        key for message in get_messages(response.wsgi_request) for key in KEY_PATTERN.findall(str(message))
+    ]
+
+
+def add_form(name: str) -> dict[str, str]:
+    return {
+        "name": name,
+        "is_active": "on",
+        "quota_minutes": "100",
+        "rate_limit_minute": "60",
+        "rate_limit_hour": "1000",
+        "max_concurrent_streams": "2",
+        "permissions": '["upload"]',
+        "api_keys-TOTAL_FORMS": "0",
+        "api_keys-INITIAL_FORMS": "0",
+        "api_keys-MIN_NUM_FORMS": "0",
+        "api_keys-MAX_NUM_FORMS": "1000",
+    }
+
+
+def test_creating_a_tenant_in_the_admin_shows_its_first_key_once(admin_client: Client) -> None:
+    response = admin_client.post("/admin/tenants/tenant/add/", add_form("acme"), follow=True)
+    assert response.status_code == 200
+    (key,) = shown_keys(response)
+    assert authenticate_token(key).tenant.name == "acme"
+
+    tenant = Tenant.objects.get(name="acme")
+    page = admin_client.get(f"/admin/tenants/tenant/{tenant.pk}/change/").content.decode()
+    assert key not in page
+    assert ApiKey.objects.get(tenant=tenant).prefix in page
+
+
+def test_rotating_from_the_admin_keeps_old_keys_for_the_chosen_grace(
+    admin_client: Client, tenant_and_key
+) -> None:
+    tenant, old = tenant_and_key
+    response = admin_client.post(
+        "/admin/tenants/tenant/",
+        {"action": "rotate_keys", "_selected_action": [str(tenant.pk)], "grace_seconds": "3600"},
+        follow=True,
+    )
+    (new,) = shown_keys(response)
+    assert authenticate_token(new).tenant == tenant
+    assert authenticate_token(old.plaintext).tenant == tenant
+    old.api_key.refresh_from_db()
+    assert old.api_key.expires_at is not None
+
+    admin_client.post(
+        "/admin/tenants/tenant/",
+        {"action": "rotate_keys", "_selected_action": [str(tenant.pk)], "grace_seconds": "0"},
+    )
+    with pytest.raises(ApiKeyError):
+        authenticate_token(new)
+
+
+def test_revoking_from_the_admin_stops_the_key(admin_client: Client, tenant_and_key) -> None:
+    _tenant, issued = tenant_and_key
+    admin_client.post(
+        "/admin/tenants/apikey/", {"action": "revoke", "_selected_action": [str(issued.api_key.pk)]}
+    )
+    with pytest.raises(ApiKeyError, match="revoked"):
+        authenticate_token(issued.plaintext)
+
+
+def test_keys_cannot_be_added_or_deleted_directly_in_the_admin(admin_client: Client, tenant_and_key) -> None:
+    _tenant, issued = tenant_and_key
+    assert admin_client.get("/admin/tenants/apikey/add/").status_code == 403
+    assert admin_client.get(f"/admin/tenants/apikey/{issued.api_key.pk}/delete/").status_code == 403
+
+
+def test_deactivating_a_tenant_in_the_admin_stops_its_keys(
+    admin_client: Client, make_tenant: TenantFactory
+) -> None:
+    tenant, issued = make_tenant("gone")
+    admin_client.post(
+        "/admin/tenants/tenant/", {"action": "deactivate", "_selected_action": [str(tenant.pk)]}
+    )
+    with pytest.raises(ApiKeyError, match="deactivated"):
+        authenticate_token(issued.plaintext)
