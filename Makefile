@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
+XTTS_STAMP := $(VENV)/.xtts-installed
 
 .PHONY: run test check lint typecheck services format clean
 
@@ -18,6 +19,11 @@ $(RUNTIME_STAMP): requirements.txt | $(BIN)/python
 
 $(DEV_STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# torch and coqui-tts: several GB, so only the tests and the GPU image take them.
+$(XTTS_STAMP): $(RUNTIME_STAMP) requirements-xtts.txt
+	$(BIN)/pip install --quiet -r requirements-xtts.txt
 	touch $@
 
 # A local .env with a fresh SECRET_KEY, so that DEBUG can stay off.
@@ -43,7 +49,7 @@ typecheck: $(DEV_STAMP)
 
 check: lint typecheck
 
-test: $(DEV_STAMP) services check
+test: $(DEV_STAMP) $(XTTS_STAMP) services check
 	$(BIN)/pytest
 
 format: $(DEV_STAMP)

@@ -14,9 +14,15 @@ from django.conf import settings  # noqa: E402
 from django.urls import URLPattern  # noqa: E402
 from servestatic import ServeStaticASGI  # noqa: E402
 
+from synthesis.engines import get_engine  # noqa: E402
+
 # Static files (admin, API docs) are served in front of Django so that they
 # never take the sync thread; with DEBUG off nothing else would serve them.
 http_app = ServeStaticASGI(django_http_app, root=settings.STATIC_ROOT, prefix=settings.STATIC_URL)
+
+# The engine loads now, at start-up: a misconfigured one stops the server here
+# instead of failing the first request, and no request pays for the load.
+get_engine()
 
 websocket_urlpatterns: list[URLPattern] = []
 

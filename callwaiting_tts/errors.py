@@ -84,16 +84,16 @@ _DRF_CODES: dict[type[exceptions.APIException], str] = {
 }
 
 
-def _validation_message(detail: Any) -> str:
+def validation_message(detail: Any) -> str:
     """One readable sentence out of DRF's nested validation errors."""
     if isinstance(detail, dict):
         parts = []
         for field, problems in detail.items():
-            text = _validation_message(problems)
+            text = validation_message(problems)
             parts.append(text if field == "non_field_errors" else f"{field}: {text}")
         return "; ".join(parts)
     if isinstance(detail, list):
-        return " ".join(_validation_message(item) for item in detail)
+        return " ".join(validation_message(item) for item in detail)
     return str(detail)
 
 
@@ -116,7 +116,7 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         code = next((c for cls, c in _DRF_CODES.items() if isinstance(exc, cls)), "error")
         if isinstance(exc, exceptions.ValidationError):
             details = exc.detail
-            message = _validation_message(exc.detail)
+            message = validation_message(exc.detail)
         else:
             message = str(exc.detail)
     if wait := getattr(exc, "wait", None):

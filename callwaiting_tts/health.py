@@ -13,12 +13,17 @@ from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from synthesis.engines import loaded_engine
+
 PROCESS_STARTED = time.monotonic()
 
 
-def engine_info() -> dict[str, Any] | None:
-    """What the speech engine reports about itself; None until an engine is configured."""
-    return None
+def engine_info() -> dict[str, Any]:
+    """What the speech engine reports about itself (health never loads it)."""
+    engine = loaded_engine()
+    if engine is None:
+        return {"name": settings.TTS_ENGINE, "loaded": False}
+    return engine.info()
 
 
 @extend_schema(

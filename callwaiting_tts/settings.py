@@ -190,6 +190,16 @@ TTS_ENGINE = env_choice("TTS_ENGINE", "auto", ("auto", "xtts", "piper"))
 XTTS_MODEL_PATH = env_str("XTTS_MODEL_PATH")
 XTTS_DEVICE = env_str("XTTS_DEVICE")  # empty: cuda:0 when CUDA is available, else cpu
 XTTS_HALF = env_bool("XTTS_HALF", False)
+XTTS_STREAM_CHUNK_TOKENS = env_int("XTTS_STREAM_CHUNK_TOKENS", 20, minimum=1)
+_xtts_max_tokens = env_int("XTTS_MAX_AUDIO_TOKENS", 0, minimum=0)
+XTTS_MAX_AUDIO_TOKENS = _xtts_max_tokens or None  # 0: the checkpoint's own limit
+XTTS_DETERMINISTIC = env_bool("XTTS_DETERMINISTIC", False)  # greedy decoding (tests, benchmarks)
+PIPER_WORKERS = env_int("PIPER_WORKERS", os.cpu_count() or 1, minimum=1)
+_piper_noise = env_float("PIPER_NOISE_SCALE", -1.0)
+PIPER_NOISE_SCALE = _piper_noise if _piper_noise >= 0 else None  # unset: the voice's own
+_piper_noise_w = env_float("PIPER_NOISE_W_SCALE", -1.0)
+PIPER_NOISE_W_SCALE = _piper_noise_w if _piper_noise_w >= 0 else None
+ENGINE_MAX_ACTIVE_JOBS = env_int("ENGINE_MAX_ACTIVE_JOBS", 32, minimum=1)
 MAX_TEXT_CHARS = env_int("MAX_TEXT_CHARS", 5000, minimum=1)
 
 # --- Auth, API, errors ---------------------------------------------------------

@@ -3,6 +3,7 @@ from django.urls import path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
 from callwaiting_tts.health import health
+from synthesis.views import synthesize, voice_list
 from tenants.views import tenant_detail
 
 handler400 = "callwaiting_tts.errors.bad_request_view"
@@ -17,6 +18,8 @@ PUBLIC_URL_NAMES = frozenset({"health", "openapi-schema", "docs"})
 urlpatterns = [
     path("v1/health", health, name="health"),
     path("v1/tenant", tenant_detail, name="tenant-detail"),
+    path("v1/synthesize", synthesize, name="synthesize"),
+    path("v1/voices", voice_list, name="voice-list"),
     path("v1/openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
     path("v1/docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="docs"),
     path("admin/", admin.site.urls),

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from rest_framework.test import APIClient
@@ -33,3 +34,13 @@ def api_client() -> APIClient:
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="session")
+def xtts_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real, randomly initialised tiny XTTS checkpoint, made once per test run."""
+    from synthesis.management.commands.make_xtts_checkpoint import write_checkpoint
+
+    directory = tmp_path_factory.mktemp("xtts_tiny")
+    write_checkpoint(directory, full=False, speakers=["Ana Florence", "Claribel Dervla"], seed=0)
+    return directory

@@ -1,0 +1,84 @@
+"""The process's one speech engine, chosen by TTS_ENGINE and loaded once."""
+
+from __future__ import annotations
+
+import threading
+
+from django.conf import settings
+
+from synthesis.engines.base import (
+    BuiltinVoice,
+    CloningNotSupported,
+    EngineConfigurationError,
+    EngineFailure,
+    EngineOverloaded,
+    SpeechEngine,
+    SpeechJob,
+)
+
+__all__ = [
+    "BuiltinVoice",
+    "CloningNotSupported",
+    "EngineConfigurationError",
+    "EngineFailure",
+    "EngineOverloaded",
+    "SpeechEngine",
+    "SpeechJob",
+    "get_engine",
+    "loaded_engine",
+    "reset_engine",
+]
+
+_engine: SpeechEngine | None = None
+_engine_lock = threading.Lock()
+
+
+def build_engine() -> SpeechEngine:
+    choice = settings.TTS_ENGINE
+    if choice == "auto":
+        choice = "xtts" if settings.XTTS_MODEL_PATH else "piper"
+    if choice == "xtts":
+        from synthesis.engines.xtts import XttsEngine
+
+        return XttsEngine(
+            checkpoint_dir=settings.XTTS_MODEL_PATH,
+            device=settings.XTTS_DEVICE,
+            half=settings.XTTS_HALF,
+            max_active_jobs=settings.ENGINE_MAX_ACTIVE_JOBS,
+            stream_chunk_size=settings.XTTS_STREAM_CHUNK_TOKENS,
+            max_audio_tokens=settings.XTTS_MAX_AUDIO_TOKENS,
+            deterministic=settings.XTTS_DETERMINISTIC,
+        )
+    from synthesis.engines.piper import PiperEngine
+
+    return PiperEngine(
+        workers=settings.PIPER_WORKERS,
+        max_active_jobs=settings.ENGINE_MAX_ACTIVE_JOBS,
+        noise_scale=settings.PIPER_NOISE_SCALE,
+        noise_w_scale=settings.PIPER_NOISE_W_SCALE,
+    )
+
+
+def get_engine() -> SpeechEngine:
+    """The loaded engine; the first call loads it (asgi.py makes that call at start-up)."""
+    global _engine
+    if _engine is None:
+        with _engine_lock:
+            if _engine is None:
+                engine = build_engine()
+                engine.load()
+                _engine = engine
+    return _engine
+
+
+def loaded_engine() -> SpeechEngine | None:
+    return _engine
+
+
+def reset_engine() -> None:
+    """Forget the loaded engine (tests that switch engines)."""
+    global _engine
+    with _engine_lock:
+        if _engine is not None:
+            _engine.close()
+        _engine = None

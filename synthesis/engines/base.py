@@ -1,0 +1,142 @@
+"""The interface every speech engine implements, and what they share."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import re
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from django.core.exceptions import ImproperlyConfigured
+
+from synthesis.text import Pause, Segment, Speech
+
+
+class EngineConfigurationError(ImproperlyConfigured):
+    """The engine cannot start with the configured settings (raised at start-up)."""
+
+
+class EngineOverloaded(Exception):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"The speech engine is at capacity; retry in {retry_after_s} s.")
+        self.retry_after_s = retry_after_s
+
+
+class CloningNotSupported(Exception):
+    pass
+
+
+class EngineFailure(Exception):
+    """The engine failed while generating audio for one request."""
+
+
+@dataclass(frozen=True)
+class BuiltinVoice:
+    voice_id: str
+    name: str
+    language: str
+    languages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SpeechJob:
+    segments: Sequence[Segment]
+    voice: BuiltinVoice | None = None
+    # Engine-specific conditioning of a cloned voice (bytes from compute_conditioning).
+    conditioning: bytes | None = None
+    language: str = "en"
+    speed: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def voice_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+class SpeechEngine(abc.ABC):
+    """Load once per process; stream float32 mono audio at `sample_rate`.
+
+    `stream` is an async iterator: a consumer that stops iterating (or is
+    cancelled) stops the engine's work for that request.
+    """
+
+    name: str
+    model: str
+    device: str
+    sample_rate: int
+    supports_cloning = False
+    languages: tuple[str, ...] = ()
+
+    def __init__(self, *, max_active_jobs: int) -> None:
+        self.max_active_jobs = max_active_jobs
+        self.loaded = False
+        self._active_jobs = 0
+
+    @abc.abstractmethod
+    def load(self) -> None: ...
+
+    @abc.abstractmethod
+    def builtin_voices(self) -> list[BuiltinVoice]: ...
+
+    @property
+    @abc.abstractmethod
+    def model_identity(self) -> str:
+        """Changes whenever the model's weights or config change (keys caches and conditioning)."""
+
+    @abc.abstractmethod
+    def stream(self, job: SpeechJob) -> AsyncIterator[np.ndarray]: ...
+
+    async def compute_conditioning(self, audio: np.ndarray, sample_rate: int) -> bytes:
+        raise CloningNotSupported(f"The {self.name} engine cannot clone voices.")
+
+    def close(self) -> None:  # noqa: B027  (optional hook)
+        pass
+
+    def default_voice(self) -> BuiltinVoice:
+        return self.builtin_voices()[0]
+
+    def find_builtin_voice(self, voice_id: str) -> BuiltinVoice | None:
+        return next((voice for voice in self.builtin_voices() if voice.voice_id == voice_id), None)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model": self.model,
+            "device": self.device,
+            "sample_rate": self.sample_rate,
+            "loaded": self.loaded,
+            "supports_cloning": self.supports_cloning,
+            "active_jobs": self._active_jobs,
+            "max_active_jobs": self.max_active_jobs,
+        }
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Count a job as active for its whole life; refuse it when the engine is full.
+
+        Runs on the event loop only, so the counter needs no lock.
+        """
+        if self._active_jobs >= self.max_active_jobs:
+            raise EngineOverloaded(retry_after_s=1)
+        self._active_jobs += 1
+        try:
+            yield
+        finally:
+            self._active_jobs -= 1
+
+
+def silence_chunk(seconds: float, sample_rate: int) -> np.ndarray:
+    return np.zeros(round(seconds * sample_rate), dtype=np.float32)
+
+
+async def pause_chunks(segment: Pause, sample_rate: int) -> AsyncIterator[np.ndarray]:
+    yield silence_chunk(segment.seconds, sample_rate)
+    await asyncio.sleep(0)
+
+
+def speech_segments(segments: Sequence[Segment]) -> Iterator[Speech]:
+    return (segment for segment in segments if isinstance(segment, Speech))

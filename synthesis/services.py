@@ -1,0 +1,107 @@
+"""What happens on synthesize: validate, resolve the voice, run the engine, encode."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from django.conf import settings
+
+from callwaiting_tts.errors import ApiError
+from synthesis.audio import AudioEncoder, OutputSpec
+from synthesis.engines import BuiltinVoice, SpeechEngine, SpeechJob, get_engine
+from synthesis.text import prepare_text
+from tenants.models import Tenant
+
+MIN_SPEED = 0.25
+MAX_SPEED = 4.0
+
+
+@dataclass
+class SynthesisResult:
+    """Counters filled in while a synthesis runs (for headers and usage)."""
+
+    spec: OutputSpec
+    started: float = field(default_factory=time.monotonic)
+    first_audio_at: float | None = None
+    audio_bytes: int = 0
+    audio_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class SynthesisPlan:
+    engine: SpeechEngine
+    job: SpeechJob
+    spec: OutputSpec
+    input_chars: int
+
+
+def voice_resolve(*, engine: SpeechEngine, tenant: Tenant, voice_id: str | None) -> BuiltinVoice:
+    """The voice a request names: the engine's default when none is named."""
+    if not voice_id:
+        return engine.default_voice()
+    voice = engine.find_builtin_voice(voice_id)
+    if voice is None:
+        raise ApiError(
+            404, "voice_not_found", f"No voice {voice_id!r}; GET /v1/voices lists the available voices."
+        )
+    return voice
+
+
+def synthesis_plan(
+    *,
+    tenant: Tenant,
+    text: str,
+    voice_id: str | None = None,
+    language: str | None = None,
+    audio_format: str | None = None,
+    sample_rate: int | None = None,
+    speed: float = 1.0,
+) -> SynthesisPlan:
+    """Validate a request completely before any engine work starts; raises ApiError."""
+    spec = OutputSpec.parse(audio_format, sample_rate)
+    if not MIN_SPEED <= speed <= MAX_SPEED:
+        raise ApiError(400, "invalid_speed", f"speed must be between {MIN_SPEED} and {MAX_SPEED}.")
+    segments = prepare_text(text, max_chars=settings.MAX_TEXT_CHARS)
+    engine = get_engine()
+    voice = voice_resolve(engine=engine, tenant=tenant, voice_id=voice_id)
+    language = (language or voice.language).lower()
+    if engine.languages and language not in engine.languages:
+        raise ApiError(
+            400,
+            "unsupported_language",
+            f"The {engine.name} engine speaks {', '.join(engine.languages)}; got {language!r}.",
+        )
+    job = SpeechJob(segments=segments, voice=voice, language=language, speed=speed)
+    return SynthesisPlan(engine=engine, job=job, spec=spec, input_chars=len(text))
+
+
+async def synthesis_audio(
+    plan: SynthesisPlan, result: SynthesisResult, *, streaming: bool
+) -> AsyncIterator[bytes]:
+    """Encoded audio as the engine makes it (streaming), or the whole file as one piece.
+
+    Closing this iterator (a client that went away) closes the engine's stream,
+    which stops its work for this request.
+    """
+    encoder = AudioEncoder(plan.spec, plan.engine.sample_rate, streaming=streaming)
+    engine_stream = plan.engine.stream(plan.job)
+    try:
+        async for chunk in engine_stream:
+            data = encoder.push(chunk)
+            if data:
+                if result.first_audio_at is None:
+                    result.first_audio_at = time.monotonic()
+                result.audio_bytes += len(data)
+                yield data
+            result.audio_seconds = encoder.duration_s
+        data = encoder.finish()
+        result.audio_seconds = encoder.duration_s
+        if data:
+            if result.first_audio_at is None:
+                result.first_audio_at = time.monotonic()
+            result.audio_bytes += len(data)
+            yield data
+    finally:
+        await engine_stream.aclose()  # type: ignore[attr-defined]

@@ -1,0 +1,212 @@
+"""From a request's text (plain or a small SSML subset) to speakable segments.
+
+The output is a flat list of `Speech` (text plus a rate multiplier) and
+`Pause` (silence) segments. Speech is cut at sentence and clause boundaries so
+that the engine can start on the first clause instead of the whole text.
+
+SSML subset: <speak>, <p>, <s>, <break time="500ms|1.5s" strength="...">,
+<sub alias="...">, <prosody rate="x-slow|slow|medium|fast|x-fast|NN%">. Other
+tags are dropped and their text kept. Parsed with defusedxml: no entity
+expansion, no external entities.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from xml.etree.ElementTree import Element
+
+import defusedxml.ElementTree as SafeET
+from defusedxml import DefusedXmlException
+
+from callwaiting_tts.errors import ApiError
+
+
+@dataclass(frozen=True)
+class Speech:
+    text: str
+    rate: float = 1.0
+
+
+@dataclass(frozen=True)
+class Pause:
+    seconds: float
+
+
+Segment = Speech | Pause
+
+MAX_BREAK_SECONDS = 10.0
+_BREAK_STRENGTHS = {"none": 0.0, "x-weak": 0.1, "weak": 0.25, "medium": 0.4, "strong": 0.75, "x-strong": 1.2}
+_RATE_WORDS = {"x-slow": 0.5, "slow": 0.75, "medium": 1.0, "default": 1.0, "fast": 1.25, "x-fast": 1.75}
+
+# Sentence ends: . ! ? … (and CJK full stops) followed by space or end.
+_SENTENCE_END = re.compile(r"(?<=[.!?…。！？])[\"')\]]*\s+")  # noqa: RUF001  (full-width stops are real)
+# Clause boundaries inside a long sentence.
+_CLAUSE_END = re.compile(r"(?<=[,;:—–])\s+")  # noqa: RUF001  (em and en dashes)
+# A first clause shorter than this is not worth its own engine call.
+MIN_CLAUSE_CHARS = 20
+# Sentences longer than this are cut at clauses even when not first.
+LONG_SENTENCE_CHARS = 200
+
+
+def strip_control_characters(text: str) -> str:
+    """Drop control and format characters, keeping newlines and tabs as spaces."""
+    cleaned = []
+    for char in text:
+        if char in "\n\r\t":
+            cleaned.append(" ")
+        elif unicodedata.category(char) in {"Cc", "Cf", "Cs", "Co", "Cn"}:
+            continue
+        else:
+            cleaned.append(char)
+    return "".join(cleaned)
+
+
+def normalise_whitespace(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def split_for_streaming(text: str) -> list[str]:
+    """Sentences, with the first (and any very long) sentence cut at clause boundaries."""
+    sentences = [part.strip() for part in _SENTENCE_END.split(text) if part.strip()]
+    pieces: list[str] = []
+    for index, sentence in enumerate(sentences):
+        if index == 0 or len(sentence) > LONG_SENTENCE_CHARS:
+            pieces.extend(_merge_short(_CLAUSE_END.split(sentence)))
+        else:
+            pieces.append(sentence)
+    return pieces
+
+
+def _merge_short(clauses: list[str]) -> list[str]:
+    merged: list[str] = []
+    for clause in (c.strip() for c in clauses):
+        if not clause:
+            continue
+        if merged and len(merged[-1]) < MIN_CLAUSE_CHARS:
+            merged[-1] = f"{merged[-1]} {clause}"
+        else:
+            merged.append(clause)
+    if len(merged) > 1 and len(merged[-1]) < MIN_CLAUSE_CHARS:
+        last = merged.pop()
+        merged[-1] = f"{merged[-1]} {last}"
+    return merged
+
+
+def _parse_duration(value: str) -> float:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s)\s*", value)
+    if not match:
+        raise ApiError(400, "invalid_ssml", f'<break time="{value}"> must look like "500ms" or "1.5s".')
+    amount = float(match.group(1))
+    return min(amount / 1000 if match.group(2) == "ms" else amount, MAX_BREAK_SECONDS)
+
+
+def _parse_rate(value: str) -> float:
+    value = value.strip().lower()
+    if value in _RATE_WORDS:
+        return _RATE_WORDS[value]
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)%", value)
+    if not match:
+        raise ApiError(
+            400, "invalid_ssml", f'<prosody rate="{value}"> must be a word like "slow" or a percentage.'
+        )
+    return min(max(float(match.group(1)) / 100, 0.25), 4.0)
+
+
+def _local_name(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1].lower()
+
+
+class _SsmlWalker:
+    def __init__(self) -> None:
+        self.segments: list[Segment] = []
+        self._text: list[str] = []
+        self._rate = 1.0
+
+    def _flush_text(self) -> None:
+        text = normalise_whitespace("".join(self._text))
+        self._text = []
+        if text:
+            self.segments.append(Speech(text, self._rate))
+
+    def _pause(self, seconds: float) -> None:
+        self._flush_text()
+        if seconds > 0:
+            self.segments.append(Pause(seconds))
+
+    def walk(self, element: Element) -> None:
+        name = _local_name(element.tag)
+        if name == "break":
+            strength = element.get("strength", "medium")
+            self._pause(
+                _parse_duration(element.get("time", ""))
+                if element.get("time")
+                else _BREAK_STRENGTHS.get(strength, 0.4)
+            )
+        elif name == "sub":
+            self._text.append(element.get("alias", element.text or ""))
+        elif name == "prosody" and element.get("rate"):
+            self._flush_text()
+            outer, self._rate = self._rate, self._rate * _parse_rate(element.get("rate", ""))
+            self._children(element)
+            self._flush_text()
+            self._rate = outer
+        elif name in {"p", "s"}:
+            self._flush_text()
+            self._children(element)
+            self._flush_text()
+        else:  # <speak> and any unsupported tag: keep the text
+            self._children(element)
+        if element.tail:
+            self._text.append(element.tail)
+
+    def _children(self, element: Element) -> None:
+        if element.text:
+            self._text.append(element.text)
+        for child in element:
+            self.walk(child)
+
+    def finish(self) -> list[Segment]:
+        self._flush_text()
+        return self.segments
+
+
+def parse_ssml(document: str) -> list[Segment]:
+    try:
+        root = SafeET.fromstring(document)
+    except DefusedXmlException:
+        raise ApiError(400, "invalid_ssml", "SSML may not declare entities or DTDs.") from None
+    except SafeET.ParseError as exc:
+        raise ApiError(400, "invalid_ssml", f"The SSML is not well-formed XML: {exc}.") from None
+    if _local_name(root.tag) != "speak":
+        raise ApiError(400, "invalid_ssml", "SSML must have <speak> as its root element.")
+    walker = _SsmlWalker()
+    walker.walk(root)
+    return walker.finish()
+
+
+def prepare_text(raw: str, *, max_chars: int) -> list[Segment]:
+    """Validate and split a request's text; raises ApiError with a stable code."""
+    if len(raw) > max_chars:
+        raise ApiError(
+            413,
+            "text_too_long",
+            f"The text has {len(raw)} characters; the limit is {max_chars}.",
+            details={"limit": max_chars},
+        )
+    text = strip_control_characters(raw)
+    if not text.strip():
+        raise ApiError(400, "empty_text", "The text is empty.")
+    stripped = text.strip()
+    is_ssml = stripped.startswith("<speak")
+    parsed = parse_ssml(stripped) if is_ssml else [Speech(normalise_whitespace(text))]
+    segments: list[Segment] = []
+    for segment in parsed:
+        if isinstance(segment, Speech):
+            segments.extend(Speech(piece, segment.rate) for piece in split_for_streaming(segment.text))
+        else:
+            segments.append(segment)
+    if not any(isinstance(segment, Speech) for segment in segments):
+        raise ApiError(400, "empty_text", "The text has nothing to say.")
+    return segments
