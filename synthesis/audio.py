@@ -48,6 +48,10 @@ CONTENT_TYPES = {
 # holds about a second of audio before the first page leaves.
 _SFC_SET_OGG_PAGE_LATENCY_MS = 0x1302
 _OGG_PAGE_LATENCY_MS = 40.0
+# SFC_SET_BITRATE_MODE, SF_BITRATE_MODE_CONSTANT: a streamed MP3 cannot get its
+# VBR header filled in at the end, and players estimate a CBR file's length right.
+_SFC_SET_BITRATE_MODE = 0x1305
+_SF_BITRATE_MODE_CONSTANT = 0
 _SNDFILE_FORMATS = {
     AudioFormat.MP3: ("MP3", "MPEG_LAYER_III"),
     AudioFormat.OPUS: ("OGG", "OPUS"),

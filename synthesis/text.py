@@ -199,7 +199,7 @@ def prepare_text(raw: str, *, max_chars: int) -> list[Segment]:
     if not text.strip():
         raise ApiError(400, "empty_text", "The text is empty.")
     stripped = text.strip()
-    is_ssml = stripped.startswith("<speak")
+    is_ssml = stripped.startswith(("<speak", "<?xml"))
     parsed = parse_ssml(stripped) if is_ssml else [Speech(normalise_whitespace(text))]
     segments: list[Segment] = []
     for segment in parsed:
