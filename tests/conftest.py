@@ -1,7 +1,9 @@
 from __future__ import annotations
 
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rest_framework.test import APIClient
@@ -44,3 +46,22 @@ def xtts_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("xtts_tiny")
     write_checkpoint(directory, full=False, speakers=["Ana Florence", "Claribel Dervla"], seed=0)
     return directory
+
+
+@pytest.fixture(scope="session")
+def test_database_url(django_db_setup: None) -> str:
+    """The URL of pytest-django's test database, for servers run in subprocesses."""
+    from django.db import connection
+
+    database = connection.settings_dict
+    return f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
+
+
+@pytest.fixture(scope="module")
+def module_tenant(django_db_blocker: Any, test_database_url: str) -> Iterator[tuple[Tenant, IssuedKey]]:
+    """A committed tenant that servers in subprocesses can see; removed afterwards."""
+    with django_db_blocker.unblock():
+        tenant, issued = tenant_create(name=f"e2e-{uuid.uuid4().hex[:8]}", max_concurrent_streams=100)
+    yield tenant, issued
+    with django_db_blocker.unblock():
+        tenant.delete()

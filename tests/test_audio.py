@@ -76,7 +76,8 @@ def test_streaming_wav_starts_with_an_open_ended_header_and_whole_wav_has_exact_
     spec = OutputSpec.parse("wav", 24000)
     streamed = encode(spec, [tone(0.5, 24000)], 24000, streaming=True)
     whole = encode(spec, [tone(0.5, 24000)], 24000, streaming=False)
-    assert streamed[:4] == b"RIFF" and streamed[40:44] == b"\xff\xff\xff\xff"
+    assert streamed[:4] == b"RIFF"
+    assert streamed[40:44] == b"\xff\xff\xff\xff"
     assert int.from_bytes(whole[40:44], "little") == len(whole) - 44 == 24000
 
 

@@ -1,0 +1,232 @@
+"""POST /v1/synthesize end to end: a real Daphne, the real Piper engine, real decoders.
+
+Piper runs with its noise scales at 0 here, which makes it deterministic, so
+that streamed and non-streamed audio can be compared sample for sample.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import soundfile
+from django.conf import settings
+
+from synthesis.audio import SAMPLE_RATES, AudioFormat, OutputSpec
+from tests.servers import base_env, daphne_server
+from tests.test_audio import decode
+
+# django_db makes pytest-django create the test database these servers share.
+pytestmark = [pytest.mark.slow, pytest.mark.django_db]
+SHORT_TEXT = "Hello, this is CallWaiting. How can I help you today?"
+LONG_TEXT = " ".join(f"This is sentence number {n} of a long answer that goes on." for n in range(60))
+
+
+def server_env(database_url: str, tmp_path_factory: pytest.TempPathFactory, **extra: str) -> dict[str, str]:
+    return base_env(
+        SECRET_KEY=settings.SECRET_KEY,  # API key hashes are keyed with it
+        DATABASE_URL=database_url,
+        MEDIA_ROOT=str(tmp_path_factory.mktemp("media")),
+        CWT_TEST_LOG_DIR=str(tmp_path_factory.mktemp("logs")),
+        TTS_ENGINE="piper",
+        PIPER_NOISE_SCALE="0",
+        PIPER_NOISE_W_SCALE="0",
+        **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def piper_server(test_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with daphne_server(server_env(test_database_url, tmp_path_factory)) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def client(piper_server: str, module_tenant: Any) -> Iterator[httpx.Client]:
+    _tenant, issued = module_tenant
+    with httpx.Client(
+        base_url=piper_server, headers={"Authorization": f"Bearer {issued.plaintext}"}, timeout=60
+    ) as client:
+        yield client
+
+
+def synthesize(client: httpx.Client, **body: Any) -> httpx.Response:
+    return client.post("/v1/synthesize", json={"text": SHORT_TEXT, **body})
+
+
+FORMAT_CASES = [
+    (fmt.value, rate)
+    for fmt in AudioFormat
+    if fmt is not AudioFormat.MULAW
+    for rate in SAMPLE_RATES
+    if not (fmt is AudioFormat.OPUS and rate in (22050, 44100))
+] + [("mulaw", 8000)]
+
+
+@pytest.mark.parametrize(("audio_format", "rate"), FORMAT_CASES)
+def test_every_format_and_rate_streams_and_downloads_as_valid_audio(
+    client: httpx.Client, audio_format: str, rate: int
+) -> None:
+    spec = OutputSpec.parse(audio_format, rate)
+    whole = synthesize(client, format=audio_format, sample_rate=rate)
+    assert whole.status_code == 200, whole.text
+    assert whole.headers["Content-Type"] == spec.content_type
+    assert int(whole.headers["Content-Length"]) == len(whole.content)
+    duration = float(whole.headers["X-Audio-Duration"])
+    assert 2.0 < duration < 6.0
+
+    streamed = synthesize(client, format=audio_format, sample_rate=rate, streaming=True)
+    assert streamed.status_code == 200, streamed.text
+    assert "Content-Length" not in streamed.headers
+    for body in (whole.content, streamed.content):
+        audio = decode(body, spec)
+        assert abs(len(audio) / spec.sample_rate - duration) < 0.35
+        assert np.abs(audio).max() > 0.05
+
+
+@pytest.mark.parametrize("audio_format", ["wav", "pcm"])
+def test_streamed_and_non_streamed_audio_are_sample_identical(
+    client: httpx.Client, audio_format: str
+) -> None:
+    text = "First sentence, with a clause. Second sentence! And a third one, to be sure."
+    spec = OutputSpec.parse(audio_format, None)
+    whole = decode(synthesize(client, text=text, format=audio_format).content, spec)
+    streamed = decode(synthesize(client, text=text, format=audio_format, streaming=True).content, spec)
+    np.testing.assert_array_equal(streamed, whole)
+
+
+def test_streamed_response_arrives_in_several_chunks_before_the_end(client: httpx.Client) -> None:
+    arrivals = []
+    with client.stream(
+        "POST", "/v1/synthesize", json={"text": LONG_TEXT[:1500], "streaming": True}
+    ) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_raw():
+            arrivals.append((time.monotonic(), len(chunk)))
+    assert len(arrivals) > 5
+    first, last = arrivals[0][0], arrivals[-1][0]
+    assert last - first > 0.2  # audio kept coming after the first bytes left
+
+
+def test_non_streamed_wav_has_exact_headers(client: httpx.Client) -> None:
+    response = synthesize(client)
+    with soundfile.SoundFile(io.BytesIO(response.content)) as handle:
+        assert handle.samplerate == 24000
+        assert handle.channels == 1
+        assert handle.subtype == "PCM_16"
+        assert handle.frames / 24000 == pytest.approx(float(response.headers["X-Audio-Duration"]), abs=0.001)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"text": ""}, 400, "empty_text"),
+        ({"text": "   \n "}, 400, "empty_text"),
+        ({"text": "a" * 5001}, 413, "text_too_long"),
+        ({"text": "Hi.", "voice_id": "nobody"}, 404, "voice_not_found"),
+        ({"text": "Hi.", "format": "aiff"}, 400, "unsupported_format"),
+        ({"text": "Hi.", "sample_rate": 11025}, 400, "unsupported_sample_rate"),
+        ({"text": "Hi.", "format": "mulaw", "sample_rate": 24000}, 400, "unsupported_sample_rate"),
+        ({"text": "Hi.", "speed": 10}, 400, "invalid_speed"),
+        ({"text": "Hi.", "language": "xx"}, 400, "unsupported_language"),
+        ({"text": "<speak><p>oops</speak>"}, 400, "invalid_ssml"),
+        ({"voice_id": "joe"}, 400, "invalid_request"),
+        ({"text": "Hi.", "sample_rate": "fast"}, 400, "invalid_request"),
+    ],
+)
+def test_bad_requests_get_a_clear_error(
+    client: httpx.Client, body: dict[str, Any], status: int, code: str
+) -> None:
+    response = client.post("/v1/synthesize", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["message"]
+    assert error["request_id"] == response.headers["X-Request-ID"]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'"text"', b""])
+def test_malformed_bodies_get_malformed_json(client: httpx.Client, raw: bytes) -> None:
+    response = client.post("/v1/synthesize", content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "malformed_json"
+
+
+def test_other_methods_are_405_for_authenticated_callers(client: httpx.Client) -> None:
+    response = client.get("/v1/synthesize")
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "POST"
+
+
+def test_voices_and_health_describe_the_engine(client: httpx.Client) -> None:
+    voices = client.get("/v1/voices").json()
+    assert voices["engine"] == "piper"
+    assert {"voice_id": "joe", "name": "en_US-joe-medium", "language": "en", "kind": "builtin"} in voices[
+        "voices"
+    ]
+    engine = client.get("/v1/health").json()["engine"]
+    assert engine["name"] == "piper"
+    assert engine["loaded"] is True
+    assert engine["sample_rate"] == 22050
+
+
+def active_jobs(client: httpx.Client) -> int:
+    return int(client.get("/v1/health").json()["engine"]["active_jobs"])
+
+
+def test_a_client_that_disconnects_mid_stream_stops_the_engine_work(client: httpx.Client) -> None:
+    started = time.monotonic()
+    with client.stream("POST", "/v1/synthesize", json={"text": LONG_TEXT, "streaming": True}) as response:
+        assert response.status_code == 200
+        body = response.iter_raw()  # held: a dropped iterator closes the connection
+        next(body)
+        assert active_jobs(client) == 1
+    # The whole text is about a minute of speech; the engine must stop long before.
+    deadline = time.monotonic() + 5
+    while active_jobs(client) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert active_jobs(client) == 0
+    assert time.monotonic() - started < 5
+
+
+def test_a_full_engine_refuses_with_503_and_retry_after(
+    test_database_url: str, tmp_path_factory: pytest.TempPathFactory, module_tenant: Any
+) -> None:
+    _tenant, issued = module_tenant
+    headers = {"Authorization": f"Bearer {issued.plaintext}"}
+    env = server_env(test_database_url, tmp_path_factory, ENGINE_MAX_ACTIVE_JOBS="1")
+    with daphne_server(env) as base_url:
+        holding = threading.Event()
+        release = threading.Event()
+
+        def hold_a_stream() -> None:
+            with httpx.stream(
+                "POST",
+                f"{base_url}/v1/synthesize",
+                json={"text": LONG_TEXT, "streaming": True},
+                headers=headers,
+            ) as response:
+                body = response.iter_raw()
+                next(body)
+                holding.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=hold_a_stream)
+        holder.start()
+        try:
+            assert holding.wait(30)
+            refused = httpx.post(
+                f"{base_url}/v1/synthesize", json={"text": "Hi."}, headers=headers, timeout=30
+            )
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "engine_overloaded"
+            assert int(refused.headers["Retry-After"]) >= 1
+        finally:
+            release.set()
+            holder.join()
