@@ -1,6 +1,8 @@
 """ASGI entry point: HTTP to Django, WebSocket to Channels (Daphne serves both)."""
 
 import os
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from django.core.asgi import get_asgi_application
 
@@ -14,11 +16,26 @@ from django.conf import settings  # noqa: E402
 from django.urls import URLPattern  # noqa: E402
 from servestatic import ServeStaticASGI  # noqa: E402
 
+from callwaiting_tts.handlers import ApiASGIHandler  # noqa: E402
 from synthesis.engines import get_engine  # noqa: E402
+
+api_http_app = ApiASGIHandler()
 
 # Static files (admin, API docs) are served in front of Django so that they
 # never take the sync thread; with DEBUG off nothing else would serve them.
-http_app = ServeStaticASGI(django_http_app, root=settings.STATIC_ROOT, prefix=settings.STATIC_URL)
+site_http_app = ServeStaticASGI(django_http_app, root=settings.STATIC_ROOT, prefix=settings.STATIC_URL)
+
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[Mapping[str, Any]], Awaitable[None]]
+
+
+async def http_app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    if scope["path"].startswith(settings.API_PATH_PREFIX):
+        await api_http_app(scope, receive, send)
+    else:
+        await site_http_app(scope, receive, send)
+
 
 # The engine loads now, at start-up: a misconfigured one stops the server here
 # instead of failing the first request, and no request pays for the load.

@@ -11,6 +11,8 @@ from contextvars import ContextVar
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
+from django.middleware.clickjacking import XFrameOptionsMiddleware
+from django.middleware.security import SecurityMiddleware
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client's id is echoed only if it is short and plain, so that it cannot
@@ -74,3 +76,32 @@ class RequestIdLogFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = current_request_id.get()
         return True
+
+
+class InlineHooksMixin:
+    """Run a Django middleware's process_request/process_response on the event loop.
+
+    Django's MiddlewareMixin runs both hooks through sync_to_async in the one
+    sync thread: two thread hops per middleware per request, and every request
+    queueing behind whatever else holds that thread. Use this only for
+    middleware whose hooks do no I/O (they read settings and headers).
+    """
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        response = None
+        if process_request := getattr(self, "process_request", None):
+            response = process_request(request)
+        if response is None:
+            response = await self.get_response(request)  # type: ignore[attr-defined]
+        if process_response := getattr(self, "process_response", None):
+            response = process_response(request, response)
+        assert isinstance(response, HttpResponseBase)
+        return response
+
+
+class InlineSecurityMiddleware(InlineHooksMixin, SecurityMiddleware):
+    pass
+
+
+class InlineXFrameOptionsMiddleware(InlineHooksMixin, XFrameOptionsMiddleware):
+    pass

@@ -86,6 +86,16 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
+# Under Daphne, /v1/... is served by a handler with only these (all run on the
+# event loop): sessions, CSRF and messages exist for the admin, and Django runs
+# them in its one sync thread, which the streaming API must never wait on.
+API_MIDDLEWARE = [
+    "callwaiting_tts.middleware.RequestIdMiddleware",
+    "callwaiting_tts.middleware.InlineSecurityMiddleware",
+    "callwaiting_tts.middleware.InlineXFrameOptionsMiddleware",
+]
+API_PATH_PREFIX = "/v1/"
+
 ROOT_URLCONF = "callwaiting_tts.urls"
 ASGI_APPLICATION = "callwaiting_tts.asgi.application"
 
@@ -203,6 +213,10 @@ ENGINE_MAX_ACTIVE_JOBS = env_int("ENGINE_MAX_ACTIVE_JOBS", 32, minimum=1)
 MAX_TEXT_CHARS = env_int("MAX_TEXT_CHARS", 5000, minimum=1)
 
 # --- Auth, API, errors ---------------------------------------------------------
+
+# How long a verified API key is trusted without a database lookup; also the
+# longest a revocation or deactivation takes to reach a running process.
+API_KEY_CACHE_SECONDS = env_float("API_KEY_CACHE_SECONDS", 5.0, minimum=0.0)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

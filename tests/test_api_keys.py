@@ -10,6 +10,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from tenants import keys
+from tenants.authentication import ApiKeyError
 from tenants.models import ApiKey, Tenant
 from tenants.services import api_key_issue, api_key_revoke, api_key_rotate
 from tests.conftest import TenantFactory, bearer
@@ -176,3 +177,26 @@ def test_unknown_path_answers_the_json_error_shape(api_client: APIClient) -> Non
     response = api_client.get("/v1/nope")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
+
+
+def test_verified_keys_are_cached_briefly_but_expiry_is_always_checked(settings, tenant_and_key) -> None:
+    from tenants.authentication import authenticate_token, principal_cache
+
+    settings.API_KEY_CACHE_SECONDS = 0.5
+    principal_cache.clear()
+    tenant, issued = tenant_and_key
+    assert authenticate_token(issued.plaintext).tenant == tenant
+    api_key_revoke(api_key=issued.api_key)
+    # Within the cache window the process has not heard of the revocation yet...
+    assert authenticate_token(issued.plaintext).tenant == tenant
+    time.sleep(0.6)
+    # ...and after it, it has.
+    with pytest.raises(ApiKeyError, match="revoked"):
+        authenticate_token(issued.plaintext)
+
+    expiring = api_key_issue(tenant=tenant, expires_at=timezone.now() + timedelta(seconds=0.3))
+    assert authenticate_token(expiring.plaintext).tenant == tenant
+    time.sleep(0.35)
+    with pytest.raises(ApiKeyError, match="expired"):
+        authenticate_token(expiring.plaintext)
+    principal_cache.clear()

@@ -230,3 +230,23 @@ def test_a_full_engine_refuses_with_503_and_retry_after(
         finally:
             release.set()
             holder.join()
+
+
+def test_api_responses_carry_the_security_headers(client: httpx.Client) -> None:
+    response = client.get("/v1/voices")
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["X-Frame-Options"] == "DENY"
+    assert response.headers["X-Request-ID"]
+
+
+def test_the_api_middleware_never_waits_on_djangos_sync_thread() -> None:
+    from django.conf import settings as django_settings
+    from django.utils.deprecation import MiddlewareMixin
+    from django.utils.module_loading import import_string
+
+    for path in django_settings.API_MIDDLEWARE:
+        middleware = import_string(path)
+        runs_hooks_in_sync_thread = (
+            issubclass(middleware, MiddlewareMixin) and middleware.__acall__ is MiddlewareMixin.__acall__
+        )
+        assert not runs_hooks_in_sync_thread, path
