@@ -41,7 +41,7 @@ SYNTHESIZE_OPERATION: dict[str, Any] = {
                         "sample_rate": {
                             "type": "integer",
                             "enum": list(SAMPLE_RATES),
-                            "description": "Default 24000; mulaw is always 8000; opus takes 8000/16000/24000/48000.",
+                            "description": "Default 24000; mulaw is 8000; opus: 8000, 16000, 24000, 48000.",
                         },
                         "speed": {"type": "number", "minimum": 0.25, "maximum": 4.0, "default": 1.0},
                         "streaming": {"type": "boolean", "default": False},
