@@ -127,3 +127,25 @@ def test_redis_url_selects_the_redis_channel_layer() -> None:
         {"SECRET_KEY": "x" * 50, "REDIS_URL": "redis://127.0.0.1:6379/0"},
     )
     assert result.stdout.strip() == "channels_redis.core.RedisChannelLayer"
+
+
+@pytest.mark.parametrize(
+    ("engine_env", "message"),
+    [
+        ({"TTS_ENGINE": "xtts"}, "TTS_ENGINE=xtts needs XTTS_MODEL_PATH"),
+        ({"TTS_ENGINE": "xtts", "XTTS_MODEL_PATH": "/nonexistent"}, "is not a directory"),
+    ],
+)
+def test_a_misconfigured_engine_stops_the_server_at_start_up(
+    engine_env: dict[str, str], message: str
+) -> None:
+    result = run_python("import callwaiting_tts.asgi", {"SECRET_KEY": "x" * 50, **engine_env})
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_a_bad_xtts_device_stops_the_server_at_start_up(xtts_checkpoint: Path) -> None:
+    env = {"SECRET_KEY": "x" * 50, "XTTS_MODEL_PATH": str(xtts_checkpoint), "XTTS_DEVICE": "cuda:3"}
+    result = run_python("import callwaiting_tts.asgi", env)
+    assert result.returncode != 0
+    assert "CUDA is not available" in result.stderr
