@@ -211,6 +211,8 @@ _piper_noise_w = env_float("PIPER_NOISE_W_SCALE", -1.0)
 PIPER_NOISE_W_SCALE = _piper_noise_w if _piper_noise_w >= 0 else None
 ENGINE_MAX_ACTIVE_JOBS = env_int("ENGINE_MAX_ACTIVE_JOBS", 32, minimum=1)
 MAX_TEXT_CHARS = env_int("MAX_TEXT_CHARS", 5000, minimum=1)
+VOICE_UPLOAD_MAX_BYTES = env_int("VOICE_UPLOAD_MAX_BYTES", 10 * 1024 * 1024, minimum=1024)
+VOICE_CACHE_ENTRIES = env_int("VOICE_CACHE_ENTRIES", 256, minimum=1)
 
 # --- Auth, API, errors ---------------------------------------------------------
 

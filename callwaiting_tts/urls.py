@@ -3,8 +3,9 @@ from django.urls import path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
 from callwaiting_tts.health import health
-from synthesis.views import synthesize, voice_list
+from synthesis.views import synthesize
 from tenants.views import tenant_detail
+from voices.views import voice_detail, voice_list, voice_upload
 
 handler400 = "callwaiting_tts.errors.bad_request_view"
 handler403 = "callwaiting_tts.errors.permission_denied_view"
@@ -20,6 +21,8 @@ urlpatterns = [
     path("v1/tenant", tenant_detail, name="tenant-detail"),
     path("v1/synthesize", synthesize, name="synthesize"),
     path("v1/voices", voice_list, name="voice-list"),
+    path("v1/voices/upload", voice_upload, name="voice-upload"),
+    path("v1/voices/<slug:voice_id>", voice_detail, name="voice-detail"),
     path("v1/openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
     path("v1/docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="docs"),
     path("admin/", admin.site.urls),

@@ -13,6 +13,7 @@ from synthesis.audio import AudioEncoder, OutputSpec
 from synthesis.engines import BuiltinVoice, SpeechEngine, SpeechJob, get_engine
 from synthesis.text import prepare_text
 from tenants.models import Tenant
+from voices.services import tenant_voice_find, voice_conditioning
 
 MIN_SPEED = 0.25
 MAX_SPEED = 4.0
@@ -37,19 +38,32 @@ class SynthesisPlan:
     input_chars: int
 
 
-def voice_resolve(*, engine: SpeechEngine, tenant: Tenant, voice_id: str | None) -> BuiltinVoice:
-    """The voice a request names: the engine's default when none is named."""
+@dataclass(frozen=True)
+class ResolvedVoice:
+    voice_id: str
+    language: str
+    builtin: BuiltinVoice | None = None
+    conditioning: bytes | None = None
+
+
+async def voice_resolve(*, engine: SpeechEngine, tenant: Tenant, voice_id: str | None) -> ResolvedVoice:
+    """The voice a request names: the tenant's own first, then built-ins; the default when none is named."""
     if not voice_id:
-        return engine.default_voice()
-    voice = engine.find_builtin_voice(voice_id)
-    if voice is None:
+        default = engine.default_voice()
+        return ResolvedVoice(voice_id=default.voice_id, language=default.language, builtin=default)
+    own = await tenant_voice_find(tenant=tenant, voice_id=voice_id)
+    if own is not None:
+        conditioning = await voice_conditioning(engine=engine, voice=own)
+        return ResolvedVoice(voice_id=own.voice_id, language=own.language, conditioning=conditioning)
+    builtin = engine.find_builtin_voice(voice_id)
+    if builtin is None:
         raise ApiError(
             404, "voice_not_found", f"No voice {voice_id!r}; GET /v1/voices lists the available voices."
         )
-    return voice
+    return ResolvedVoice(voice_id=builtin.voice_id, language=builtin.language, builtin=builtin)
 
 
-def synthesis_plan(
+async def synthesis_plan(
     *,
     tenant: Tenant,
     text: str,
@@ -65,7 +79,7 @@ def synthesis_plan(
         raise ApiError(400, "invalid_speed", f"speed must be between {MIN_SPEED} and {MAX_SPEED}.")
     segments = prepare_text(text, max_chars=settings.MAX_TEXT_CHARS)
     engine = get_engine()
-    voice = voice_resolve(engine=engine, tenant=tenant, voice_id=voice_id)
+    voice = await voice_resolve(engine=engine, tenant=tenant, voice_id=voice_id)
     language = (language or voice.language).lower()
     if engine.languages and language not in engine.languages:
         raise ApiError(
@@ -73,7 +87,13 @@ def synthesis_plan(
             "unsupported_language",
             f"The {engine.name} engine speaks {', '.join(engine.languages)}; got {language!r}.",
         )
-    job = SpeechJob(segments=segments, voice=voice, language=language, speed=speed)
+    job = SpeechJob(
+        segments=segments,
+        voice=voice.builtin,
+        conditioning=voice.conditioning,
+        language=language,
+        speed=speed,
+    )
     return SynthesisPlan(engine=engine, job=job, spec=spec, input_chars=len(text))
 
 

@@ -1,4 +1,4 @@
-"""POST /v1/synthesize and GET /v1/voices.
+"""POST /v1/synthesize.
 
 `synthesize` is a plain async Django view (DRF has no async views): under
 Daphne it runs on the event loop, so a streamed response never holds Django's
@@ -13,17 +13,13 @@ from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
-from django.views.decorators.csrf import csrf_exempt
-from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
-from rest_framework.decorators import api_view
-from rest_framework.request import Request
-from rest_framework.response import Response
 
-from callwaiting_tts.errors import ApiError, api_error_response, error_response, validation_message
-from synthesis.engines import EngineFailure, EngineOverloaded, get_engine
+from callwaiting_tts.async_views import async_api_view
+from callwaiting_tts.errors import ApiError, error_response
+from synthesis.engines import EngineFailure, EngineOverloaded
 from synthesis.services import SynthesisResult, synthesis_audio, synthesis_plan
-from tenants.authentication import aauthenticate_request
+from tenants.authentication import Principal
 
 
 class SynthesizeInputSerializer(serializers.Serializer[dict[str, Any]]):
@@ -60,39 +56,26 @@ async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[by
         await rest.aclose()  # type: ignore[attr-defined]
 
 
-@csrf_exempt
-async def synthesize(request: HttpRequest) -> HttpResponseBase:
-    if request.method != "POST":
-        try:
-            await aauthenticate_request(request)
-        except ApiError as exc:
-            return api_error_response(request, exc)
-        return error_response(request, 405, "method_not_allowed", "Use POST.", headers={"Allow": "POST"})
+@async_api_view("POST")
+async def synthesize(request: HttpRequest, principal: Principal) -> HttpResponseBase:
+    fields = _parse_body(request)
+    plan = await synthesis_plan(
+        tenant=principal.tenant,
+        text=fields["text"],
+        voice_id=fields.get("voice_id"),
+        language=fields.get("language"),
+        audio_format=fields["format"],
+        sample_rate=fields.get("sample_rate"),
+        speed=fields["speed"],
+    )
+    result = SynthesisResult(spec=plan.spec)
+    streaming = fields["streaming"]
+    audio = synthesis_audio(plan, result, streaming=streaming)
     try:
-        principal = await aauthenticate_request(request)
-        fields = _parse_body(request)
-        plan = synthesis_plan(
-            tenant=principal.tenant,
-            text=fields["text"],
-            voice_id=fields.get("voice_id"),
-            language=fields.get("language"),
-            audio_format=fields["format"],
-            sample_rate=fields.get("sample_rate"),
-            speed=fields["speed"],
-        )
-        result = SynthesisResult(spec=plan.spec)
-        streaming = fields["streaming"]
-        audio = synthesis_audio(plan, result, streaming=streaming)
         # Wait for the first audio before answering: refusals (overload) and
         # early engine failures still get a real status code, and the first
         # bytes go out with the headers.
         first = await anext(audio, b"")
-    except ApiError as exc:
-        return api_error_response(request, exc)
-    except serializers.ValidationError as exc:
-        return error_response(
-            request, 400, "invalid_request", validation_message(exc.detail), details=exc.detail
-        )
     except EngineOverloaded as exc:
         return error_response(
             request, 503, "engine_overloaded", str(exc), headers={"Retry-After": str(exc.retry_after_s)}
@@ -120,21 +103,3 @@ async def synthesize(request: HttpRequest) -> HttpResponseBase:
     for name, value in headers.items():
         response[name] = value
     return response
-
-
-class VoiceOutputSerializer(serializers.Serializer[Any]):
-    voice_id = serializers.CharField()
-    name = serializers.CharField()
-    language = serializers.CharField()
-    kind = serializers.CharField()
-
-
-@extend_schema(responses=VoiceOutputSerializer(many=True), summary="Voices the caller can use")
-@api_view(["GET"])
-def voice_list(request: Request) -> Response:
-    engine = get_engine()
-    voices = [
-        {"voice_id": voice.voice_id, "name": voice.name, "language": voice.language, "kind": "builtin"}
-        for voice in engine.builtin_voices()
-    ]
-    return Response({"voices": voices, "engine": engine.name})

@@ -95,3 +95,40 @@ def test_deactivating_a_tenant_in_the_admin_stops_its_keys(
     )
     with pytest.raises(ApiKeyError, match="deactivated"):
         authenticate_token(issued.plaintext)
+
+
+def test_voices_are_listed_per_tenant_and_deleting_one_removes_its_audio(
+    admin_client: Client, tenant_and_key, settings, tmp_path
+) -> None:
+    from django.core.files.base import ContentFile
+    from django.core.files.storage import default_storage
+
+    from voices.models import Voice
+
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "default": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": tmp_path},
+        },
+    }
+    tenant, _ = tenant_and_key
+    key = default_storage.save(f"tenants/{tenant.id}/voices/ref.wav", ContentFile(b"RIFF"))
+    voice = Voice.objects.create(
+        tenant=tenant,
+        voice_id="desk",
+        name="Desk",
+        language="en",
+        reference_audio=key,
+        reference_seconds=4.0,
+        conditioning=b"x",
+        conditioning_model="xtts:test",
+    )
+    listing = admin_client.get(f"/admin/voices/voice/?tenant__id__exact={tenant.pk}").content.decode()
+    assert "desk" in listing
+    admin_client.post(
+        "/admin/voices/voice/",
+        {"action": "delete_selected", "_selected_action": [str(voice.pk)], "post": "yes"},
+    )
+    assert not Voice.objects.filter(pk=voice.pk).exists()
+    assert not default_storage.exists(key)

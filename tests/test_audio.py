@@ -41,9 +41,13 @@ def encode(spec: OutputSpec, chunks: list[np.ndarray], input_rate: int, *, strea
     return b"".join([encoder.push(chunk) for chunk in chunks] + [encoder.finish()])
 
 
-CASES = [(fmt, rate) for fmt in AudioFormat if fmt is not AudioFormat.MULAW for rate in SAMPLE_RATES] + [
-    (AudioFormat.MULAW, None)
-]
+CASES = [
+    (fmt, rate)
+    for fmt in AudioFormat
+    if fmt is not AudioFormat.MULAW
+    for rate in SAMPLE_RATES
+    if not (fmt is AudioFormat.OPUS and rate in (22050, 44100))  # Opus has no such rates
+] + [(AudioFormat.MULAW, None)]
 
 
 @pytest.mark.parametrize(("audio_format", "rate"), CASES)
@@ -51,8 +55,6 @@ CASES = [(fmt, rate) for fmt in AudioFormat if fmt is not AudioFormat.MULAW for 
 def test_every_format_and_rate_decodes_to_the_right_duration(
     audio_format: AudioFormat, rate: int | None, streaming: bool
 ) -> None:
-    if audio_format is AudioFormat.OPUS and rate in (22050, 44100):
-        pytest.skip("Opus has no such rate (refused by OutputSpec.parse)")
     spec = OutputSpec.parse(audio_format.value, rate)
     chunks = [tone(0.4, 22050) for _ in range(5)]  # 2.0 s at the engine's rate
     audio = decode(encode(spec, chunks, 22050, streaming=streaming), spec)
