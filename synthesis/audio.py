@@ -211,7 +211,3 @@ class AudioEncoder:
             soundfile.write(buffer, samples, MULAW_SAMPLE_RATE, format="RAW", subtype="ULAW")
             return buffer.getvalue()
         return float_to_int16(samples).tobytes()
-
-
-def silence(seconds: float, sample_rate: int) -> np.ndarray:
-    return np.zeros(round(seconds * sample_rate), dtype=np.float32)

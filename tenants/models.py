@@ -82,7 +82,3 @@ class ApiKey(models.Model):
     @property
     def is_revoked(self) -> bool:
         return self.revoked_at is not None
-
-    @property
-    def is_usable(self) -> bool:
-        return not self.is_revoked and not self.is_expired()

@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from rest_framework.test import APIClient
 
+from synthesis.engines.xtts import XttsEngine
 from tenants.models import Tenant
 from tenants.services import IssuedKey, tenant_create
 
@@ -65,3 +67,20 @@ def module_tenant(django_db_blocker: Any, test_database_url: str) -> Iterator[tu
     yield tenant, issued
     with django_db_blocker.unblock():
         tenant.delete()
+
+
+@contextmanager
+def loaded_tiny_xtts(checkpoint: Path, **options: Any) -> Iterator[XttsEngine]:
+    """The real XTTS engine on the tiny checkpoint: CPU, small chunks, greedy (repeatable) decoding."""
+    settings: dict[str, Any] = {
+        "device": "cpu",
+        "stream_chunk_size": 4,
+        "max_audio_tokens": 12,
+        "deterministic": True,
+    }
+    engine = XttsEngine(checkpoint_dir=str(checkpoint), **{**settings, **options})
+    engine.load()
+    try:
+        yield engine
+    finally:
+        engine.close()

@@ -21,6 +21,7 @@ import synthesis.engines
 from synthesis.engines.xtts import XttsEngine
 from tenants.models import Tenant
 from tenants.services import IssuedKey, tenant_create
+from tests.conftest import loaded_tiny_xtts
 from tests.servers import moto_s3_server
 from voices.models import Voice
 from voices.services import conditioning_cache
@@ -40,16 +41,8 @@ def reference_wav(seconds: float, rate: int = 44100, channels: int = 2, audio_fo
 
 @pytest.fixture(scope="module")
 def xtts_engine(xtts_checkpoint: Path) -> Iterator[XttsEngine]:
-    engine = XttsEngine(
-        checkpoint_dir=str(xtts_checkpoint),
-        device="cpu",
-        stream_chunk_size=4,
-        max_audio_tokens=8,
-        deterministic=True,
-    )
-    engine.load()
-    yield engine
-    engine.close()
+    with loaded_tiny_xtts(xtts_checkpoint, max_audio_tokens=8) as engine:
+        yield engine
 
 
 @pytest.fixture

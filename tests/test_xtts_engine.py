@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,23 +13,15 @@ import pytest
 from synthesis.engines import EngineConfigurationError, EngineOverloaded, SpeechJob
 from synthesis.engines.xtts import XttsEngine
 from synthesis.text import Pause, Speech, prepare_text
+from tests.conftest import loaded_tiny_xtts
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def engine(xtts_checkpoint: Path):
-    engine = XttsEngine(
-        checkpoint_dir=str(xtts_checkpoint),
-        device="cpu",
-        max_active_jobs=24,
-        stream_chunk_size=4,
-        max_audio_tokens=12,
-        deterministic=True,
-    )
-    engine.load()
-    yield engine
-    engine.close()
+def engine(xtts_checkpoint: Path) -> Iterator[XttsEngine]:
+    with loaded_tiny_xtts(xtts_checkpoint, max_active_jobs=24) as engine:
+        yield engine
 
 
 async def collect(engine: XttsEngine, job: SpeechJob) -> list[np.ndarray]:
@@ -113,15 +106,9 @@ async def test_a_cancelled_request_stops_generating(engine: XttsEngine) -> None:
 
 
 async def test_more_requests_than_the_queue_bound_are_refused(xtts_checkpoint: Path) -> None:
-    small = XttsEngine(
-        checkpoint_dir=str(xtts_checkpoint),
-        device="cpu",
-        max_active_jobs=2,
-        stream_chunk_size=2,
-        max_audio_tokens=40,
-    )
-    small.load()
-    try:
+    with loaded_tiny_xtts(
+        xtts_checkpoint, max_active_jobs=2, stream_chunk_size=2, max_audio_tokens=40
+    ) as small:
         streams = [small.stream(job_for(small, index)) for index in range(2)]
         for stream in streams:
             await anext(stream)
@@ -130,8 +117,6 @@ async def test_more_requests_than_the_queue_bound_are_refused(xtts_checkpoint: P
         assert refused.value.retry_after_s >= 1
         for stream in streams:
             await stream.aclose()  # type: ignore[attr-defined]
-    finally:
-        small.close()
 
 
 async def test_conditioning_is_computed_on_the_model_thread_and_usable(engine: XttsEngine) -> None:

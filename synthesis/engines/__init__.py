@@ -26,7 +26,6 @@ __all__ = [
     "SpeechJob",
     "get_engine",
     "loaded_engine",
-    "reset_engine",
 ]
 
 _engine: SpeechEngine | None = None
@@ -73,12 +72,3 @@ def get_engine() -> SpeechEngine:
 
 def loaded_engine() -> SpeechEngine | None:
     return _engine
-
-
-def reset_engine() -> None:
-    """Forget the loaded engine (tests that switch engines)."""
-    global _engine
-    with _engine_lock:
-        if _engine is not None:
-            _engine.close()
-        _engine = None

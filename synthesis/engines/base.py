@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import abc
-import asyncio
 import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from django.core.exceptions import ImproperlyConfigured
 
-from synthesis.text import Pause, Segment, Speech
+from synthesis.text import Segment
 
 
 class EngineConfigurationError(ImproperlyConfigured):
@@ -50,7 +49,6 @@ class SpeechJob:
     conditioning: bytes | None = None
     language: str = "en"
     speed: float = 1.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def voice_slug(name: str) -> str:
@@ -131,12 +129,3 @@ class SpeechEngine(abc.ABC):
 
 def silence_chunk(seconds: float, sample_rate: int) -> np.ndarray:
     return np.zeros(round(seconds * sample_rate), dtype=np.float32)
-
-
-async def pause_chunks(segment: Pause, sample_rate: int) -> AsyncIterator[np.ndarray]:
-    yield silence_chunk(segment.seconds, sample_rate)
-    await asyncio.sleep(0)
-
-
-def speech_segments(segments: Sequence[Segment]) -> Iterator[Speech]:
-    return (segment for segment in segments if isinstance(segment, Speech))
