@@ -43,6 +43,8 @@ class Command(BaseCommand):
                 f"Demo tenant {tenant.name!r}; its API key is kept in {key_file}.",
                 f"  curl {base}/v1/health",
                 f"  curl -H 'Authorization: Bearer {key}' {base}/v1/tenant",
+                f"  curl -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
+                f"""-d '{{"text": "Hello from CallWaiting."}}' {base}/v1/synthesize -o hello.wav""",
                 f"  API docs: {base}/v1/docs",
             ]
         )
