@@ -167,6 +167,8 @@ S3_REGION = env_str("S3_REGION", "us-east-1")
 S3_ACCESS_KEY_ID = env_str("S3_ACCESS_KEY_ID")
 S3_SECRET_ACCESS_KEY = env_str("S3_SECRET_ACCESS_KEY")
 SIGNED_URL_EXPIRY_SECONDS = env_int("SIGNED_URL_EXPIRY_SECONDS", 900, minimum=1, maximum=7 * 24 * 3600)
+PHRASE_CACHE_SECONDS = env_int("PHRASE_CACHE_SECONDS", 7 * 24 * 3600, minimum=0)
+IDEMPOTENCY_SECONDS = env_int("IDEMPOTENCY_SECONDS", 24 * 3600, minimum=1)
 
 if S3_BUCKET:
     _default_storage = {

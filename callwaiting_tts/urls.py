@@ -3,7 +3,7 @@ from django.urls import path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
 from callwaiting_tts.health import health
-from synthesis.views import synthesize
+from synthesis.views import audio_download, synthesize, synthesize_url, twiml_play
 from tenants.views import tenant_detail
 from voices.views import voice_detail, voice_list, voice_upload
 
@@ -12,14 +12,18 @@ handler403 = "callwaiting_tts.errors.permission_denied_view"
 handler404 = "callwaiting_tts.errors.not_found_view"
 handler500 = "callwaiting_tts.errors.server_error_view"
 
-# Endpoints that answer without an API key. Everything else under /v1 needs
-# one; tests/test_auth_coverage.py holds every route to this list.
-PUBLIC_URL_NAMES = frozenset({"health", "openapi-schema", "docs"})
+# Endpoints that answer without an API key (audio-download checks a signed,
+# expiring link instead). Everything else under /v1 needs one;
+# tests/test_auth_coverage.py holds every route to this list.
+PUBLIC_URL_NAMES = frozenset({"health", "openapi-schema", "docs", "audio-download"})
 
 urlpatterns = [
     path("v1/health", health, name="health"),
     path("v1/tenant", tenant_detail, name="tenant-detail"),
     path("v1/synthesize", synthesize, name="synthesize"),
+    path("v1/synthesize-url", synthesize_url, name="synthesize-url"),
+    path("v1/twiml/play", twiml_play, name="twiml-play"),
+    path("v1/audio/<path:name>", audio_download, name="audio-download"),
     path("v1/voices", voice_list, name="voice-list"),
     path("v1/voices/upload", voice_upload, name="voice-upload"),
     path("v1/voices/<slug:voice_id>", voice_detail, name="voice-detail"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -36,12 +37,28 @@ class SynthesisPlan:
     job: SpeechJob
     spec: OutputSpec
     input_chars: int
+    voice_identity: str
+
+    def cache_key(self) -> str:
+        """Everything that decides the audio: equal keys, equal bytes (given deterministic decoding)."""
+        parts = [
+            self.engine.model_identity,
+            self.voice_identity,
+            repr(list(self.job.segments)),
+            self.job.language,
+            f"{self.job.speed:.4f}",
+            self.spec.format.value,
+            str(self.spec.sample_rate),
+        ]
+        return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
 class ResolvedVoice:
     voice_id: str
     language: str
+    # Changes when the voice's audio would: a cloned voice's row and conditioning version.
+    identity: str
     builtin: BuiltinVoice | None = None
     conditioning: bytes | None = None
 
@@ -50,17 +67,32 @@ async def voice_resolve(*, engine: SpeechEngine, tenant: Tenant, voice_id: str |
     """The voice a request names: the tenant's own first, then built-ins; the default when none is named."""
     if not voice_id:
         default = engine.default_voice()
-        return ResolvedVoice(voice_id=default.voice_id, language=default.language, builtin=default)
+        return ResolvedVoice(
+            voice_id=default.voice_id,
+            language=default.language,
+            identity=f"builtin:{default.voice_id}",
+            builtin=default,
+        )
     own = await tenant_voice_find(tenant=tenant, voice_id=voice_id)
     if own is not None:
         conditioning = await voice_conditioning(engine=engine, voice=own)
-        return ResolvedVoice(voice_id=own.voice_id, language=own.language, conditioning=conditioning)
+        return ResolvedVoice(
+            voice_id=own.voice_id,
+            language=own.language,
+            identity=f"cloned:{own.id}:{own.conditioning_version}",
+            conditioning=conditioning,
+        )
     builtin = engine.find_builtin_voice(voice_id)
     if builtin is None:
         raise ApiError(
             404, "voice_not_found", f"No voice {voice_id!r}; GET /v1/voices lists the available voices."
         )
-    return ResolvedVoice(voice_id=builtin.voice_id, language=builtin.language, builtin=builtin)
+    return ResolvedVoice(
+        voice_id=builtin.voice_id,
+        language=builtin.language,
+        identity=f"builtin:{builtin.voice_id}",
+        builtin=builtin,
+    )
 
 
 async def synthesis_plan(
@@ -94,7 +126,9 @@ async def synthesis_plan(
         language=language,
         speed=speed,
     )
-    return SynthesisPlan(engine=engine, job=job, spec=spec, input_chars=len(text))
+    return SynthesisPlan(
+        engine=engine, job=job, spec=spec, input_chars=len(text), voice_identity=voice.identity
+    )
 
 
 async def synthesis_audio(

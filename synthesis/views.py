@@ -1,4 +1,4 @@
-"""POST /v1/synthesize.
+"""POST /v1/synthesize, /v1/synthesize-url, /v1/twiml/play, and the signed download view.
 
 `synthesize` is a plain async Django view (DRF has no async views): under
 Daphne it runs on the event loop, so a streamed response never holds Django's
@@ -8,17 +8,32 @@ one sync thread, and audio bytes go out as the engine produces them.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
+from xml.etree.ElementTree import Element, SubElement, tostring
 
+from asgiref.sync import sync_to_async
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.core.files.storage import default_storage
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
+from django.utils.http import http_date
 from rest_framework import serializers
 
 from callwaiting_tts.async_views import async_api_view
-from callwaiting_tts.errors import ApiError, error_response
+from callwaiting_tts.errors import ApiError, api_error_response, error_response
+from callwaiting_tts.middleware import request_id_for
 from synthesis.engines import EngineFailure, EngineOverloaded
-from synthesis.services import SynthesisResult, synthesis_audio, synthesis_plan
+from synthesis.models import PhraseAudio
+from synthesis.services import SynthesisPlan, SynthesisResult, synthesis_audio, synthesis_plan
+from synthesis.stored_audio import (
+    idempotency_record,
+    idempotent_replay,
+    request_fingerprint,
+    stored_audio_body,
+    stored_audio_for,
+    verify_local_signature,
+)
 from tenants.authentication import Principal
 
 
@@ -56,10 +71,14 @@ async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[by
         await rest.aclose()  # type: ignore[attr-defined]
 
 
-@async_api_view("POST")
-async def synthesize(request: HttpRequest, principal: Principal) -> HttpResponseBase:
-    fields = _parse_body(request)
-    plan = await synthesis_plan(
+def _engine_error(exc: EngineOverloaded | EngineFailure) -> ApiError:
+    if isinstance(exc, EngineOverloaded):
+        return ApiError(503, "engine_overloaded", str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+    return ApiError(500, "engine_error", f"The speech engine failed: {exc}")
+
+
+async def _plan(fields: dict[str, Any], principal: Principal) -> SynthesisPlan:
+    return await synthesis_plan(
         tenant=principal.tenant,
         text=fields["text"],
         voice_id=fields.get("voice_id"),
@@ -68,6 +87,12 @@ async def synthesize(request: HttpRequest, principal: Principal) -> HttpResponse
         sample_rate=fields.get("sample_rate"),
         speed=fields["speed"],
     )
+
+
+@async_api_view("POST")
+async def synthesize(request: HttpRequest, principal: Principal) -> HttpResponseBase:
+    fields = _parse_body(request)
+    plan = await _plan(fields, principal)
     result = SynthesisResult(spec=plan.spec)
     streaming = fields["streaming"]
     audio = synthesis_audio(plan, result, streaming=streaming)
@@ -76,12 +101,8 @@ async def synthesize(request: HttpRequest, principal: Principal) -> HttpResponse
         # early engine failures still get a real status code, and the first
         # bytes go out with the headers.
         first = await anext(audio, b"")
-    except EngineOverloaded as exc:
-        return error_response(
-            request, 503, "engine_overloaded", str(exc), headers={"Retry-After": str(exc.retry_after_s)}
-        )
-    except EngineFailure as exc:
-        return error_response(request, 500, "engine_error", f"The speech engine failed: {exc}")
+    except (EngineOverloaded, EngineFailure) as exc:
+        raise _engine_error(exc) from exc
 
     headers = {"X-Audio-Format": plan.spec.format.value, "X-Sample-Rate": str(plan.spec.sample_rate)}
     response: HttpResponseBase
@@ -95,11 +116,87 @@ async def synthesize(request: HttpRequest, principal: Principal) -> HttpResponse
             async for data in audio:
                 parts.append(data)
         except EngineFailure as exc:
-            return error_response(request, 500, "engine_error", f"The speech engine failed: {exc}")
+            raise _engine_error(exc) from exc
         body = b"".join(parts)
         response = HttpResponse(body, content_type=plan.spec.content_type)
         response["Content-Length"] = str(len(body))
         response["X-Audio-Duration"] = f"{result.audio_seconds:.3f}"
     for name, value in headers.items():
         response[name] = value
+    return response
+
+
+async def _stored_audio_answer(request: HttpRequest, principal: Principal, endpoint: str) -> dict[str, Any]:
+    """Synthesize-and-store (or find in the phrase cache), honouring an Idempotency-Key."""
+    fields = _parse_body(request)
+    idempotency_key = request.headers.get("Idempotency-Key", "").strip()
+    if len(idempotency_key) > 255:
+        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key is at most 255 characters.")
+    fingerprint = request_fingerprint(fields)
+    if idempotency_key and (
+        replay := await idempotent_replay(
+            tenant=principal.tenant, endpoint=endpoint, key=idempotency_key, fingerprint=fingerprint
+        )
+    ):
+        return replay
+    plan = await _plan(fields, principal)
+    try:
+        stored = await stored_audio_for(tenant=principal.tenant, plan=plan)
+    except (EngineOverloaded, EngineFailure) as exc:
+        raise _engine_error(exc) from exc
+    answer = stored_audio_body(stored=stored, request_id=request_id_for(request))
+    if idempotency_key:
+        answer = await idempotency_record(
+            tenant=principal.tenant,
+            endpoint=endpoint,
+            key=idempotency_key,
+            fingerprint=fingerprint,
+            response=answer,
+        )
+    return answer
+
+
+@async_api_view("POST")
+async def synthesize_url(request: HttpRequest, principal: Principal) -> HttpResponseBase:
+    return JsonResponse(await _stored_audio_answer(request, principal, "synthesize-url"))
+
+
+@async_api_view("POST")
+async def twiml_play(request: HttpRequest, principal: Principal) -> HttpResponseBase:
+    answer = await _stored_audio_answer(request, principal, "twiml-play")
+    root = Element("Response")
+    SubElement(root, "Play").text = answer["url"]
+    document = b'<?xml version="1.0" encoding="UTF-8"?>' + tostring(root)
+    return HttpResponse(document, content_type="text/xml; charset=utf-8")
+
+
+async def audio_download(request: HttpRequest, name: str) -> HttpResponseBase:
+    """The signed download link for locally stored audio (public: the signature is the credential)."""
+    if request.method not in ("GET", "HEAD"):
+        return error_response(request, 405, "method_not_allowed", "Use GET.", headers={"Allow": "GET, HEAD"})
+    try:
+        verify_local_signature(name, request.GET.get("expires", ""), request.GET.get("signature", ""))
+    except ApiError as exc:
+        return api_error_response(request, exc)
+    phrase = await PhraseAudio.objects.filter(storage_name=name).afirst()
+    if phrase is None or not await sync_to_async(default_storage.exists, thread_sensitive=False)(name):
+        return error_response(request, 404, "not_found", "This audio no longer exists.")
+
+    def read() -> bytes:
+        with default_storage.open(name, "rb") as handle:
+            return bytes(handle.read())
+
+    etag = f'"{phrase.cache_key[:32]}"'
+    if request.headers.get("If-None-Match") == etag:
+        response = HttpResponse(status=304)
+    else:
+        body = b"" if request.method == "HEAD" else await sync_to_async(read, thread_sensitive=False)()
+        response = HttpResponse(body, content_type=phrase.content_type)
+        response["Content-Length"] = str(phrase.size_bytes)
+    remaining = max(0, int(request.GET["expires"]) - int(time.time()))
+    response["ETag"] = etag
+    response["Last-Modified"] = http_date(phrase.created_at.timestamp())
+    # The content behind a name never changes (the name is its hash): cache it
+    # for as long as the link is valid.
+    response["Cache-Control"] = f"private, max-age={remaining}, immutable"
     return response

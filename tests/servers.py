@@ -47,7 +47,7 @@ def manage(*args: str, env: dict[str, str]) -> str:
 def daphne_server(env: dict[str, str], *, startup_timeout: float = 60.0) -> Iterator[str]:
     """Start `python -m callwaiting_tts.serve` (what `make run` starts) and yield its base URL."""
     port = free_port()
-    env = {**env, "HOST": "127.0.0.1", "PORT": str(port)}
+    env = {"PUBLIC_BASE_URL": f"http://127.0.0.1:{port}", **env, "HOST": "127.0.0.1", "PORT": str(port)}
     log_path = Path(env.get("CWT_TEST_LOG_DIR", "/tmp")) / f"daphne-{port}.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(

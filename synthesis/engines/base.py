@@ -73,6 +73,7 @@ class SpeechEngine(abc.ABC):
         self.max_active_jobs = max_active_jobs
         self.loaded = False
         self._active_jobs = 0
+        self.jobs_started = 0  # a counter for health and metrics
 
     @abc.abstractmethod
     def load(self) -> None: ...
@@ -109,6 +110,7 @@ class SpeechEngine(abc.ABC):
             "loaded": self.loaded,
             "supports_cloning": self.supports_cloning,
             "active_jobs": self._active_jobs,
+            "jobs_started": self.jobs_started,
             "max_active_jobs": self.max_active_jobs,
         }
 
@@ -121,6 +123,7 @@ class SpeechEngine(abc.ABC):
         if self._active_jobs >= self.max_active_jobs:
             raise EngineOverloaded(retry_after_s=1)
         self._active_jobs += 1
+        self.jobs_started += 1
         try:
             yield
         finally:

@@ -256,5 +256,6 @@ class XttsEngine(SpeechEngine):
             self._model, self._generate(job, gpt_cond_latent, speaker_embedding)
         )
         scheduled = self.scheduler.submit(iterator)
+        self.jobs_started += 1
         async for chunk in scheduled.chunks():
             yield chunk

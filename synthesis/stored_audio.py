@@ -1,0 +1,165 @@
+"""Synthesized audio behind signed, expiring URLs (for Twilio <Play> and WhatsApp), with a phrase cache.
+
+A request's audio is stored once per tenant under the hash of everything that
+decides it (SynthesisPlan.cache_key); a repeat within PHRASE_CACHE_SECONDS is
+answered from storage without running the engine. URLs are S3 presigned GETs
+when the default storage is S3, else links to our own download view signed
+with Django's signing over (object name, expiry).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core import signing
+from django.core.files.base import ContentFile
+from django.core.files.storage import FileSystemStorage, default_storage
+from django.db import IntegrityError
+from django.utils import timezone
+from django.utils.crypto import constant_time_compare
+
+from callwaiting_tts.errors import ApiError
+from synthesis.audio import AudioFormat
+from synthesis.models import IdempotencyRecord, PhraseAudio
+from synthesis.services import SynthesisPlan, SynthesisResult, synthesis_audio
+from tenants.models import Tenant
+
+EXTENSIONS = {
+    AudioFormat.WAV: "wav",
+    AudioFormat.PCM: "pcm",
+    AudioFormat.MP3: "mp3",
+    AudioFormat.OPUS: "ogg",
+    AudioFormat.FLAC: "flac",
+    AudioFormat.MULAW: "ulaw",
+}
+STORED_NAME = re.compile(r"^tenants/[0-9a-f-]{36}/phrases/[0-9a-f]{64}\.(wav|pcm|mp3|ogg|flac|ulaw)$")
+_signer = signing.Signer(salt="synthesis.stored-audio-url")
+
+
+@dataclass(frozen=True)
+class StoredAudio:
+    phrase: PhraseAudio
+    cached: bool
+
+
+def _phrase_is_fresh(phrase: PhraseAudio) -> bool:
+    return phrase.created_at > timezone.now() - timedelta(seconds=settings.PHRASE_CACHE_SECONDS)
+
+
+async def stored_audio_for(*, tenant: Tenant, plan: SynthesisPlan) -> StoredAudio:
+    """The stored audio for this request: from the phrase cache, or synthesized and stored now."""
+    cache_key = plan.cache_key()
+    existing = await PhraseAudio.objects.filter(tenant=tenant, cache_key=cache_key).afirst()
+    if existing is not None and _phrase_is_fresh(existing):
+        return StoredAudio(phrase=existing, cached=True)
+
+    result = SynthesisResult(spec=plan.spec)
+    body = b"".join([part async for part in synthesis_audio(plan, result, streaming=False)])
+    name = f"tenants/{tenant.id}/phrases/{cache_key}.{EXTENSIONS[plan.spec.format]}"
+    if existing is not None:  # expired: replace it
+        await sync_to_async(default_storage.delete, thread_sensitive=False)(existing.storage_name)
+        await PhraseAudio.objects.filter(pk=existing.pk).adelete()
+    saved_name = await sync_to_async(default_storage.save, thread_sensitive=False)(name, ContentFile(body))
+    try:
+        phrase = await PhraseAudio.objects.acreate(
+            tenant=tenant,
+            cache_key=cache_key,
+            storage_name=saved_name,
+            format=plan.spec.format.value,
+            content_type=plan.spec.content_type,
+            sample_rate=plan.spec.sample_rate,
+            size_bytes=len(body),
+            duration_s=round(result.audio_seconds, 3),
+        )
+    except IntegrityError:  # a concurrent identical request stored it first
+        await sync_to_async(default_storage.delete, thread_sensitive=False)(saved_name)
+        return StoredAudio(
+            phrase=await PhraseAudio.objects.aget(tenant=tenant, cache_key=cache_key), cached=True
+        )
+    return StoredAudio(phrase=phrase, cached=False)
+
+
+def local_url_signature(name: str, expires: int) -> str:
+    return _signer.signature(f"{name}|{expires}")
+
+
+def signed_url(name: str) -> tuple[str, datetime]:
+    """A URL that fetches the object until the returned expiry."""
+    expiry_seconds = settings.SIGNED_URL_EXPIRY_SECONDS
+    expires = int(time.time()) + expiry_seconds
+    if isinstance(default_storage, FileSystemStorage):
+        query = urlencode({"expires": expires, "signature": local_url_signature(name, expires)})
+        return f"{settings.PUBLIC_BASE_URL}/v1/audio/{name}?{query}", datetime.fromtimestamp(expires, UTC)
+    # django-storages' S3 backend presigns for its querystring_expire (set from the same setting).
+    return default_storage.url(name), datetime.fromtimestamp(expires, UTC)
+
+
+def verify_local_signature(name: str, expires: str, signature: str) -> None:
+    if not STORED_NAME.match(name) or not expires.isdigit():
+        raise ApiError(403, "invalid_signature", "This audio link is not valid.")
+    if not constant_time_compare(local_url_signature(name, int(expires)), signature):
+        raise ApiError(403, "invalid_signature", "This audio link is not valid.")
+    if int(expires) < time.time():
+        raise ApiError(403, "link_expired", "This audio link has expired; ask for a new one.")
+
+
+def stored_audio_body(*, stored: StoredAudio, request_id: str) -> dict[str, Any]:
+    url, expires_at = signed_url(stored.phrase.storage_name)
+    return {
+        "url": url,
+        "expires_at": expires_at.isoformat().replace("+00:00", "Z"),
+        "format": stored.phrase.format,
+        "content_type": stored.phrase.content_type,
+        "duration_s": stored.phrase.duration_s,
+        "bytes": stored.phrase.size_bytes,
+        "request_id": request_id,
+        "cached": stored.cached,
+    }
+
+
+def request_fingerprint(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+async def idempotent_replay(
+    *, tenant: Tenant, endpoint: str, key: str, fingerprint: str
+) -> dict[str, Any] | None:
+    """The stored answer for a retry, None for a new key; 409 if the key came with another body."""
+    record = await IdempotencyRecord.objects.filter(tenant=tenant, endpoint=endpoint, key=key).afirst()
+    if record is None or record.created_at < timezone.now() - timedelta(seconds=settings.IDEMPOTENCY_SECONDS):
+        return None
+    if record.request_hash != fingerprint:
+        raise ApiError(
+            409, "idempotency_key_reused", "This Idempotency-Key was used with a different request body."
+        )
+    return dict(record.response)
+
+
+async def idempotency_record(
+    *, tenant: Tenant, endpoint: str, key: str, fingerprint: str, response: dict[str, Any]
+) -> dict[str, Any]:
+    """Remember the answer; if a concurrent retry got there first, answer what it stored."""
+    await IdempotencyRecord.objects.filter(
+        tenant=tenant,
+        endpoint=endpoint,
+        key=key,
+        created_at__lt=timezone.now() - timedelta(seconds=settings.IDEMPOTENCY_SECONDS),
+    ).adelete()
+    try:
+        await IdempotencyRecord.objects.acreate(
+            tenant=tenant, endpoint=endpoint, key=key, request_hash=fingerprint, response=response
+        )
+    except IntegrityError:
+        replay = await idempotent_replay(tenant=tenant, endpoint=endpoint, key=key, fingerprint=fingerprint)
+        if replay is not None:
+            return replay
+    return response
