@@ -244,3 +244,52 @@ def test_on_s3_the_url_is_a_presigned_get_that_plays(
         assert fetched.status_code == 200
         audio = decode(fetched.content, OutputSpec.parse("wav", None))
         assert len(audio) / 24000 == pytest.approx(answer["duration_s"], abs=0.05)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_warm_cache_fills_the_phrase_cache_and_a_second_run_finds_it_all(
+    tmp_path: Path, settings: Any
+) -> None:
+    import io
+
+    from django.core.management import call_command
+
+    from synthesis.models import PhraseAudio
+
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "default": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": tmp_path},
+        },
+    }
+    tenant, _key = tenant_create(name=f"warm-{uuid.uuid4().hex[:6]}")
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text('Hello and welcome.,ignored column\n"Please hold, an agent will be with you."\n\n')
+    out = io.StringIO()
+    call_command(
+        "warm_cache", tenant.name, str(prompts), "--format", "mulaw", stdout=out, stderr=io.StringIO()
+    )
+    assert "2 prompts: 2 synthesized, 0 already cached, 0 failed." in out.getvalue()
+    assert PhraseAudio.objects.filter(tenant=tenant, format="mulaw").count() == 2
+    out = io.StringIO()
+    call_command(
+        "warm_cache", str(tenant.id), str(prompts), "--format", "mulaw", stdout=out, stderr=io.StringIO()
+    )
+    assert "2 prompts: 0 synthesized, 2 already cached, 0 failed." in out.getvalue()
+
+
+@pytest.mark.django_db
+def test_warm_cache_rejects_bad_input(tmp_path: Path) -> None:
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    tenant, _key = tenant_create(name=f"warm-{uuid.uuid4().hex[:6]}")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(CommandError, match="holds no prompts"):
+        call_command("warm_cache", tenant.name, str(empty))
+    with pytest.raises(CommandError, match="is not a file"):
+        call_command("warm_cache", tenant.name, str(tmp_path / "missing.txt"))
+    with pytest.raises(CommandError, match="No tenant"):
+        call_command("warm_cache", "nobody", str(empty))
