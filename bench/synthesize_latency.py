@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,16 +21,11 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import percentile, start_server
 
 TEXT = "Thanks for calling Acme Dental, this is Ava. How can I help you today?"
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
-    return ordered[index]
 
 
 async def engine_first_chunk_times(requests: int, concurrency: int) -> list[float]:
@@ -84,39 +78,6 @@ async def http_first_byte_times(base_url: str, key: str, requests: int, concurre
 
         await one()
         return list(await asyncio.gather(*(one() for _ in range(requests))))
-
-
-def start_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": os.environ.get("HOME", str(workdir)),
-        "CWT_ENV_FILE": "",
-        "SECRET_KEY": "bench-" + "x" * 50,
-        "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}",
-        "TTS_ENGINE": "piper",
-        "HOST": "127.0.0.1",
-        "PORT": "8799",
-        "LOG_LEVEL": "WARNING",
-        "ENGINE_MAX_ACTIVE_JOBS": "1000",
-    }
-    manage = [sys.executable, str(ROOT / "manage.py")]
-    subprocess.run([*manage, "migrate", "-v0"], env=env, check=True, cwd=ROOT)
-    key = subprocess.run(
-        [*manage, "create_tenant", "bench"], env=env, check=True, cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    log = (workdir / "daphne.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "callwaiting_tts.serve"], env=env, cwd=ROOT, stdout=log, stderr=log
-    )
-    base_url = "http://127.0.0.1:8799"
-    for _ in range(200):
-        try:
-            if httpx.get(f"{base_url}/v1/health").status_code == 200:
-                return server, base_url, key
-        except httpx.TransportError:
-            time.sleep(0.1)
-    server.kill()
-    raise SystemExit("Daphne did not start; see " + str(workdir / "daphne.log"))
 
 
 def main() -> None:

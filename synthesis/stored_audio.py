@@ -13,6 +13,8 @@ import hashlib
 import json
 import re
 import time
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -55,11 +57,44 @@ def _phrase_is_fresh(phrase: PhraseAudio) -> bool:
     return phrase.created_at > timezone.now() - timedelta(seconds=settings.PHRASE_CACHE_SECONDS)
 
 
+class _RecentPhrases:
+    """Phrase rows this process has seen, so that a hit needs no database round trip.
+
+    Safe to keep: a name is the hash of everything that made its audio, so a
+    row never changes; freshness is still checked on every use. Event loop only.
+    """
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self._entries: OrderedDict[tuple[uuid.UUID, str], PhraseAudio] = OrderedDict()
+        self._max_entries = max_entries
+
+    def get(self, tenant: Tenant, cache_key: str) -> PhraseAudio | None:
+        phrase = self._entries.get((tenant.id, cache_key))
+        if phrase is None:
+            return None
+        if not _phrase_is_fresh(phrase):
+            del self._entries[(tenant.id, cache_key)]
+            return None
+        self._entries.move_to_end((tenant.id, cache_key))
+        return phrase
+
+    def put(self, phrase: PhraseAudio) -> None:
+        self._entries[(phrase.tenant_id, phrase.cache_key)] = phrase
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+
+recent_phrases = _RecentPhrases()
+
+
 async def stored_audio_for(*, tenant: Tenant, plan: SynthesisPlan) -> StoredAudio:
     """The stored audio for this request: from the phrase cache, or synthesized and stored now."""
     cache_key = plan.cache_key()
+    if (known := recent_phrases.get(tenant, cache_key)) is not None:
+        return StoredAudio(phrase=known, cached=True)
     existing = await PhraseAudio.objects.filter(tenant=tenant, cache_key=cache_key).afirst()
     if existing is not None and _phrase_is_fresh(existing):
+        recent_phrases.put(existing)
         return StoredAudio(phrase=existing, cached=True)
 
     result = SynthesisResult(spec=plan.spec)

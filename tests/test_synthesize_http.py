@@ -138,6 +138,10 @@ def test_non_streamed_wav_has_exact_headers(client: httpx.Client) -> None:
         ({"text": "<speak><p>oops</speak>"}, 400, "invalid_ssml"),
         ({"voice_id": "joe"}, 400, "invalid_request"),
         ({"text": "Hi.", "sample_rate": "fast"}, 400, "invalid_request"),
+        ({"text": 42}, 400, "invalid_request"),
+        ({"text": "Hi.", "streaming": "yes"}, 400, "invalid_request"),
+        ({"text": "Hi.", "speed": True}, 400, "invalid_request"),
+        ({"text": "Hi.", "voice_id": ["joe"]}, 400, "invalid_request"),
     ],
 )
 def test_bad_requests_get_a_clear_error(

@@ -1,0 +1,58 @@
+"""What the benchmarks share: a Daphne of our own on loopback, and percentiles."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def start_server(
+    workdir: Path, port: int = 8799, **extra_env: str
+) -> tuple[subprocess.Popen[bytes], str, str]:
+    """Start Daphne on SQLite in `workdir` with the Piper engine; returns (process, base URL, API key)."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", str(workdir)),
+        "CWT_ENV_FILE": "",
+        "SECRET_KEY": "bench-" + "x" * 50,
+        "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}",
+        "MEDIA_ROOT": str(workdir / "media"),
+        "TTS_ENGINE": "piper",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        "LOG_LEVEL": "WARNING",
+        "ENGINE_MAX_ACTIVE_JOBS": "1000",
+        **extra_env,
+    }
+    manage = [sys.executable, str(ROOT / "manage.py")]
+    subprocess.run([*manage, "migrate", "-v0"], env=env, check=True, cwd=ROOT)
+    key = subprocess.run(
+        [*manage, "create_tenant", "bench"], env=env, check=True, cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    log = (workdir / "daphne.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "callwaiting_tts.serve"], env=env, cwd=ROOT, stdout=log, stderr=log
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{base_url}/v1/health").status_code == 200:
+                return server, base_url, key
+        except httpx.TransportError:
+            time.sleep(0.1)
+    server.kill()
+    raise SystemExit(f"Daphne did not start; see {workdir / 'daphne.log'}")
