@@ -91,8 +91,104 @@ ERROR_SCHEMA: dict[str, Any] = {
 }
 
 
+_STORED_AUDIO_ANSWER: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "url": {"type": "string", "format": "uri", "description": "Signed; works until expires_at."},
+        "expires_at": {"type": "string", "format": "date-time"},
+        "format": {"type": "string"},
+        "content_type": {"type": "string"},
+        "duration_s": {"type": "number"},
+        "bytes": {"type": "integer"},
+        "request_id": {"type": "string"},
+        "cached": {"type": "boolean", "description": "Answered from the phrase cache, no synthesis."},
+    },
+}
+_IDEMPOTENCY_HEADER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "maxLength": 255},
+    "description": "A retry with the same key and body gets the same answer; another body is 409.",
+}
+
+
+def _stored_audio_operation(operation_id: str, summary: str, success: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **SYNTHESIZE_OPERATION,
+        "operationId": operation_id,
+        "summary": summary,
+        "parameters": [_IDEMPOTENCY_HEADER],
+        "responses": {
+            **{code: value for code, value in SYNTHESIZE_OPERATION["responses"].items() if code != "200"},
+            "200": success,
+            "409": _error_response("idempotency_key_reused"),
+        },
+    }
+
+
+SYNTHESIZE_URL_OPERATION = _stored_audio_operation(
+    "synthesize_url",
+    "Synthesize (or find in the phrase cache) and answer a signed, expiring audio URL",
+    {"description": "The stored audio.", "content": {"application/json": {"schema": _STORED_AUDIO_ANSWER}}},
+)
+TWIML_PLAY_OPERATION = _stored_audio_operation(
+    "twiml_play",
+    "The same, answered as TwiML <Response><Play>URL</Play></Response>",
+    {"description": "TwiML.", "content": {"text/xml": {"schema": {"type": "string"}}}},
+)
+VOICE_UPLOAD_OPERATION: dict[str, Any] = {
+    "operationId": "voice_upload",
+    "summary": "Clone a voice from a 3-60 s reference recording (needs the upload permission)",
+    "tags": ["voices"],
+    "security": [{"ApiKey": []}],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "name", "language"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "WAV, FLAC, Ogg or MP3.",
+                        },
+                        "name": {"type": "string"},
+                        "language": {"type": "string"},
+                        "voice_id": {"type": "string", "pattern": "^[-a-zA-Z0-9_]+$"},
+                    },
+                }
+            }
+        },
+    },
+    "responses": {
+        "201": {"description": "The new voice."},
+        "400": _error_response("invalid_audio, invalid_request"),
+        "403": _error_response("permission_denied"),
+        "409": _error_response("voice_exists"),
+        "413": _error_response("upload_too_large"),
+        "422": _error_response("audio_too_short, audio_too_long, cloning_not_supported"),
+    },
+}
+VOICE_DELETE_OPERATION: dict[str, Any] = {
+    "operationId": "voice_delete",
+    "summary": "Delete one of your cloned voices and its stored audio",
+    "tags": ["voices"],
+    "security": [{"ApiKey": []}],
+    "parameters": [{"name": "voice_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+    "responses": {"204": {"description": "Deleted."}, "404": _error_response("voice_not_found")},
+}
+
+
 def add_async_views(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-    """drf-spectacular postprocessing hook."""
+    """drf-spectacular postprocessing hook: the plain async views, which it cannot inspect."""
     result.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
-    result.setdefault("paths", {})["/v1/synthesize"] = {"post": SYNTHESIZE_OPERATION}
+    paths = result.setdefault("paths", {})
+    paths["/v1/synthesize"] = {"post": SYNTHESIZE_OPERATION}
+    paths["/v1/synthesize-url"] = {"post": SYNTHESIZE_URL_OPERATION}
+    paths["/v1/twiml/play"] = {"post": TWIML_PLAY_OPERATION}
+    paths["/v1/voices/upload"] = {"post": VOICE_UPLOAD_OPERATION}
+    paths["/v1/voices/{voice_id}"] = {"delete": VOICE_DELETE_OPERATION}
     return result

@@ -1,0 +1,101 @@
+"""The examples run against a real local service: the Twilio webhook and the n8n workflow."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from wsgiref.util import setup_testing_defaults
+from xml.etree import ElementTree
+
+import httpx
+import pytest
+from django.conf import settings
+from twilio.twiml.voice_response import VoiceResponse
+
+from examples.twilio_webhook import app as webhook
+from synthesis.audio import OutputSpec
+from tests.servers import base_env, daphne_server
+from tests.test_audio import decode
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db]
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def service(test_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    env = base_env(
+        SECRET_KEY=settings.SECRET_KEY,
+        DATABASE_URL=test_database_url,
+        MEDIA_ROOT=str(tmp_path_factory.mktemp("media")),
+        CWT_TEST_LOG_DIR=str(tmp_path_factory.mktemp("logs")),
+        TTS_ENGINE="piper",
+    )
+    with daphne_server(env) as base_url:
+        yield base_url
+
+
+def simulated_twilio_call() -> dict[str, Any]:
+    form = (
+        b"CallSid=CA0123456789abcdef&AccountSid=AC01&From=%2B15551230000&To=%2B15559870000&CallStatus=ringing"
+    )
+    environ: dict[str, Any] = {}
+    setup_testing_defaults(environ)
+    environ.update(
+        REQUEST_METHOD="POST",
+        CONTENT_TYPE="application/x-www-form-urlencoded",
+        CONTENT_LENGTH=str(len(form)),
+    )
+    environ["wsgi.input"] = io.BytesIO(form)
+    return environ
+
+
+def test_the_twilio_webhook_answers_a_call_with_twiml_that_plays(
+    service: str, module_tenant: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _tenant, issued = module_tenant
+    monkeypatch.setattr(webhook, "TTS_BASE_URL", service)
+    monkeypatch.setattr(webhook, "TTS_API_KEY", issued.plaintext)
+    statuses: list[str] = []
+    body = b"".join(
+        webhook.application(simulated_twilio_call(), lambda status, headers: statuses.append(status))
+    )
+    assert statuses == ["200 OK"]
+    root = ElementTree.fromstring(body)  # noqa: S314  (our own example's answer)
+    assert root.tag == "Response"
+    (play,) = list(root)
+    assert play.tag == "Play"
+    audio = httpx.get(play.text or "")
+    assert audio.headers["Content-Type"] == "audio/mpeg"
+    assert len(decode(audio.content, OutputSpec.parse("mp3", None))) > 24000
+
+    # The same document as the twilio library builds it.
+    expected = VoiceResponse()
+    expected.play(play.text)
+    assert body.decode() == str(expected)
+
+
+def test_the_twilio_webhook_falls_back_to_say_when_the_service_is_down() -> None:
+    twiml = webhook.greeting_twiml("Hello", base_url="http://127.0.0.1:9", api_key="cwt_x")
+    assert "<Say>" in twiml
+    assert "<Play>" not in twiml
+
+
+def test_the_n8n_workflow_is_valid_and_calls_only_documented_endpoints(service: str) -> None:
+    workflow = json.loads((EXAMPLES / "n8n" / "whatsapp_voice_note.json").read_text())
+    names = {node["name"] for node in workflow["nodes"]}
+    for source, outputs in workflow["connections"].items():
+        assert source in names
+        for branch in outputs["main"]:
+            assert all(link["node"] in names for link in branch)
+    documented = set(httpx.get(f"{service}/v1/openapi.json").json()["paths"])
+    our_calls = [
+        re.sub(r"^=\{\{ \$env\.CALLWAITING_TTS_URL \}\}", "", node["parameters"]["url"])
+        for node in workflow["nodes"]
+        if "CALLWAITING_TTS_URL" in node["parameters"].get("url", "")
+    ]
+    assert our_calls == ["/v1/synthesize-url"]
+    assert set(our_calls) <= documented
