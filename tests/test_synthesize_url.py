@@ -86,8 +86,9 @@ def test_the_url_serves_audio_of_the_stated_format_and_duration(
     assert fetched.headers["Last-Modified"]
     audio = decode(fetched.content, OutputSpec.parse(audio_format, None))
     rate = 8000 if audio_format == "mulaw" else 24000
-    assert len(audio) / rate == pytest.approx(answer["duration_s"], abs=0.3)
-    assert 1.5 < answer["duration_s"] < 6
+    assert len(audio) / rate == pytest.approx(answer["duration_s"], abs=0.3), answer
+    # The random suffix is read out too ("eight e four..."): up to a few seconds more.
+    assert 1.5 < answer["duration_s"] < 12, answer
 
 
 def test_a_repeat_is_a_cache_hit_that_never_touches_the_engine(client: httpx.Client) -> None:
