@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from django.conf import settings
 
@@ -22,12 +21,9 @@ MAX_SPEED = 4.0
 
 @dataclass
 class SynthesisResult:
-    """Counters filled in while a synthesis runs (for headers and usage)."""
+    """Filled in while a synthesis runs: what the response headers report."""
 
     spec: OutputSpec
-    started: float = field(default_factory=time.monotonic)
-    first_audio_at: float | None = None
-    audio_bytes: int = 0
     audio_seconds: float = 0.0
 
 
@@ -36,7 +32,6 @@ class SynthesisPlan:
     engine: SpeechEngine
     job: SpeechJob
     spec: OutputSpec
-    input_chars: int
     voice_identity: str
 
     def cache_key(self) -> str:
@@ -126,9 +121,7 @@ async def synthesis_plan(
         language=language,
         speed=speed,
     )
-    return SynthesisPlan(
-        engine=engine, job=job, spec=spec, input_chars=len(text), voice_identity=voice.identity
-    )
+    return SynthesisPlan(engine=engine, job=job, spec=spec, voice_identity=voice.identity)
 
 
 async def synthesis_audio(
@@ -144,18 +137,12 @@ async def synthesis_audio(
     try:
         async for chunk in engine_stream:
             data = encoder.push(chunk)
-            if data:
-                if result.first_audio_at is None:
-                    result.first_audio_at = time.monotonic()
-                result.audio_bytes += len(data)
-                yield data
             result.audio_seconds = encoder.duration_s
+            if data:
+                yield data
         data = encoder.finish()
         result.audio_seconds = encoder.duration_s
         if data:
-            if result.first_audio_at is None:
-                result.first_audio_at = time.monotonic()
-            result.audio_bytes += len(data)
             yield data
     finally:
         await engine_stream.aclose()  # type: ignore[attr-defined]

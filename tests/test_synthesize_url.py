@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
-import boto3
 import httpx
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from django.conf import settings
 
 from synthesis.audio import OutputSpec
 from tenants.services import tenant_create
-from tests.servers import base_env, daphne_server, moto_s3_server
+from tests.servers import base_env, daphne_server, moto_s3_server, s3_client
 from tests.test_audio import decode
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db]
@@ -215,20 +214,14 @@ def test_on_s3_the_url_is_a_presigned_get_that_plays(
 ) -> None:
     _tenant, issued = module_tenant
     with moto_s3_server() as endpoint:
-        boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="k",
-            aws_secret_access_key="s",
-        ).create_bucket(Bucket=BUCKET)
+        s3_client(endpoint).create_bucket(Bucket=BUCKET)
         env = env_for(
             test_database_url,
             tmp_path_factory.mktemp("logs"),
             S3_BUCKET=BUCKET,
             S3_ENDPOINT_URL=endpoint,
-            S3_ACCESS_KEY_ID="k",
-            S3_SECRET_ACCESS_KEY="s",
+            S3_ACCESS_KEY_ID="test",
+            S3_SECRET_ACCESS_KEY="test",
         )
         with daphne_server(env) as base_url:
             answer = httpx.post(

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import numpy as np
 import pytest
 import soundfile
@@ -22,7 +21,7 @@ from synthesis.engines.xtts import XttsEngine
 from tenants.models import Tenant
 from tenants.services import IssuedKey, tenant_create
 from tests.conftest import loaded_tiny_xtts
-from tests.servers import moto_s3_server
+from tests.servers import moto_s3_server, s3_client
 from voices.models import Voice
 from voices.services import conditioning_cache
 
@@ -56,13 +55,7 @@ def engine(xtts_engine: XttsEngine, monkeypatch: pytest.MonkeyPatch) -> XttsEngi
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
     with moto_s3_server() as endpoint:
-        boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-        ).create_bucket(Bucket=BUCKET)
+        s3_client(endpoint).create_bucket(Bucket=BUCKET)
         yield endpoint
 
 
@@ -97,13 +90,7 @@ def storage(request: pytest.FixtureRequest, settings: Any, tmp_path: Path) -> st
 
 
 def bucket_keys(endpoint: str) -> set[str]:
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-    )
+    s3 = s3_client(endpoint)
     return {item["Key"] for item in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
 
 
