@@ -84,3 +84,14 @@ def loaded_tiny_xtts(checkpoint: Path, **options: Any) -> Iterator[XttsEngine]:
         yield engine
     finally:
         engine.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def close_connections_of_async_tests(django_db_setup: None) -> Iterator[None]:
+    """Async tests' ORM calls run on asgiref's shared sync thread, whose database
+    connection would otherwise still be open when the test database is dropped."""
+    yield
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=10)
