@@ -13,6 +13,7 @@ from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from callwaiting_tts.redis import breaker, redis_configured
 from synthesis.engines import loaded_engine
 
 PROCESS_STARTED = time.monotonic()
@@ -36,6 +37,7 @@ def engine_info() -> dict[str, Any]:
             "version": serializers.CharField(),
             "uptime_s": serializers.FloatField(),
             "engine": serializers.DictField(allow_null=True),
+            "redis": serializers.DictField(),
         },
     ),
 )
@@ -49,5 +51,10 @@ def health(request: Request) -> Response:
             "version": settings.VERSION,
             "uptime_s": round(time.monotonic() - PROCESS_STARTED, 3),
             "engine": engine_info(),
+            "redis": {
+                "configured": redis_configured(),
+                "fallback_active": redis_configured() and not breaker.allows(),
+                "failures": breaker.failures,
+            },
         }
     )

@@ -1,4 +1,4 @@
-"""Request ids: every response carries X-Request-ID and every log line names it."""
+"""Request ids (every response carries X-Request-ID, every log line names it) and rate headers."""
 
 from __future__ import annotations
 
@@ -34,6 +34,14 @@ def request_id_for(request: HttpRequest) -> str:
     return new_request_id()
 
 
+def _annotate(request: HttpRequest, response: HttpResponseBase, request_id: str) -> None:
+    """Headers every response carries: its request id and, once authenticated, the rate budget."""
+    response[REQUEST_ID_HEADER] = request_id
+    if (decision := getattr(request, "rate_limit", None)) is not None:
+        for name, value in decision.headers().items():
+            response.headers.setdefault(name, value)
+
+
 def _assign_request_id(request: HttpRequest) -> str:
     offered = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = offered if _SANE_REQUEST_ID.match(offered) else new_request_id()
@@ -62,13 +70,13 @@ class RequestIdMiddleware:
         request_id = _assign_request_id(request)
         response = self.get_response(request)
         assert isinstance(response, HttpResponseBase)
-        response[REQUEST_ID_HEADER] = request_id
+        _annotate(request, response, request_id)
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         request_id = _assign_request_id(request)
         response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
-        response[REQUEST_ID_HEADER] = request_id
+        _annotate(request, response, request_id)
         return response
 
 

@@ -34,6 +34,9 @@ from synthesis.stored_audio import (
     verify_local_signature,
 )
 from tenants.authentication import Principal
+from tenants.limits import StreamLease, stream_lease_acquire
+from tenants.models import Tenant
+from tenants.quotas import quota_add, quota_check
 
 # The request body, checked by hand: this runs on every request of the hot
 # path, where a DRF serializer costs more than everything else in the view.
@@ -77,13 +80,21 @@ def _parse_body(request: HttpRequest) -> dict[str, Any]:
     return fields
 
 
-async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _stream_body(
+    first: bytes, rest: AsyncIterator[bytes], lease: StreamLease, tenant: Tenant, result: SynthesisResult
+) -> AsyncIterator[bytes]:
+    """The streamed response body. However it ends, the engine stops, the
+    stream's lease is freed, and the audio produced counts toward the quota."""
     try:
         yield first
         async for data in rest:
             yield data
     finally:
-        await rest.aclose()  # type: ignore[attr-defined]
+        try:
+            await rest.aclose()  # type: ignore[attr-defined]
+        finally:
+            await lease.release()
+            await quota_add(tenant, result.audio_seconds)
 
 
 def _engine_error(exc: EngineOverloaded | EngineFailure) -> ApiError:
@@ -108,21 +119,29 @@ async def _plan(fields: dict[str, Any], principal: Principal) -> SynthesisPlan:
 async def synthesize(request: HttpRequest, principal: Principal) -> HttpResponseBase:
     fields = _parse_body(request)
     plan = await _plan(fields, principal)
+    await quota_check(principal.tenant)
     result = SynthesisResult(spec=plan.spec)
     streaming = fields["streaming"]
+    lease = await stream_lease_acquire(principal.tenant) if streaming else None
     audio = synthesis_audio(plan, result, streaming=streaming)
     try:
         # Wait for the first audio before answering: refusals (overload) and
         # early engine failures still get a real status code, and the first
         # bytes go out with the headers.
         first = await anext(audio, b"")
-    except (EngineOverloaded, EngineFailure) as exc:
-        raise _engine_error(exc) from exc
+    except BaseException as exc:
+        if lease is not None:
+            await lease.release()
+        if isinstance(exc, EngineOverloaded | EngineFailure):
+            raise _engine_error(exc) from exc
+        raise
 
     headers = {"X-Audio-Format": plan.spec.format.value, "X-Sample-Rate": str(plan.spec.sample_rate)}
     response: HttpResponseBase
-    if streaming:
-        response = StreamingHttpResponse(_prepend(first, audio), content_type=plan.spec.content_type)
+    if lease is not None:
+        lease.keep_alive()
+        body = _stream_body(first, audio, lease, principal.tenant, result)
+        response = StreamingHttpResponse(body, content_type=plan.spec.content_type)
         response["Cache-Control"] = "no-store"
         response["X-Accel-Buffering"] = "no"  # let proxies pass chunks through
     else:
@@ -132,9 +151,11 @@ async def synthesize(request: HttpRequest, principal: Principal) -> HttpResponse
                 parts.append(data)
         except EngineFailure as exc:
             raise _engine_error(exc) from exc
-        body = b"".join(parts)
-        response = HttpResponse(body, content_type=plan.spec.content_type)
-        response["Content-Length"] = str(len(body))
+        finally:
+            await quota_add(principal.tenant, result.audio_seconds)
+        whole = b"".join(parts)
+        response = HttpResponse(whole, content_type=plan.spec.content_type)
+        response["Content-Length"] = str(len(whole))
         response["X-Audio-Duration"] = f"{result.audio_seconds:.3f}"
     for name, value in headers.items():
         response[name] = value
@@ -155,10 +176,13 @@ async def _stored_audio_answer(request: HttpRequest, principal: Principal, endpo
     ):
         return replay
     plan = await _plan(fields, principal)
+    await quota_check(principal.tenant)
     try:
         stored = await stored_audio_for(tenant=principal.tenant, plan=plan)
     except (EngineOverloaded, EngineFailure) as exc:
         raise _engine_error(exc) from exc
+    if not stored.cached:  # a cache hit produces no new audio
+        await quota_add(principal.tenant, stored.phrase.duration_s)
     answer = stored_audio_body(stored=stored, request_id=request_id_for(request))
     if idempotency_key:
         answer = await idempotency_record(

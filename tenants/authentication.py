@@ -27,6 +27,7 @@ from rest_framework.request import Request
 
 from callwaiting_tts.errors import ApiError
 from tenants import keys
+from tenants.limits import RateDecision, arate_limit_check, rate_limit_check
 from tenants.models import ApiKey, Tenant
 
 # last_used_at is for humans deciding which keys to retire: minute precision
@@ -153,10 +154,29 @@ async def aauthenticate_token(token: str) -> Principal:
     return principal
 
 
+def _apply_rate_limit(request: HttpRequest, decision: RateDecision | None) -> None:
+    """Remember the budget for the response headers; refuse a request over it.
+
+    Runs only after the key is verified: a failed authentication spends nothing.
+    """
+    if decision is None:
+        return
+    request.rate_limit = decision  # type: ignore[attr-defined]
+    if not decision.allowed:
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"Over the limit of {decision.limit} requests per {decision.window_s} s; "
+            f"retry in {decision.headers()['Retry-After']} s.",
+            headers=decision.headers(),
+        )
+
+
 async def aauthenticate_request(request: HttpRequest) -> Principal:
     """For plain async views; attaches the tenant to the request like the DRF class does."""
     principal = await aauthenticate_token(bearer_token(request.headers.get("Authorization")))
     request.tenant = principal.tenant  # type: ignore[attr-defined]
+    _apply_rate_limit(request, await arate_limit_check(principal.tenant))
     return principal
 
 
@@ -174,6 +194,7 @@ class ApiKeyAuthentication(BaseAuthentication):
     def authenticate(self, request: Request) -> tuple[Tenant, ApiKey]:
         principal = authenticate_token(bearer_token(request.headers.get("Authorization")))
         request._request.tenant = principal.tenant  # type: ignore[attr-defined]
+        _apply_rate_limit(request._request, rate_limit_check(principal.tenant))
         return principal.tenant, principal.api_key
 
     def authenticate_header(self, request: Request) -> str:

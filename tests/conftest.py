@@ -63,7 +63,12 @@ def test_database_url(django_db_setup: None) -> str:
 def module_tenant(django_db_blocker: Any, test_database_url: str) -> Iterator[tuple[Tenant, IssuedKey]]:
     """A committed tenant that servers in subprocesses can see; removed afterwards."""
     with django_db_blocker.unblock():
-        tenant, issued = tenant_create(name=f"e2e-{uuid.uuid4().hex[:8]}", max_concurrent_streams=100)
+        tenant, issued = tenant_create(
+            name=f"e2e-{uuid.uuid4().hex[:8]}",
+            max_concurrent_streams=100,
+            rate_limit_minute=0,  # 0: unlimited; these tests are about other things
+            rate_limit_hour=0,
+        )
     yield tenant, issued
     with django_db_blocker.unblock():
         tenant.delete()

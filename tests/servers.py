@@ -47,6 +47,15 @@ def manage(*args: str, env: dict[str, str]) -> str:
 @contextmanager
 def daphne_server(env: dict[str, str], *, startup_timeout: float = 60.0) -> Iterator[str]:
     """Start `python -m callwaiting_tts.serve` (what `make run` starts) and yield its base URL."""
+    with daphne_process(env, startup_timeout=startup_timeout) as (_process, base_url):
+        yield base_url
+
+
+@contextmanager
+def daphne_process(
+    env: dict[str, str], *, startup_timeout: float = 60.0
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """As daphne_server, also yielding the process (for tests that kill it)."""
     port = free_port()
     env = {"PUBLIC_BASE_URL": f"http://127.0.0.1:{port}", **env, "HOST": "127.0.0.1", "PORT": str(port)}
     log_path = Path(env.get("CWT_TEST_LOG_DIR", "/tmp")) / f"daphne-{port}.log"
@@ -70,7 +79,7 @@ def daphne_server(env: dict[str, str], *, startup_timeout: float = 60.0) -> Iter
                     f"Daphne did not answer within {startup_timeout}s:\n{log_path.read_text()}"
                 )
             time.sleep(0.1)
-        yield base_url
+        yield process, base_url
     finally:
         process.terminate()
         try:

@@ -1,0 +1,310 @@
+"""Per-tenant request rate limits: GCRA over a minute and an hour window, atomic in Redis.
+
+GCRA (the generic cell rate algorithm) is a token bucket kept as one number
+per window, the "theoretical arrival time". A tenant with limit N per period
+may send N requests at once (the burst), then one every period/N. Both windows
+are checked and updated by one Lua script, so concurrent requests in any
+number of processes can never pass the limit together.
+
+If Redis is down (or not configured) the same algorithm runs in process memory:
+limits then hold per process only, and a log line and the health counter say so.
+A limit of 0 means "no limit" for that window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from django.conf import settings
+from redis.exceptions import NoScriptError
+
+from callwaiting_tts.errors import ApiError
+from callwaiting_tts.redis import REDIS_ERRORS, RedisUnavailable, async_redis, breaker, sync_redis
+from tenants.models import Tenant
+
+WINDOWS = (("minute", 60_000), ("hour", 3_600_000))
+
+# KEYS: one per window. ARGV: limit_1, period_ms_1, limit_2, period_ms_2, ...
+# Returns {allowed (0/1), retry_after_ms, remaining_1, reset_ms_1, remaining_2, reset_ms_2, ...}
+_GCRA_LUA = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local allowed = 1
+local retry_after = 0
+local new_tats = {}
+local out = {}
+for i = 1, #KEYS do
+  local limit = tonumber(ARGV[2 * i - 1])
+  local period = tonumber(ARGV[2 * i])
+  local interval = period / limit
+  local tat = tonumber(redis.call('GET', KEYS[i])) or now
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allow_at = new_tat - period
+  if now < allow_at then
+    allowed = 0
+    retry_after = math.max(retry_after, allow_at - now)
+  end
+  new_tats[i] = new_tat
+  out[2 * i - 1] = tat
+  out[2 * i] = new_tat
+end
+if allowed == 1 then
+  for i = 1, #KEYS do
+    redis.call('SET', KEYS[i], new_tats[i], 'PX', math.ceil(new_tats[i] - now) + 1000)
+  end
+end
+local result = {allowed, math.ceil(retry_after), now}
+for i = 1, #out do result[#result + 1] = tostring(out[i]) end
+return result
+"""
+_GCRA_SHA = hashlib.sha1(_GCRA_LUA.encode(), usedforsecurity=False).hexdigest()
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    allowed: bool
+    limit: int  # of the window with the least budget left
+    window_s: int
+    remaining: int
+    reset_s: float  # until that window's budget is whole again
+    retry_after_s: float  # 0 when allowed
+
+    def headers(self) -> dict[str, str]:
+        """The common X-RateLimit-* set (see README), plus Retry-After on a refusal."""
+        headers = {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(self.remaining),
+            "X-RateLimit-Reset": str(math.ceil(self.reset_s)),
+            "X-RateLimit-Policy": f"{self.limit};w={self.window_s}",
+        }
+        if not self.allowed:
+            # Rounded up: a client that waits this long is never refused for this window again.
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
+        return headers
+
+
+def _active_windows(tenant: Tenant) -> list[tuple[str, int, int]]:
+    limits = {"minute": tenant.rate_limit_minute, "hour": tenant.rate_limit_hour}
+    return [(name, limits[name], period) for name, period in WINDOWS if limits[name] > 0]
+
+
+def _decide(
+    windows: list[tuple[str, int, int]],
+    allowed: bool,
+    retry_ms: float,
+    now: float,
+    tats: list[tuple[float, float]],
+) -> RateDecision:
+    """Turn per-window (tat before, tat after) into the decision for the tightest window."""
+    best: RateDecision | None = None
+    for (_name, limit, period), (tat, new_tat) in zip(windows, tats, strict=True):
+        interval = period / limit
+        used_until = new_tat if allowed else tat
+        remaining = max(0, math.floor((period - (used_until - now)) / interval))
+        decision = RateDecision(
+            allowed=allowed,
+            limit=limit,
+            window_s=period // 1000,
+            remaining=remaining,
+            reset_s=max(0.0, used_until - now) / 1000,
+            retry_after_s=retry_ms / 1000,
+        )
+        if best is None or decision.remaining < best.remaining:
+            best = decision
+    assert best is not None
+    return best
+
+
+class _LocalGcra:
+    """The same algorithm in process memory, for when Redis is unavailable."""
+
+    def __init__(self) -> None:
+        self._tats: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def check(self, keys: list[str], windows: list[tuple[str, int, int]]) -> RateDecision:
+        now = time.time() * 1000
+        with self._lock:
+            allowed, retry_ms, tats = True, 0.0, []
+            for key, (_name, limit, period) in zip(keys, windows, strict=True):
+                tat = max(self._tats.get(key, now), now)
+                new_tat = tat + period / limit
+                allow_at = new_tat - period
+                if now < allow_at:
+                    allowed = False
+                    retry_ms = max(retry_ms, allow_at - now)
+                tats.append((tat, new_tat))
+            if allowed:
+                for key, (_tat, new_tat) in zip(keys, tats, strict=True):
+                    self._tats[key] = new_tat
+        return _decide(windows, allowed, math.ceil(retry_ms), now, tats)
+
+
+local_limiter = _LocalGcra()
+
+
+def _keys_and_args(tenant: Tenant, windows: list[tuple[str, int, int]]) -> tuple[list[str], list[int]]:
+    keys = [f"cwt:ratelimit:{tenant.id}:{name}" for name, _limit, _period in windows]
+    args = [value for _name, limit, period in windows for value in (limit, period)]
+    return keys, args
+
+
+def _from_script(windows: list[tuple[str, int, int]], raw: list[bytes | int]) -> RateDecision:
+    allowed, retry_ms, now = int(raw[0]), int(raw[1]), float(raw[2])
+    values = [float(value) for value in raw[3:]]
+    tats = [(values[2 * i], values[2 * i + 1]) for i in range(len(windows))]
+    return _decide(windows, bool(allowed), retry_ms, now, tats)
+
+
+def rate_limit_check(tenant: Tenant) -> RateDecision | None:
+    """Spend one request of the tenant's budget; None when limits are off."""
+    windows = _active_windows(tenant)
+    if not settings.RATE_LIMITS_ENABLED or not windows:
+        return None
+    keys, args = _keys_and_args(tenant, windows)
+    try:
+        client = sync_redis()
+        try:
+            raw = client.evalsha(_GCRA_SHA, len(keys), *keys, *args)
+        except NoScriptError:
+            raw = client.eval(_GCRA_LUA, len(keys), *keys, *args)
+    except RedisUnavailable:
+        return local_limiter.check(keys, windows)
+    except REDIS_ERRORS as exc:
+        breaker.trip(exc)
+        return local_limiter.check(keys, windows)
+    return _from_script(windows, raw)
+
+
+async def arate_limit_check(tenant: Tenant) -> RateDecision | None:
+    windows = _active_windows(tenant)
+    if not settings.RATE_LIMITS_ENABLED or not windows:
+        return None
+    keys, args = _keys_and_args(tenant, windows)
+    try:
+        client = async_redis()
+        try:
+            raw = await client.evalsha(_GCRA_SHA, len(keys), *keys, *args)
+        except NoScriptError:
+            raw = await client.eval(_GCRA_LUA, len(keys), *keys, *args)
+    except RedisUnavailable:
+        return local_limiter.check(keys, windows)
+    except REDIS_ERRORS as exc:
+        breaker.trip(exc)
+        return local_limiter.check(keys, windows)
+    return _from_script(windows, raw)
+
+
+# --- Concurrent streams -------------------------------------------------------------
+#
+# Each open stream holds a lease: a member of the tenant's sorted set, scored by
+# its expiry. A live stream renews its lease; a stream whose process died simply
+# stops renewing, and its lease drops out after STREAM_LEASE_SECONDS.
+
+_LEASE_ACQUIRE_LUA = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + 1000)
+return 1
+"""
+_LEASE_RENEW_LUA = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) + 1000)
+return 1
+"""
+_local_streams: dict[uuid.UUID, set[str]] = {}
+
+
+class StreamLease:
+    """One open stream of a tenant; `release` it however the stream ends."""
+
+    def __init__(self, tenant: Tenant, lease_id: str, *, in_redis: bool) -> None:
+        self.tenant = tenant
+        self.lease_id = lease_id
+        self.in_redis = in_redis
+        self._renewer: asyncio.Task[None] | None = None
+        self._released = False
+
+    @property
+    def key(self) -> str:
+        return f"cwt:streams:{self.tenant.id}"
+
+    def keep_alive(self) -> None:
+        if self.in_redis and self._renewer is None:
+            self._renewer = asyncio.create_task(self._renew_forever())
+
+    async def _renew_forever(self) -> None:
+        ttl_ms = int(settings.STREAM_LEASE_SECONDS * 1000)
+        while True:
+            await asyncio.sleep(settings.STREAM_LEASE_SECONDS / 3)
+            try:
+                await async_redis().eval(_LEASE_RENEW_LUA, 1, self.key, ttl_ms, self.lease_id)
+            except RedisUnavailable:
+                continue
+            except REDIS_ERRORS as exc:
+                breaker.trip(exc)
+
+    async def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        if self._renewer is not None:
+            self._renewer.cancel()
+        if not self.in_redis:
+            _local_streams.get(self.tenant.id, set()).discard(self.lease_id)
+            return
+        try:
+            await async_redis().zrem(self.key, self.lease_id)
+        except RedisUnavailable:
+            pass  # the lease expires by itself
+        except REDIS_ERRORS as exc:
+            breaker.trip(exc)
+
+
+async def stream_lease_acquire(tenant: Tenant) -> StreamLease:
+    """A lease on one of the tenant's concurrent streams, or 429 stream_limit. 0 means no cap."""
+    cap = tenant.max_concurrent_streams
+    lease_id = uuid.uuid4().hex
+    refused = ApiError(
+        429,
+        "stream_limit",
+        f"This tenant already has {cap} open stream(s), its limit; close one first.",
+        headers={"Retry-After": "1"},
+    )
+    if cap == 0:
+        return StreamLease(tenant, lease_id, in_redis=False)
+    try:
+        client = async_redis()
+        acquired = await client.eval(
+            _LEASE_ACQUIRE_LUA,
+            1,
+            f"cwt:streams:{tenant.id}",
+            cap,
+            int(settings.STREAM_LEASE_SECONDS * 1000),
+            lease_id,
+        )
+    except (RedisUnavailable, *REDIS_ERRORS) as exc:
+        if not isinstance(exc, RedisUnavailable):
+            breaker.trip(exc)
+        open_here = _local_streams.setdefault(tenant.id, set())
+        if len(open_here) >= cap:
+            raise refused from None
+        open_here.add(lease_id)
+        return StreamLease(tenant, lease_id, in_redis=False)
+    if not acquired:
+        raise refused
+    return StreamLease(tenant, lease_id, in_redis=True)

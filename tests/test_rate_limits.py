@@ -1,0 +1,381 @@
+"""Per-tenant rate limits: atomic GCRA in the real Redis, shared by every process."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+from django.conf import settings
+from rest_framework.test import APIClient
+
+from tenants import keys
+from tenants.models import Tenant
+from tenants.services import tenant_create
+from tests.conftest import TenantFactory, bearer
+from tests.servers import base_env, daphne_process, daphne_server, free_port
+
+pytestmark = pytest.mark.django_db
+
+
+def get_tenant(client: APIClient, key: str) -> Any:
+    return client.get("/v1/tenant", headers=bearer(key))
+
+
+def test_every_authenticated_response_carries_the_remaining_budget(
+    api_client: APIClient, make_tenant: TenantFactory
+) -> None:
+    _tenant, issued = make_tenant(rate_limit_minute=3, rate_limit_hour=100)
+    remaining = []
+    for _ in range(3):
+        response = get_tenant(api_client, issued.plaintext)
+        assert response.status_code == 200
+        assert response["X-RateLimit-Limit"] == "3"
+        assert response["X-RateLimit-Policy"] == "3;w=60"
+        remaining.append(int(response["X-RateLimit-Remaining"]))
+    assert remaining == [2, 1, 0]
+
+    refused = get_tenant(api_client, issued.plaintext)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert refused["X-RateLimit-Remaining"] == "0"
+    assert 19 <= int(refused["Retry-After"]) <= 20  # one request per 20 s refills
+
+
+def test_retry_after_is_never_earlier_than_the_real_reset(
+    api_client: APIClient, make_tenant: TenantFactory
+) -> None:
+    _tenant, issued = make_tenant(rate_limit_minute=60, rate_limit_hour=10_000)
+    statuses = [get_tenant(api_client, issued.plaintext).status_code for _ in range(60)]
+    assert statuses == [200] * 60
+    refused = get_tenant(api_client, issued.plaintext)
+    assert refused.status_code == 429
+    wait = int(refused["Retry-After"])
+    assert wait == 1
+    time.sleep(wait)
+    assert get_tenant(api_client, issued.plaintext).status_code == 200
+
+
+def test_the_hour_window_is_enforced_on_its_own(api_client: APIClient, make_tenant: TenantFactory) -> None:
+    _tenant, issued = make_tenant(rate_limit_minute=0, rate_limit_hour=2)
+    assert [get_tenant(api_client, issued.plaintext).status_code for _ in range(2)] == [200, 200]
+    refused = get_tenant(api_client, issued.plaintext)
+    assert refused.status_code == 429
+    assert refused["X-RateLimit-Policy"] == "2;w=3600"
+    assert 1790 <= int(refused["Retry-After"]) <= 1800
+
+
+def test_a_limit_changed_in_the_database_takes_effect(
+    api_client: APIClient, make_tenant: TenantFactory
+) -> None:
+    tenant, issued = make_tenant(rate_limit_minute=1, rate_limit_hour=1000)
+    assert get_tenant(api_client, issued.plaintext).status_code == 200
+    assert get_tenant(api_client, issued.plaintext).status_code == 429
+    Tenant.objects.filter(pk=tenant.pk).update(rate_limit_minute=120)
+    time.sleep(1.0)  # the spent request still counts; the new rate refills in 0.5 s
+    response = get_tenant(api_client, issued.plaintext)
+    assert response.status_code == 200
+    assert response["X-RateLimit-Limit"] == "120"
+
+
+def test_failed_authentication_never_spends_the_tenants_budget(
+    api_client: APIClient, make_tenant: TenantFactory
+) -> None:
+    _tenant, issued = make_tenant(rate_limit_minute=5, rate_limit_hour=1000)
+    forged = keys.format_key(issued.api_key.prefix, keys.generate_secret())
+    for _ in range(20):
+        assert get_tenant(api_client, forged).status_code == 401
+    response = get_tenant(api_client, issued.plaintext)
+    assert response.status_code == 200
+    assert response["X-RateLimit-Remaining"] == "4"
+
+
+def test_async_endpoints_are_limited_too(api_client: APIClient, make_tenant: TenantFactory) -> None:
+    _tenant, issued = make_tenant(rate_limit_minute=2, rate_limit_hour=1000)
+    body = {"text": ""}  # a cheap request: authenticated, then refused as empty
+    codes = [
+        api_client.post("/v1/synthesize", body, format="json", headers=bearer(issued.plaintext)).status_code
+        for _ in range(3)
+    ]
+    assert codes == [400, 400, 429]
+
+
+@pytest.fixture(scope="module")
+def limited_tenant(django_db_blocker: Any, test_database_url: str) -> Iterator[tuple[Tenant, str]]:
+    with django_db_blocker.unblock():
+        tenant, issued = tenant_create(
+            name=f"limited-{uuid.uuid4().hex[:8]}", rate_limit_minute=60, rate_limit_hour=60
+        )
+    yield tenant, issued.plaintext
+    with django_db_blocker.unblock():
+        tenant.delete()
+
+
+@pytest.mark.slow
+def test_two_processes_sharing_redis_let_exactly_the_limit_through(
+    test_database_url: str, tmp_path_factory: pytest.TempPathFactory, limited_tenant: tuple[Tenant, str]
+) -> None:
+    _tenant, key = limited_tenant
+    env = base_env(
+        SECRET_KEY=settings.SECRET_KEY,
+        DATABASE_URL=test_database_url,
+        REDIS_URL=settings.REDIS_URL,
+        CWT_TEST_LOG_DIR=str(tmp_path_factory.mktemp("logs")),
+        TTS_ENGINE="piper",
+        API_KEY_CACHE_SECONDS="5",
+    )
+    with daphne_server(env) as first, daphne_server(env) as second:
+        clients = [
+            httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+            for base in (first, second)
+        ]
+
+        def request(index: int) -> httpx.Response:
+            return clients[index % 2].get("/v1/voices")
+
+        with ThreadPoolExecutor(max_workers=50) as pool:
+            responses = list(pool.map(request, range(300)))
+        for client in clients:
+            client.close()
+    statuses = [response.status_code for response in responses]
+    assert statuses.count(200) == 60
+    assert statuses.count(429) == 240
+    for response in responses:
+        if response.status_code == 429:
+            assert response.json()["error"]["code"] == "rate_limited"
+            # The hour window (60 per hour) is the one exhausted: one request per 60 s.
+            assert 1 <= int(response.headers["Retry-After"]) <= 60
+
+
+@pytest.fixture(scope="module")
+def one_stream_tenant(django_db_blocker: Any, test_database_url: str) -> Iterator[str]:
+    with django_db_blocker.unblock():
+        tenant, issued = tenant_create(
+            name=f"one-stream-{uuid.uuid4().hex[:8]}",
+            rate_limit_minute=0,
+            rate_limit_hour=0,
+            max_concurrent_streams=1,
+        )
+    yield issued.plaintext
+    with django_db_blocker.unblock():
+        tenant.delete()
+
+
+LONG_TEXT = " ".join(f"Sentence {n} of a long answer that keeps the stream open." for n in range(60))
+
+
+def stream_env(test_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return base_env(
+        SECRET_KEY=settings.SECRET_KEY,
+        DATABASE_URL=test_database_url,
+        REDIS_URL=settings.REDIS_URL,
+        CWT_TEST_LOG_DIR=str(tmp_path_factory.mktemp("logs")),
+        TTS_ENGINE="piper",
+        STREAM_LEASE_SECONDS="2",
+    )
+
+
+def open_stream(base_url: str, key: str) -> tuple[httpx.Client, Any, Iterator[bytes]]:
+    client = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    context = client.stream("POST", "/v1/synthesize", json={"text": LONG_TEXT, "streaming": True})
+    response = context.__enter__()
+    assert response.status_code == 200
+    body = response.iter_raw()
+    next(body)
+    return client, context, body
+
+
+def try_stream(base_url: str, key: str) -> int:
+    response = httpx.post(
+        f"{base_url}/v1/synthesize",
+        json={"text": "Short.", "streaming": True},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+    return response.status_code
+
+
+@pytest.mark.slow
+def test_the_stream_cap_holds_across_processes_and_frees_on_close(
+    test_database_url: str, tmp_path_factory: pytest.TempPathFactory, one_stream_tenant: str
+) -> None:
+    key = one_stream_tenant
+    env = stream_env(test_database_url, tmp_path_factory)
+    with daphne_server(env) as first, daphne_server(env) as second:
+        client, context, _body = open_stream(first, key)
+        refused = httpx.post(
+            f"{second}/v1/synthesize",
+            json={"text": "Short.", "streaming": True},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "stream_limit"
+        # A whole-file request is not a stream.
+        assert (
+            httpx.post(
+                f"{second}/v1/synthesize", json={"text": "Short."}, headers={"Authorization": f"Bearer {key}"}
+            ).status_code
+            == 200
+        )
+        context.__exit__(None, None, None)
+        client.close()
+        deadline = time.monotonic() + 3
+        while try_stream(second, key) != 200:
+            assert time.monotonic() < deadline, "the closed stream's lease was not released"
+            time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_killed_process_frees_its_streams_when_their_leases_expire(
+    test_database_url: str, tmp_path_factory: pytest.TempPathFactory, one_stream_tenant: str
+) -> None:
+    key = one_stream_tenant
+    env = stream_env(test_database_url, tmp_path_factory)
+    with daphne_process(env) as (doomed, first), daphne_server(env) as second:
+        client, _context, _body = open_stream(first, key)
+        doomed.kill()  # SIGKILL: no cleanup runs
+        doomed.wait()
+        client.close()
+        assert try_stream(second, key) == 429
+        killed_at = time.monotonic()
+        while try_stream(second, key) != 200:
+            assert time.monotonic() - killed_at < 5, "the dead process's lease never expired"
+            time.sleep(0.2)
+        assert time.monotonic() - killed_at >= 1.0  # freed by expiry, not by anyone closing it
+
+
+# --- Quotas ------------------------------------------------------------------------
+
+
+def test_synthesis_past_the_monthly_quota_is_refused(
+    api_client: APIClient, make_tenant: TenantFactory
+) -> None:
+    from tenants.models import QuotaUsage
+    from tenants.quotas import current_month
+
+    tenant, issued = make_tenant(quota_minutes=1, rate_limit_minute=0, rate_limit_hour=0)
+    body = {"text": "Hello there, this counts toward the quota."}
+    first = api_client.post("/v1/synthesize", body, format="json", headers=bearer(issued.plaintext))
+    assert first.status_code == 200
+    used = QuotaUsage.objects.get(tenant=tenant, month=current_month()).audio_seconds
+    assert used == pytest.approx(float(first["X-Audio-Duration"]), abs=0.01)
+
+    # Mid-month, the minute is nearly used up: one more request may still start...
+    QuotaUsage.objects.filter(tenant=tenant).update(audio_seconds=59.0)
+    assert (
+        api_client.post("/v1/synthesize", body, format="json", headers=bearer(issued.plaintext)).status_code
+        == 200
+    )
+    # ...and what it produced pushed the count past the quota, so the next is refused.
+    assert QuotaUsage.objects.get(tenant=tenant).audio_seconds > 60
+    refused = api_client.post("/v1/synthesize", body, format="json", headers=bearer(issued.plaintext))
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "quota_exceeded"
+    assert int(refused["Retry-After"]) > 0
+    url_refused = api_client.post("/v1/synthesize-url", body, format="json", headers=bearer(issued.plaintext))
+    assert url_refused.json()["error"]["code"] == "quota_exceeded"
+
+
+def test_last_months_usage_does_not_count(make_tenant: TenantFactory, api_client: APIClient) -> None:
+    from datetime import date
+
+    from tenants.models import QuotaUsage
+
+    tenant, issued = make_tenant(quota_minutes=1, rate_limit_minute=0, rate_limit_hour=0)
+    QuotaUsage.objects.create(tenant=tenant, month=date(2020, 1, 1), audio_seconds=10_000)
+    response = api_client.post(
+        "/v1/synthesize", {"text": "Hi."}, format="json", headers=bearer(issued.plaintext)
+    )
+    assert response.status_code == 200
+
+
+# --- Redis outage ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_redis(tmp_path: Any) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A Redis server of this test's own, so that stopping it harms nobody else."""
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    deadline = time.monotonic() + 10
+    while (
+        subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True).stdout.strip()
+        != "PONG"
+    ):
+        assert time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.05)
+    yield process, f"redis://127.0.0.1:{port}/0"
+    process.kill()
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def outage_tenant(django_db_blocker: Any, test_database_url: str) -> Iterator[tuple[Tenant, str]]:
+    with django_db_blocker.unblock():
+        tenant, issued = tenant_create(
+            name=f"outage-{uuid.uuid4().hex[:8]}",
+            rate_limit_minute=1000,
+            rate_limit_hour=10_000,
+            quota_minutes=10,
+        )
+    yield tenant, issued.plaintext
+    with django_db_blocker.unblock():
+        tenant.delete()
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)  # the server must see the usage this test writes
+def test_with_redis_stopped_the_service_still_answers_and_quotas_hold(
+    test_database_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    own_redis: tuple[subprocess.Popen[bytes], str],
+    outage_tenant: tuple[Tenant, str],
+) -> None:
+    from tenants.models import QuotaUsage
+    from tenants.quotas import current_month
+
+    redis_process, redis_url = own_redis
+    tenant, key = outage_tenant
+    env = base_env(
+        SECRET_KEY=settings.SECRET_KEY,
+        DATABASE_URL=test_database_url,
+        REDIS_URL=redis_url,
+        CWT_TEST_LOG_DIR=str(tmp_path_factory.mktemp("logs")),
+        TTS_ENGINE="piper",
+    )
+    headers = {"Authorization": f"Bearer {key}"}
+    with (
+        daphne_server(env) as base_url,
+        httpx.Client(base_url=base_url, headers=headers, timeout=30) as client,
+    ):
+        before = client.post("/v1/synthesize", json={"text": "Before the outage.", "streaming": True})
+        assert before.status_code == 200
+        assert before.headers["X-RateLimit-Limit"] == "1000"
+
+        redis_process.kill()
+        redis_process.wait()
+        statuses = [
+            client.post("/v1/synthesize", json={"text": "During the outage.", "streaming": True}).status_code
+            for _ in range(5)
+        ] + [client.get("/v1/voices").status_code for _ in range(5)]
+        assert statuses == [200] * 10
+        during = client.get("/v1/tenant")
+        assert during.status_code == 200
+        assert "X-RateLimit-Remaining" in during.headers  # the in-process limiter answers
+        health = client.get("/v1/health").json()["redis"]
+        assert health["fallback_active"] is True
+        assert health["failures"] >= 1
+
+        QuotaUsage.objects.filter(tenant=tenant, month=current_month()).update(audio_seconds=10 * 60)
+        refused = client.post("/v1/synthesize", json={"text": "Over quota."})
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "quota_exceeded"
