@@ -40,8 +40,15 @@ def start_server(
     }
     manage = [sys.executable, str(ROOT / "manage.py")]
     subprocess.run([*manage, "migrate", "-v0"], env=env, check=True, cwd=ROOT)
+    # 0: no limit. The benchmarks measure the service, not a tenant's budget.
+    unlimited = ["--rate-limit-minute", "0", "--rate-limit-hour", "0", "--max-concurrent-streams", "0"]
     key = subprocess.run(
-        [*manage, "create_tenant", "bench"], env=env, check=True, cwd=ROOT, capture_output=True, text=True
+        [*manage, "create_tenant", "bench", *unlimited, "--quota-minutes", "0"],
+        env=env,
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     log = (workdir / "daphne.log").open("wb")
     server = subprocess.Popen(

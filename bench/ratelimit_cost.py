@@ -69,7 +69,7 @@ def main() -> None:
 
 
 def _raise_limits(workdir: Path) -> None:
-    """A budget the benchmark cannot exhaust: the check still runs in full every time."""
+    """Limits on, but a budget the benchmark cannot exhaust: the check runs in full every time."""
     with sqlite3.connect(workdir / "db.sqlite3") as connection:
         connection.execute(
             "UPDATE tenants_tenant SET rate_limit_minute = 1000000, rate_limit_hour = 100000000"
