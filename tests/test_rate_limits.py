@@ -379,3 +379,27 @@ def test_with_redis_stopped_the_service_still_answers_and_quotas_hold(
         refused = client.post("/v1/synthesize", json={"text": "Over quota."})
         assert refused.status_code == 429
         assert refused.json()["error"]["code"] == "quota_exceeded"
+
+
+@pytest.mark.slow
+def test_a_stream_cut_short_counts_only_the_audio_it_produced(
+    test_database_url: str, tmp_path_factory: pytest.TempPathFactory, one_stream_tenant: str
+) -> None:
+    from tenants.models import QuotaUsage
+
+    key = one_stream_tenant
+    prefix = keys.parse_key(key).prefix  # type: ignore[union-attr]
+    with daphne_server(stream_env(test_database_url, tmp_path_factory)) as base_url:
+        client, context, _body = open_stream(base_url, key)
+        context.__exit__(None, None, None)  # the caller hangs up after the first audio
+        client.close()
+        deadline = time.monotonic() + 5
+        used = 0.0
+        while used == 0.0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            used = sum(
+                QuotaUsage.objects.filter(tenant__api_keys__prefix=prefix).values_list(
+                    "audio_seconds", flat=True
+                )
+            )
+    assert 0 < used < 30  # the whole text is about a minute of speech
