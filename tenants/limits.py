@@ -150,56 +150,65 @@ class _LocalGcra:
 local_limiter = _LocalGcra()
 
 
-def _keys_and_args(tenant: Tenant, windows: list[tuple[str, int, int]]) -> tuple[list[str], list[int]]:
-    keys = [f"cwt:ratelimit:{tenant.id}:{name}" for name, _limit, _period in windows]
-    args = [value for _name, limit, period in windows for value in (limit, period)]
-    return keys, args
+@dataclass(frozen=True)
+class _Check:
+    """One tenant's windows, as the Lua script and the local fallback take them."""
 
+    windows: list[tuple[str, int, int]]
+    keys: list[str]
+    args: list[int]
 
-def _from_script(windows: list[tuple[str, int, int]], raw: list[bytes | int]) -> RateDecision:
-    allowed, retry_ms, now = int(raw[0]), int(raw[1]), float(raw[2])
-    values = [float(value) for value in raw[3:]]
-    tats = [(values[2 * i], values[2 * i + 1]) for i in range(len(windows))]
-    return _decide(windows, bool(allowed), retry_ms, now, tats)
+    @classmethod
+    def for_tenant(cls, tenant: Tenant) -> _Check | None:
+        windows = _active_windows(tenant)
+        if not settings.RATE_LIMITS_ENABLED or not windows:
+            return None
+        keys = [f"cwt:ratelimit:{tenant.id}:{name}" for name, _limit, _period in windows]
+        args = [value for _name, limit, period in windows for value in (limit, period)]
+        return cls(windows, keys, args)
+
+    def from_script(self, raw: list[bytes | int]) -> RateDecision:
+        allowed, retry_ms, now = int(raw[0]), int(raw[1]), float(raw[2])
+        values = [float(value) for value in raw[3:]]
+        tats = [(values[2 * i], values[2 * i + 1]) for i in range(len(self.windows))]
+        return _decide(self.windows, bool(allowed), retry_ms, now, tats)
+
+    def locally(self, exc: Exception) -> RateDecision:
+        if not isinstance(exc, RedisUnavailable):
+            breaker.trip(exc)
+        return local_limiter.check(self.keys, self.windows)
 
 
 def rate_limit_check(tenant: Tenant) -> RateDecision | None:
     """Spend one request of the tenant's budget; None when limits are off."""
-    windows = _active_windows(tenant)
-    if not settings.RATE_LIMITS_ENABLED or not windows:
+    check = _Check.for_tenant(tenant)
+    if check is None:
         return None
-    keys, args = _keys_and_args(tenant, windows)
     try:
         client = sync_redis()
         try:
-            raw = client.evalsha(_GCRA_SHA, len(keys), *keys, *args)
+            raw = client.evalsha(_GCRA_SHA, len(check.keys), *check.keys, *check.args)
         except NoScriptError:
-            raw = client.eval(_GCRA_LUA, len(keys), *keys, *args)
-    except RedisUnavailable:
-        return local_limiter.check(keys, windows)
-    except REDIS_ERRORS as exc:
-        breaker.trip(exc)
-        return local_limiter.check(keys, windows)
-    return _from_script(windows, raw)
+            raw = client.eval(_GCRA_LUA, len(check.keys), *check.keys, *check.args)
+    except (RedisUnavailable, *REDIS_ERRORS) as exc:
+        return check.locally(exc)
+    return check.from_script(raw)
 
 
 async def arate_limit_check(tenant: Tenant) -> RateDecision | None:
-    windows = _active_windows(tenant)
-    if not settings.RATE_LIMITS_ENABLED or not windows:
+    """The same, for async views."""
+    check = _Check.for_tenant(tenant)
+    if check is None:
         return None
-    keys, args = _keys_and_args(tenant, windows)
     try:
         client = async_redis()
         try:
-            raw = await client.evalsha(_GCRA_SHA, len(keys), *keys, *args)
+            raw = await client.evalsha(_GCRA_SHA, len(check.keys), *check.keys, *check.args)
         except NoScriptError:
-            raw = await client.eval(_GCRA_LUA, len(keys), *keys, *args)
-    except RedisUnavailable:
-        return local_limiter.check(keys, windows)
-    except REDIS_ERRORS as exc:
-        breaker.trip(exc)
-        return local_limiter.check(keys, windows)
-    return _from_script(windows, raw)
+            raw = await client.eval(_GCRA_LUA, len(check.keys), *check.keys, *check.args)
+    except (RedisUnavailable, *REDIS_ERRORS) as exc:
+        return check.locally(exc)
+    return check.from_script(raw)
 
 
 # --- Concurrent streams -------------------------------------------------------------

@@ -59,19 +59,25 @@ def test_database_url(django_db_setup: None) -> str:
     return f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
 
 
+@contextmanager
+def committed_tenant(django_db_blocker: Any, label: str, **fields: Any) -> Iterator[tuple[Tenant, IssuedKey]]:
+    """A tenant committed outside any test's transaction, so that servers in
+    subprocesses see it; deleted (with all it owns) afterwards."""
+    with django_db_blocker.unblock():
+        tenant, issued = tenant_create(name=f"{label}-{uuid.uuid4().hex[:8]}", **fields)
+    try:
+        yield tenant, issued
+    finally:
+        with django_db_blocker.unblock():
+            Tenant.objects.filter(pk=tenant.pk).delete()
+
+
 @pytest.fixture(scope="module")
 def module_tenant(django_db_blocker: Any, test_database_url: str) -> Iterator[tuple[Tenant, IssuedKey]]:
-    """A committed tenant that servers in subprocesses can see; removed afterwards."""
-    with django_db_blocker.unblock():
-        tenant, issued = tenant_create(
-            name=f"e2e-{uuid.uuid4().hex[:8]}",
-            max_concurrent_streams=100,
-            rate_limit_minute=0,  # 0: unlimited; these tests are about other things
-            rate_limit_hour=0,
-        )
-    yield tenant, issued
-    with django_db_blocker.unblock():
-        tenant.delete()
+    # 0: unlimited; these tests are about other things than limits.
+    limits = {"max_concurrent_streams": 100, "rate_limit_minute": 0, "rate_limit_hour": 0}
+    with committed_tenant(django_db_blocker, "e2e", **limits) as tenant_and_key:
+        yield tenant_and_key
 
 
 @contextmanager

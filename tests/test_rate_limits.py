@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -16,8 +15,7 @@ from rest_framework.test import APIClient
 
 from tenants import keys
 from tenants.models import Tenant
-from tenants.services import tenant_create
-from tests.conftest import TenantFactory, bearer
+from tests.conftest import TenantFactory, bearer, committed_tenant
 from tests.servers import base_env, daphne_process, daphne_server, free_port
 
 pytestmark = pytest.mark.django_db
@@ -107,13 +105,11 @@ def test_async_endpoints_are_limited_too(api_client: APIClient, make_tenant: Ten
 
 @pytest.fixture(scope="module")
 def limited_tenant(django_db_blocker: Any, test_database_url: str) -> Iterator[tuple[Tenant, str]]:
-    with django_db_blocker.unblock():
-        tenant, issued = tenant_create(
-            name=f"limited-{uuid.uuid4().hex[:8]}", rate_limit_minute=60, rate_limit_hour=60
-        )
-    yield tenant, issued.plaintext
-    with django_db_blocker.unblock():
-        tenant.delete()
+    with committed_tenant(django_db_blocker, "limited", rate_limit_minute=60, rate_limit_hour=60) as (
+        tenant,
+        issued,
+    ):
+        yield tenant, issued.plaintext
 
 
 @pytest.mark.slow
@@ -154,16 +150,9 @@ def test_two_processes_sharing_redis_let_exactly_the_limit_through(
 
 @pytest.fixture(scope="module")
 def one_stream_tenant(django_db_blocker: Any, test_database_url: str) -> Iterator[str]:
-    with django_db_blocker.unblock():
-        tenant, issued = tenant_create(
-            name=f"one-stream-{uuid.uuid4().hex[:8]}",
-            rate_limit_minute=0,
-            rate_limit_hour=0,
-            max_concurrent_streams=1,
-        )
-    yield issued.plaintext
-    with django_db_blocker.unblock():
-        tenant.delete()
+    limits = {"rate_limit_minute": 0, "rate_limit_hour": 0, "max_concurrent_streams": 1}
+    with committed_tenant(django_db_blocker, "one-stream", **limits) as (_tenant, issued):
+        yield issued.plaintext
 
 
 LONG_TEXT = " ".join(f"Sentence {n} of a long answer that keeps the stream open." for n in range(60))
@@ -320,16 +309,9 @@ def own_redis(tmp_path: Any) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
 
 @pytest.fixture(scope="module")
 def outage_tenant(django_db_blocker: Any, test_database_url: str) -> Iterator[tuple[Tenant, str]]:
-    with django_db_blocker.unblock():
-        tenant, issued = tenant_create(
-            name=f"outage-{uuid.uuid4().hex[:8]}",
-            rate_limit_minute=1000,
-            rate_limit_hour=10_000,
-            quota_minutes=10,
-        )
-    yield tenant, issued.plaintext
-    with django_db_blocker.unblock():
-        tenant.delete()
+    limits = {"rate_limit_minute": 1000, "rate_limit_hour": 10_000, "quota_minutes": 10}
+    with committed_tenant(django_db_blocker, "outage", **limits) as (tenant, issued):
+        yield tenant, issued.plaintext
 
 
 @pytest.mark.slow

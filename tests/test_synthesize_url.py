@@ -16,6 +16,7 @@ from django.conf import settings
 
 from synthesis.audio import OutputSpec
 from tenants.services import tenant_create
+from tests.conftest import committed_tenant
 from tests.servers import base_env, daphne_server, moto_s3_server, s3_client
 from tests.test_audio import decode
 
@@ -115,12 +116,8 @@ def test_any_change_that_alters_the_audio_is_a_miss(client: httpx.Client, change
 
 @pytest.fixture(scope="module")
 def other_tenant_key(django_db_blocker: Any, test_database_url: str) -> Iterator[str]:
-    """A second committed tenant (the test's own transaction would hide it from the server)."""
-    with django_db_blocker.unblock():
-        tenant, issued = tenant_create(name=f"other-{uuid.uuid4().hex[:8]}")
-    yield issued.plaintext
-    with django_db_blocker.unblock():
-        tenant.delete()
+    with committed_tenant(django_db_blocker, "other") as (_tenant, issued):
+        yield issued.plaintext
 
 
 def test_another_tenants_identical_request_is_a_miss(client: httpx.Client, other_tenant_key: str) -> None:
