@@ -222,6 +222,7 @@ VOICE_CACHE_ENTRIES = env_int("VOICE_CACHE_ENTRIES", 256, minimum=1)
 # longest a revocation or deactivation takes to reach a running process.
 API_KEY_CACHE_SECONDS = env_float("API_KEY_CACHE_SECONDS", 5.0, minimum=0.0)
 RATE_LIMITS_ENABLED = env_bool("RATE_LIMITS_ENABLED", True)
+QUOTA_CACHE_SECONDS = env_float("QUOTA_CACHE_SECONDS", 5.0, minimum=0.0)
 # A stream's slot in its tenant's cap is a lease renewed while it runs; a
 # crashed process's streams free their slots after this long.
 STREAM_LEASE_SECONDS = env_float("STREAM_LEASE_SECONDS", 30.0, minimum=1.0)

@@ -13,6 +13,7 @@ import pytest
 from django.conf import settings
 from rest_framework.test import APIClient
 
+from callwaiting_tts.errors import ApiError
 from tenants import keys
 from tenants.models import Tenant
 from tests.conftest import TenantFactory, bearer, committed_tenant
@@ -270,6 +271,29 @@ def test_synthesis_past_the_monthly_quota_is_refused(
     assert url_refused.json()["error"]["code"] == "quota_exceeded"
 
 
+@pytest.mark.django_db(transaction=True)  # the async ORM calls run on another connection
+def test_the_quota_check_reads_through_a_short_cache(settings: Any, make_tenant: TenantFactory) -> None:
+    import asyncio
+
+    from tenants.models import QuotaUsage
+    from tenants.quotas import current_month, quota_add, quota_check, quota_used_seconds
+
+    settings.QUOTA_CACHE_SECONDS = 0.5
+    tenant, _issued = make_tenant(quota_minutes=1)
+
+    async def scenario() -> None:
+        assert await quota_used_seconds(tenant) == 0.0
+        await quota_add(tenant, 30.0)  # this process's own usage shows at once
+        assert await quota_used_seconds(tenant) == 30.0
+        await QuotaUsage.objects.filter(tenant=tenant, month=current_month()).aupdate(audio_seconds=60.0)
+        await quota_check(tenant)  # another process's usage: not seen yet...
+        await asyncio.sleep(0.6)
+        with pytest.raises(ApiError, match="used up"):  # ...but within the cache time
+            await quota_check(tenant)
+
+    asyncio.run(scenario())
+
+
 def test_last_months_usage_does_not_count(make_tenant: TenantFactory, api_client: APIClient) -> None:
     from datetime import date
 
@@ -333,6 +357,7 @@ def test_with_redis_stopped_the_service_still_answers_and_quotas_hold(
         REDIS_URL=redis_url,
         CWT_TEST_LOG_DIR=str(tmp_path_factory.mktemp("logs")),
         TTS_ENGINE="piper",
+        QUOTA_CACHE_SECONDS="0",  # the test changes usage behind the server's back
     )
     headers = {"Authorization": f"Bearer {key}"}
     with (
