@@ -20,9 +20,12 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def start_server(
-    workdir: Path, port: int = 8799, **extra_env: str
+    workdir: Path, port: int = 8799, quota_minutes: int = 0, **extra_env: str
 ) -> tuple[subprocess.Popen[bytes], str, str]:
-    """Start Daphne on SQLite in `workdir` with the Piper engine; returns (process, base URL, API key)."""
+    """Start Daphne on SQLite in `workdir` with the Piper engine; returns (process, base URL, API key).
+
+    The tenant has no rate limits or stream cap; `quota_minutes` > 0 gives it a quota to check.
+    """
     env = {
         "PATH": os.environ["PATH"],
         "HOME": os.environ.get("HOME", str(workdir)),
@@ -43,7 +46,7 @@ def start_server(
     # 0: no limit. The benchmarks measure the service, not a tenant's budget.
     unlimited = ["--rate-limit-minute", "0", "--rate-limit-hour", "0", "--max-concurrent-streams", "0"]
     key = subprocess.run(
-        [*manage, "create_tenant", "bench", *unlimited, "--quota-minutes", "0"],
+        [*manage, "create_tenant", "bench", *unlimited, "--quota-minutes", str(quota_minutes)],
         env=env,
         check=True,
         cwd=ROOT,

@@ -99,7 +99,8 @@ def main() -> None:
         direct = asyncio.run(engine_first_chunk_times(args.requests, concurrency))
         rows.append((concurrency, direct))
     with tempfile.TemporaryDirectory() as workdir:
-        server, base_url, key = start_server(Path(workdir))
+        # A tenant with a quota: the check runs on every request, as in production.
+        server, base_url, key = start_server(Path(workdir), quota_minutes=1_000_000)
         try:
             http = {
                 c: asyncio.run(http_first_byte_times(base_url, key, args.requests, c))
