@@ -238,6 +238,10 @@ return 1
 _local_streams: dict[uuid.UUID, set[str]] = {}
 
 
+def _streams_key(tenant: Tenant) -> str:
+    return f"cwt:streams:{tenant.id}"
+
+
 class StreamLease:
     """One open stream of a tenant; `release` it however the stream ends."""
 
@@ -250,7 +254,7 @@ class StreamLease:
 
     @property
     def key(self) -> str:
-        return f"cwt:streams:{self.tenant.id}"
+        return _streams_key(self.tenant)
 
     def keep_alive(self) -> None:
         if self.in_redis and self._renewer is None:
@@ -301,7 +305,7 @@ async def stream_lease_acquire(tenant: Tenant) -> StreamLease:
         acquired = await client.eval(
             _LEASE_ACQUIRE_LUA,
             1,
-            f"cwt:streams:{tenant.id}",
+            _streams_key(tenant),
             cap,
             int(settings.STREAM_LEASE_SECONDS * 1000),
             lease_id,
