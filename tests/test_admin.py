@@ -33,6 +33,10 @@ def add_form(name: str) -> dict[str, str]:
         "api_keys-INITIAL_FORMS": "0",
         "api_keys-MIN_NUM_FORMS": "0",
         "api_keys-MAX_NUM_FORMS": "1000",
+        "quota_usage-TOTAL_FORMS": "0",
+        "quota_usage-INITIAL_FORMS": "0",
+        "quota_usage-MIN_NUM_FORMS": "0",
+        "quota_usage-MAX_NUM_FORMS": "1000",
     }
 
 
@@ -132,3 +136,14 @@ def test_voices_are_listed_per_tenant_and_deleting_one_removes_its_audio(
     )
     assert not Voice.objects.filter(pk=voice.pk).exists()
     assert not default_storage.exists(key)
+
+
+def test_the_tenant_page_shows_audio_used_per_month(admin_client: Client, tenant_and_key) -> None:
+    from datetime import date
+
+    from tenants.models import QuotaUsage
+
+    tenant, _ = tenant_and_key
+    QuotaUsage.objects.create(tenant=tenant, month=date(2026, 11, 1), audio_seconds=754.5)
+    page = admin_client.get(f"/admin/tenants/tenant/{tenant.pk}/change/").content.decode()
+    assert "754.5" in page
