@@ -299,11 +299,20 @@ async def test_an_engine_that_cannot_clone_says_so(uploader: Any) -> None:
     assert response.json()["error"]["code"] == "cloning_not_supported"
 
 
-async def test_conditioning_is_computed_once_and_again_only_for_a_new_model(
-    engine: XttsEngine, uploader: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    tenant, issued = uploader
-    computations = []
+@pytest.fixture(scope="module")
+def retrained_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XttsEngine]:
+    """The same architecture with other weights: what a model upgrade looks like to the service."""
+    from synthesis.management.commands.make_xtts_checkpoint import write_checkpoint
+
+    directory = tmp_path_factory.mktemp("xtts_retrained")
+    write_checkpoint(directory, full=False, speakers=["Ana Florence"], seed=1)
+    with loaded_tiny_xtts(directory, max_audio_tokens=8) as engine:
+        yield engine
+
+
+def count_conditioning(engine: XttsEngine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Spy (the real computation still runs): one entry per conditioning computed."""
+    computations: list[int] = []
     real_compute = engine.compute_conditioning
 
     async def counting_compute(audio: np.ndarray, sample_rate: int) -> bytes:
@@ -311,6 +320,14 @@ async def test_conditioning_is_computed_once_and_again_only_for_a_new_model(
         return await real_compute(audio, sample_rate)
 
     monkeypatch.setattr(engine, "compute_conditioning", counting_compute)
+    return computations
+
+
+async def test_conditioning_is_computed_once_and_again_only_for_a_new_model(
+    engine: XttsEngine, retrained_engine: XttsEngine, uploader: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tenant, issued = uploader
+    computations = count_conditioning(engine, monkeypatch)
     client = client_for(issued)
     assert (await upload(client, reference_wav(4.0), voice_id="desk")).status_code == 201
     assert len(computations) == 1
@@ -322,11 +339,15 @@ async def test_conditioning_is_computed_once_and_again_only_for_a_new_model(
     assert (await client.post("/v1/synthesize", body, content_type="application/json")).status_code == 200
     assert len(computations) == 1
 
-    monkeypatch.setattr(engine, "_identity", "xtts:retrained-model")
+    # The process now runs a different model: the stored latents are stale.
+    assert retrained_engine.model_identity != engine.model_identity
+    retrained_computations = count_conditioning(retrained_engine, monkeypatch)
+    monkeypatch.setattr(synthesis.engines, "_engine", retrained_engine)
     assert (await client.post("/v1/synthesize", body, content_type="application/json")).status_code == 200
-    assert len(computations) == 2
+    assert len(retrained_computations) == 1
     voice = await Voice.objects.aget(tenant=tenant, voice_id="desk")
-    assert voice.conditioning_model == "xtts:retrained-model"
+    assert voice.conditioning_model == retrained_engine.model_identity
     assert voice.conditioning_version == 2
     assert (await client.post("/v1/synthesize", body, content_type="application/json")).status_code == 200
-    assert len(computations) == 2
+    assert len(retrained_computations) == 1
+    assert len(computations) == 1
