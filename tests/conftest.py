@@ -106,3 +106,34 @@ def close_connections_of_async_tests(django_db_setup: None) -> Iterator[None]:
     from django.db import connections
 
     SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=10)
+
+
+ServiceEnv = Callable[..., dict[str, str]]
+
+
+@pytest.fixture(scope="session")
+def service_env(test_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> ServiceEnv:
+    """Environment for a Daphne subprocess sharing this run's test database.
+
+    It gets the tests' SECRET_KEY (API key hashes are keyed with it), its own
+    media and log folders, and deterministic Piper (noise 0), unless overridden.
+    """
+    from django.conf import settings
+
+    from tests.servers import base_env
+
+    def make(**overrides: str) -> dict[str, str]:
+        return base_env(
+            **{
+                "SECRET_KEY": settings.SECRET_KEY,
+                "DATABASE_URL": test_database_url,
+                "MEDIA_ROOT": str(tmp_path_factory.mktemp("media")),
+                "CWT_TEST_LOG_DIR": str(tmp_path_factory.mktemp("logs")),
+                "TTS_ENGINE": "piper",
+                "PIPER_NOISE_SCALE": "0",
+                "PIPER_NOISE_W_SCALE": "0",
+                **overrides,
+            }
+        )
+
+    return make

@@ -13,12 +13,12 @@ from xml.etree import ElementTree
 
 import httpx
 import pytest
-from django.conf import settings
 from twilio.twiml.voice_response import VoiceResponse
 
 from examples.twilio_webhook import app as webhook
 from synthesis.audio import OutputSpec
-from tests.servers import base_env, daphne_server
+from tests.conftest import ServiceEnv
+from tests.servers import daphne_server
 from tests.test_audio import decode
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db]
@@ -26,15 +26,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.fixture(scope="module")
-def service(test_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    env = base_env(
-        SECRET_KEY=settings.SECRET_KEY,
-        DATABASE_URL=test_database_url,
-        MEDIA_ROOT=str(tmp_path_factory.mktemp("media")),
-        CWT_TEST_LOG_DIR=str(tmp_path_factory.mktemp("logs")),
-        TTS_ENGINE="piper",
-    )
-    with daphne_server(env) as base_url:
+def service(service_env: ServiceEnv) -> Iterator[str]:
+    with daphne_server(service_env()) as base_url:
         yield base_url
 
 

@@ -16,8 +16,8 @@ from rest_framework.test import APIClient
 from callwaiting_tts.errors import ApiError
 from tenants import keys
 from tenants.models import Tenant
-from tests.conftest import TenantFactory, bearer, committed_tenant
-from tests.servers import base_env, daphne_process, daphne_server, free_port
+from tests.conftest import ServiceEnv, TenantFactory, bearer, committed_tenant
+from tests.servers import daphne_process, daphne_server, free_port
 
 pytestmark = pytest.mark.django_db
 
@@ -115,17 +115,10 @@ def limited_tenant(django_db_blocker: Any, test_database_url: str) -> Iterator[t
 
 @pytest.mark.slow
 def test_two_processes_sharing_redis_let_exactly_the_limit_through(
-    test_database_url: str, tmp_path_factory: pytest.TempPathFactory, limited_tenant: tuple[Tenant, str]
+    service_env: ServiceEnv, limited_tenant: tuple[Tenant, str]
 ) -> None:
     _tenant, key = limited_tenant
-    env = base_env(
-        SECRET_KEY=settings.SECRET_KEY,
-        DATABASE_URL=test_database_url,
-        REDIS_URL=settings.REDIS_URL,
-        CWT_TEST_LOG_DIR=str(tmp_path_factory.mktemp("logs")),
-        TTS_ENGINE="piper",
-        API_KEY_CACHE_SECONDS="5",
-    )
+    env = service_env(REDIS_URL=settings.REDIS_URL, API_KEY_CACHE_SECONDS="5")
     with daphne_server(env) as first, daphne_server(env) as second:
         clients = [
             httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
@@ -159,15 +152,8 @@ def one_stream_tenant(django_db_blocker: Any, test_database_url: str) -> Iterato
 LONG_TEXT = " ".join(f"Sentence {n} of a long answer that keeps the stream open." for n in range(60))
 
 
-def stream_env(test_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return base_env(
-        SECRET_KEY=settings.SECRET_KEY,
-        DATABASE_URL=test_database_url,
-        REDIS_URL=settings.REDIS_URL,
-        CWT_TEST_LOG_DIR=str(tmp_path_factory.mktemp("logs")),
-        TTS_ENGINE="piper",
-        STREAM_LEASE_SECONDS="2",
-    )
+def stream_env(service_env: ServiceEnv) -> dict[str, str]:
+    return service_env(REDIS_URL=settings.REDIS_URL, STREAM_LEASE_SECONDS="2")
 
 
 def open_stream(base_url: str, key: str) -> tuple[httpx.Client, Any, Iterator[bytes]]:
@@ -192,10 +178,10 @@ def try_stream(base_url: str, key: str) -> int:
 
 @pytest.mark.slow
 def test_the_stream_cap_holds_across_processes_and_frees_on_close(
-    test_database_url: str, tmp_path_factory: pytest.TempPathFactory, one_stream_tenant: str
+    service_env: ServiceEnv, one_stream_tenant: str
 ) -> None:
     key = one_stream_tenant
-    env = stream_env(test_database_url, tmp_path_factory)
+    env = stream_env(service_env)
     with daphne_server(env) as first, daphne_server(env) as second:
         client, context, _body = open_stream(first, key)
         refused = httpx.post(
@@ -222,10 +208,10 @@ def test_the_stream_cap_holds_across_processes_and_frees_on_close(
 
 @pytest.mark.slow
 def test_a_killed_process_frees_its_streams_when_their_leases_expire(
-    test_database_url: str, tmp_path_factory: pytest.TempPathFactory, one_stream_tenant: str
+    service_env: ServiceEnv, one_stream_tenant: str
 ) -> None:
     key = one_stream_tenant
-    env = stream_env(test_database_url, tmp_path_factory)
+    env = stream_env(service_env)
     with daphne_process(env) as (doomed, first), daphne_server(env) as second:
         client, _context, _body = open_stream(first, key)
         doomed.kill()  # SIGKILL: no cleanup runs
@@ -341,8 +327,7 @@ def outage_tenant(django_db_blocker: Any, test_database_url: str) -> Iterator[tu
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)  # the server must see the usage this test writes
 def test_with_redis_stopped_the_service_still_answers_and_quotas_hold(
-    test_database_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
+    service_env: ServiceEnv,
     own_redis: tuple[subprocess.Popen[bytes], str],
     outage_tenant: tuple[Tenant, str],
 ) -> None:
@@ -351,14 +336,8 @@ def test_with_redis_stopped_the_service_still_answers_and_quotas_hold(
 
     redis_process, redis_url = own_redis
     tenant, key = outage_tenant
-    env = base_env(
-        SECRET_KEY=settings.SECRET_KEY,
-        DATABASE_URL=test_database_url,
-        REDIS_URL=redis_url,
-        CWT_TEST_LOG_DIR=str(tmp_path_factory.mktemp("logs")),
-        TTS_ENGINE="piper",
-        QUOTA_CACHE_SECONDS="0",  # the test changes usage behind the server's back
-    )
+    # The test changes usage behind the server's back: no quota cache.
+    env = service_env(REDIS_URL=redis_url, QUOTA_CACHE_SECONDS="0")
     headers = {"Authorization": f"Bearer {key}"}
     with (
         daphne_server(env) as base_url,
@@ -390,13 +369,13 @@ def test_with_redis_stopped_the_service_still_answers_and_quotas_hold(
 
 @pytest.mark.slow
 def test_a_stream_cut_short_counts_only_the_audio_it_produced(
-    test_database_url: str, tmp_path_factory: pytest.TempPathFactory, one_stream_tenant: str
+    service_env: ServiceEnv, one_stream_tenant: str
 ) -> None:
     from tenants.models import QuotaUsage
 
     key = one_stream_tenant
     prefix = keys.parse_key(key).prefix  # type: ignore[union-attr]
-    with daphne_server(stream_env(test_database_url, tmp_path_factory)) as base_url:
+    with daphne_server(stream_env(service_env)) as base_url:
         client, context, _body = open_stream(base_url, key)
         context.__exit__(None, None, None)  # the caller hangs up after the first audio
         client.close()

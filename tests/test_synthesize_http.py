@@ -16,10 +16,10 @@ import httpx
 import numpy as np
 import pytest
 import soundfile
-from django.conf import settings
 
 from synthesis.audio import SAMPLE_RATES, AudioFormat, OutputSpec
-from tests.servers import base_env, daphne_server
+from tests.conftest import ServiceEnv
+from tests.servers import daphne_server
 from tests.test_audio import decode
 
 # django_db makes pytest-django create the test database these servers share.
@@ -28,22 +28,9 @@ SHORT_TEXT = "Hello, this is CallWaiting. How can I help you today?"
 LONG_TEXT = " ".join(f"This is sentence number {n} of a long answer that goes on." for n in range(60))
 
 
-def server_env(database_url: str, tmp_path_factory: pytest.TempPathFactory, **extra: str) -> dict[str, str]:
-    return base_env(
-        SECRET_KEY=settings.SECRET_KEY,  # API key hashes are keyed with it
-        DATABASE_URL=database_url,
-        MEDIA_ROOT=str(tmp_path_factory.mktemp("media")),
-        CWT_TEST_LOG_DIR=str(tmp_path_factory.mktemp("logs")),
-        TTS_ENGINE="piper",
-        PIPER_NOISE_SCALE="0",
-        PIPER_NOISE_W_SCALE="0",
-        **extra,
-    )
-
-
 @pytest.fixture(scope="module")
-def piper_server(test_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with daphne_server(server_env(test_database_url, tmp_path_factory)) as base_url:
+def piper_server(service_env: ServiceEnv) -> Iterator[str]:
+    with daphne_server(service_env()) as base_url:
         yield base_url
 
 
@@ -199,12 +186,10 @@ def test_a_client_that_disconnects_mid_stream_stops_the_engine_work(client: http
     assert time.monotonic() - started < 5
 
 
-def test_a_full_engine_refuses_with_503_and_retry_after(
-    test_database_url: str, tmp_path_factory: pytest.TempPathFactory, module_tenant: Any
-) -> None:
+def test_a_full_engine_refuses_with_503_and_retry_after(service_env: ServiceEnv, module_tenant: Any) -> None:
     _tenant, issued = module_tenant
     headers = {"Authorization": f"Bearer {issued.plaintext}"}
-    env = server_env(test_database_url, tmp_path_factory, ENGINE_MAX_ACTIVE_JOBS="1")
+    env = service_env(ENGINE_MAX_ACTIVE_JOBS="1")
     with daphne_server(env) as base_url:
         holding = threading.Event()
         release = threading.Event()

@@ -16,8 +16,8 @@ from django.conf import settings
 
 from synthesis.audio import OutputSpec
 from tenants.services import tenant_create
-from tests.conftest import committed_tenant
-from tests.servers import base_env, daphne_server, moto_s3_server, s3_client
+from tests.conftest import ServiceEnv, committed_tenant
+from tests.servers import daphne_server, moto_s3_server, s3_client
 from tests.test_audio import decode
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db]
@@ -25,26 +25,11 @@ BUCKET = "phrases-test"
 TEXT = "Thanks for calling Acme Dental. Please hold."
 
 
-def env_for(database_url: str, logs: Path, **extra: str) -> dict[str, str]:
-    return base_env(
-        SECRET_KEY=settings.SECRET_KEY,
-        DATABASE_URL=database_url,
-        CWT_TEST_LOG_DIR=str(logs),
-        TTS_ENGINE="piper",
-        PIPER_NOISE_SCALE="0",
-        PIPER_NOISE_W_SCALE="0",
-        **extra,
-    )
-
-
 @pytest.fixture(scope="module")
-def disk_server(
-    test_database_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, Path]]:
-    media = tmp_path_factory.mktemp("media")
-    env = env_for(test_database_url, tmp_path_factory.mktemp("logs"), MEDIA_ROOT=str(media))
+def disk_server(service_env: ServiceEnv) -> Iterator[tuple[str, Path]]:
+    env = service_env()
     with daphne_server(env) as base_url:
-        yield base_url, media
+        yield base_url, Path(env["MEDIA_ROOT"])
 
 
 @pytest.fixture(scope="module")
@@ -130,16 +115,9 @@ def test_another_tenants_identical_request_is_a_miss(client: httpx.Client, other
     assert theirs["url"] != mine["url"]
 
 
-def test_tampered_or_expired_links_are_refused(
-    test_database_url: str, tmp_path_factory: pytest.TempPathFactory, module_tenant: Any
-) -> None:
+def test_tampered_or_expired_links_are_refused(service_env: ServiceEnv, module_tenant: Any) -> None:
     _tenant, issued = module_tenant
-    env = env_for(
-        test_database_url,
-        tmp_path_factory.mktemp("logs"),
-        MEDIA_ROOT=str(tmp_path_factory.mktemp("media")),
-        SIGNED_URL_EXPIRY_SECONDS="2",
-    )
+    env = service_env(SIGNED_URL_EXPIRY_SECONDS="2")
     with daphne_server(env) as base_url:
         answer = httpx.post(
             f"{base_url}/v1/synthesize-url",
@@ -206,15 +184,11 @@ def test_bad_requests_get_the_error_shape(client: httpx.Client) -> None:
     assert response.json()["error"]["code"] == "empty_text"
 
 
-def test_on_s3_the_url_is_a_presigned_get_that_plays(
-    test_database_url: str, tmp_path_factory: pytest.TempPathFactory, module_tenant: Any
-) -> None:
+def test_on_s3_the_url_is_a_presigned_get_that_plays(service_env: ServiceEnv, module_tenant: Any) -> None:
     _tenant, issued = module_tenant
     with moto_s3_server() as endpoint:
         s3_client(endpoint).create_bucket(Bucket=BUCKET)
-        env = env_for(
-            test_database_url,
-            tmp_path_factory.mktemp("logs"),
+        env = service_env(
             S3_BUCKET=BUCKET,
             S3_ENDPOINT_URL=endpoint,
             S3_ACCESS_KEY_ID="test",

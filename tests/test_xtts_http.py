@@ -10,26 +10,18 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from django.conf import settings
 
 from synthesis.audio import OutputSpec
-from tests.servers import base_env, daphne_server
+from tests.conftest import ServiceEnv
+from tests.servers import daphne_server
 from tests.test_audio import decode
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 
 
 @pytest.fixture(scope="module")
-def xtts_client(
-    xtts_checkpoint: Path,
-    test_database_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
-    module_tenant: Any,
-) -> Iterator[httpx.Client]:
-    env = base_env(
-        SECRET_KEY=settings.SECRET_KEY,
-        DATABASE_URL=test_database_url,
-        CWT_TEST_LOG_DIR=str(tmp_path_factory.mktemp("logs")),
+def xtts_client(xtts_checkpoint: Path, service_env: ServiceEnv, module_tenant: Any) -> Iterator[httpx.Client]:
+    env = service_env(
         TTS_ENGINE="auto",
         XTTS_MODEL_PATH=str(xtts_checkpoint),
         XTTS_DEVICE="cpu",
