@@ -1,34 +1,48 @@
 """The one wrapper every plain async API view uses (DRF has no async views).
 
 It authenticates first (so an unauthenticated caller learns nothing, not even
-which methods exist), answers other methods with 405, and turns ApiError and
-validation errors into the project's error shape.
+which methods exist), answers other methods with 405, turns ApiError and
+validation errors into the project's error shape, and, for the synthesis
+endpoints, meters the request: one usage row however it ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any
 
-from django.http import HttpRequest
+from django.db import DatabaseError
+from django.http import HttpRequest, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import serializers
 
-from callwaiting_tts.errors import ApiError, api_error_response, error_response, validation_message
+from callwaiting_tts.errors import (
+    ApiError,
+    api_error_response,
+    database_unavailable,
+    error_code_of,
+    error_response,
+    validation_message,
+)
+from callwaiting_tts.middleware import request_id_for
 from tenants.authentication import Principal, aauthenticate_request
+from usage.recorder import CLIENT_DISCONNECTED, STATUS_CLIENT_CLOSED, UsageMeter, metered_stream
 
 AsyncApiView = Callable[..., Awaitable[HttpResponseBase]]
 
 
-def async_api_view(*methods: str) -> Callable[[AsyncApiView], Callable[..., HttpResponseBase]]:
+def async_api_view(
+    *methods: str, usage_endpoint: str | None = None
+) -> Callable[[AsyncApiView], Callable[..., HttpResponseBase]]:
+    """`usage_endpoint` names the endpoint in usage rows; views fill in the
+    request's meter (`usage_meter_of(request)`) as they learn what it asks for."""
     allowed = {method.upper() for method in methods}
 
     def decorator(view: AsyncApiView) -> Callable[..., HttpResponseBase]:
-        @csrf_exempt
-        @wraps(view)
-        async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        async def answer(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             try:
                 principal: Principal = await aauthenticate_request(request)
                 if request.method not in allowed:
@@ -46,8 +60,41 @@ def async_api_view(*methods: str) -> Callable[[AsyncApiView], Callable[..., Http
                 return error_response(
                     request, 400, "invalid_request", validation_message(exc.detail), details=exc.detail
                 )
+            except DatabaseError:
+                return api_error_response(request, database_unavailable())
+
+        @csrf_exempt
+        @wraps(view)
+        async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+            if usage_endpoint is None:
+                return await answer(request, *args, **kwargs)
+            meter = UsageMeter(endpoint=usage_endpoint, request_id=request_id_for(request))
+            request.usage_meter = meter  # type: ignore[attr-defined]
+            try:
+                response = await answer(request, *args, **kwargs)
+            except asyncio.CancelledError:
+                _meter_tenant(meter, request)
+                meter.finish(STATUS_CLIENT_CLOSED, CLIENT_DISCONNECTED)
+                raise
+            except Exception:
+                _meter_tenant(meter, request)
+                meter.finish(500, "internal_error")
+                raise
+            _meter_tenant(meter, request)
+            if isinstance(response, StreamingHttpResponse) and response.is_async:
+                response.streaming_content = metered_stream(response.streaming_content, meter)  # type: ignore[arg-type]
+            else:
+                meter.finish(response.status_code, error_code_of(response))
+            return response
 
         # Django's URL typing knows only sync views; it calls coroutine views correctly.
         return wrapper  # type: ignore[return-value]
 
     return decorator
+
+
+def _meter_tenant(meter: UsageMeter, request: HttpRequest) -> None:
+    """The tenant is known once the key is verified (even if the request is then refused)."""
+    tenant = getattr(request, "tenant", None)
+    if tenant is not None:
+        meter.tenant_id = tenant.id

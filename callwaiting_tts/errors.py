@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from django.db import DatabaseError
 from django.http import Http404, HttpRequest, JsonResponse
+from django.http.response import HttpResponseBase
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 
@@ -60,7 +62,25 @@ def error_response(
     for name, value in (headers or {}).items():
         response[name] = value
     response[REQUEST_ID_HEADER] = request_id_for(request)
+    response.error_code = code  # type: ignore[attr-defined]  # for usage metering
     return response
+
+
+def error_code_of(response: HttpResponseBase) -> str | None:
+    """The stable code of an error response made here; None for a success."""
+    code = getattr(response, "error_code", None)
+    if isinstance(code, str):
+        return code
+    return None if response.status_code < 400 else f"http_{response.status_code}"
+
+
+def database_unavailable() -> ApiError:
+    return ApiError(
+        503,
+        "database_unavailable",
+        "The database is briefly unavailable; retry shortly.",
+        headers={"Retry-After": "5"},
+    )
 
 
 def api_error_response(request: HttpRequest, error: ApiError) -> JsonResponse:
@@ -102,6 +122,8 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     django_request = getattr(request, "_request", request)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
+    if isinstance(exc, DatabaseError):
+        exc = database_unavailable()
     if not isinstance(exc, exceptions.APIException):
         return None  # a real bug: let Django's 500 handler (JSON, below) answer
 

@@ -223,6 +223,14 @@ VOICE_CACHE_ENTRIES = env_int("VOICE_CACHE_ENTRIES", 256, minimum=1)
 API_KEY_CACHE_SECONDS = env_float("API_KEY_CACHE_SECONDS", 5.0, minimum=0.0)
 RATE_LIMITS_ENABLED = env_bool("RATE_LIMITS_ENABLED", True)
 QUOTA_CACHE_SECONDS = env_float("QUOTA_CACHE_SECONDS", 5.0, minimum=0.0)
+# Usage rows: each finished request appends a record to a local spool, and a
+# thread per process writes them to the database every USAGE_FLUSH_SECONDS
+# (0: never on its own; the tests flush by hand). Put the spool on a volume
+# that outlives the container, so that rows buffered through a database outage
+# survive a restart too.
+USAGE_SPOOL_DIR = Path(env_str("USAGE_SPOOL_DIR", str(BASE_DIR / "var" / "usage-spool")))
+USAGE_FLUSH_SECONDS = env_float("USAGE_FLUSH_SECONDS", 1.0, minimum=0.0)
+USAGE_FLUSH_BATCH = env_int("USAGE_FLUSH_BATCH", 500, minimum=1)
 # A stream's slot in its tenant's cap is a lease renewed while it runs; a
 # crashed process's streams free their slots after this long.
 STREAM_LEASE_SECONDS = env_float("STREAM_LEASE_SECONDS", 30.0, minimum=1.0)

@@ -5,6 +5,7 @@ from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 from callwaiting_tts.health import health
 from synthesis.views import audio_download, synthesize, synthesize_url, twiml_play
 from tenants.views import tenant_detail
+from usage.views import usage_report
 from voices.views import voice_detail, voice_list, voice_upload
 
 handler400 = "callwaiting_tts.errors.bad_request_view"
@@ -24,6 +25,7 @@ urlpatterns = [
     path("v1/synthesize-url", synthesize_url, name="synthesize-url"),
     path("v1/twiml/play", twiml_play, name="twiml-play"),
     path("v1/audio/<path:name>", audio_download, name="audio-download"),
+    path("v1/usage", usage_report, name="usage"),
     path("v1/voices", voice_list, name="voice-list"),
     path("v1/voices/upload", voice_upload, name="voice-upload"),
     path("v1/voices/<slug:voice_id>", voice_detail, name="voice-detail"),

@@ -32,6 +32,7 @@ class SynthesisPlan:
     engine: SpeechEngine
     job: SpeechJob
     spec: OutputSpec
+    voice_id: str
     voice_identity: str
 
     def cache_key(self) -> str:
@@ -59,7 +60,7 @@ class ResolvedVoice:
 
 
 async def voice_resolve(*, engine: SpeechEngine, tenant: Tenant, voice_id: str | None) -> ResolvedVoice:
-    """The voice a request names: the tenant's own first, then built-ins; the default when none is named."""
+    """The voice a request names (built-in or the tenant's own); the default when none is named."""
     if not voice_id:
         default = engine.default_voice()
         return ResolvedVoice(
@@ -68,25 +69,27 @@ async def voice_resolve(*, engine: SpeechEngine, tenant: Tenant, voice_id: str |
             identity=f"builtin:{default.voice_id}",
             builtin=default,
         )
-    own = await tenant_voice_find(tenant=tenant, voice_id=voice_id)
-    if own is not None:
-        conditioning = await voice_conditioning(engine=engine, voice=own)
-        return ResolvedVoice(
-            voice_id=own.voice_id,
-            language=own.language,
-            identity=f"cloned:{own.id}:{own.conditioning_version}",
-            conditioning=conditioning,
-        )
+    # Built-ins first: a tenant cannot name a voice like a built-in one (voice
+    # upload refuses it), and these need no database read.
     builtin = engine.find_builtin_voice(voice_id)
-    if builtin is None:
+    if builtin is not None:
+        return ResolvedVoice(
+            voice_id=builtin.voice_id,
+            language=builtin.language,
+            identity=f"builtin:{builtin.voice_id}",
+            builtin=builtin,
+        )
+    own = await tenant_voice_find(tenant=tenant, voice_id=voice_id)
+    if own is None:
         raise ApiError(
             404, "voice_not_found", f"No voice {voice_id!r}; GET /v1/voices lists the available voices."
         )
+    conditioning = await voice_conditioning(engine=engine, voice=own)
     return ResolvedVoice(
-        voice_id=builtin.voice_id,
-        language=builtin.language,
-        identity=f"builtin:{builtin.voice_id}",
-        builtin=builtin,
+        voice_id=own.voice_id,
+        language=own.language,
+        identity=f"cloned:{own.id}:{own.conditioning_version}",
+        conditioning=conditioning,
     )
 
 
@@ -121,7 +124,9 @@ async def synthesis_plan(
         language=language,
         speed=speed,
     )
-    return SynthesisPlan(engine=engine, job=job, spec=spec, voice_identity=voice.identity)
+    return SynthesisPlan(
+        engine=engine, job=job, spec=spec, voice_id=voice.voice_id, voice_identity=voice.identity
+    )
 
 
 async def synthesis_audio(

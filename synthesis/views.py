@@ -35,8 +35,8 @@ from synthesis.stored_audio import (
 )
 from tenants.authentication import Principal
 from tenants.limits import StreamLease, stream_lease_acquire
-from tenants.models import Tenant
-from tenants.quotas import quota_add, quota_check
+from tenants.quotas import quota_check
+from usage.recorder import SYNTHESIZE, SYNTHESIZE_URL, TWIML_PLAY, usage_meter_of
 
 # The request body, checked by hand: this runs on every request of the hot
 # path, where a DRF serializer costs more than everything else in the view.
@@ -80,11 +80,9 @@ def _parse_body(request: HttpRequest) -> dict[str, Any]:
     return fields
 
 
-async def _stream_body(
-    first: bytes, rest: AsyncIterator[bytes], lease: StreamLease, tenant: Tenant, result: SynthesisResult
-) -> AsyncIterator[bytes]:
-    """The streamed response body. However it ends, the engine stops, the
-    stream's lease is freed, and the audio produced counts toward the quota."""
+async def _stream_body(first: bytes, rest: AsyncIterator[bytes], lease: StreamLease) -> AsyncIterator[bytes]:
+    """The streamed response body. However it ends, the engine stops and the
+    stream's lease is freed (the usage meter around it counts what was sent)."""
     try:
         yield first
         async for data in rest:
@@ -94,7 +92,6 @@ async def _stream_body(
             await rest.aclose()  # type: ignore[attr-defined]
         finally:
             await lease.release()
-            await quota_add(tenant, result.audio_seconds)
 
 
 def _engine_error(exc: EngineOverloaded | EngineFailure) -> ApiError:
@@ -103,8 +100,14 @@ def _engine_error(exc: EngineOverloaded | EngineFailure) -> ApiError:
     return ApiError(500, "engine_error", f"The speech engine failed: {exc}")
 
 
-async def _plan(fields: dict[str, Any], principal: Principal) -> SynthesisPlan:
-    return await synthesis_plan(
+async def _plan(request: HttpRequest, fields: dict[str, Any], principal: Principal) -> SynthesisPlan:
+    meter = usage_meter_of(request)
+    if meter is not None:
+        meter.input_chars = len(fields["text"])
+        meter.format = fields["format"]
+        meter.voice_id = fields["voice_id"]
+        meter.streaming = fields["streaming"]
+    plan = await synthesis_plan(
         tenant=principal.tenant,
         text=fields["text"],
         voice_id=fields["voice_id"] or None,
@@ -113,12 +116,16 @@ async def _plan(fields: dict[str, Any], principal: Principal) -> SynthesisPlan:
         sample_rate=fields["sample_rate"],
         speed=float(fields["speed"]),
     )
+    if meter is not None:
+        meter.format = plan.spec.format.value
+        meter.voice_id = plan.voice_id
+    return plan
 
 
-@async_api_view("POST")
+@async_api_view("POST", usage_endpoint=SYNTHESIZE)
 async def synthesize(request: HttpRequest, principal: Principal) -> HttpResponseBase:
     fields = _parse_body(request)
-    plan = await _plan(fields, principal)
+    plan = await _plan(request, fields, principal)
     await quota_check(principal.tenant)
     result = SynthesisResult(spec=plan.spec)
     streaming = fields["streaming"]
@@ -138,9 +145,12 @@ async def synthesize(request: HttpRequest, principal: Principal) -> HttpResponse
 
     headers = {"X-Audio-Format": plan.spec.format.value, "X-Sample-Rate": str(plan.spec.sample_rate)}
     response: HttpResponseBase
+    meter = usage_meter_of(request)
     if lease is not None:
         lease.keep_alive()
-        body = _stream_body(first, audio, lease, principal.tenant, result)
+        if meter is not None:
+            meter.audio_clock = lambda: result.audio_seconds
+        body = _stream_body(first, audio, lease)
         response = StreamingHttpResponse(body, content_type=plan.spec.content_type)
         response["Cache-Control"] = "no-store"
         response["X-Accel-Buffering"] = "no"  # let proxies pass chunks through
@@ -151,9 +161,9 @@ async def synthesize(request: HttpRequest, principal: Principal) -> HttpResponse
                 parts.append(data)
         except EngineFailure as exc:
             raise _engine_error(exc) from exc
-        finally:
-            await quota_add(principal.tenant, result.audio_seconds)
         whole = b"".join(parts)
+        if meter is not None:
+            meter.audio_sent(len(whole), result.audio_seconds)
         response = HttpResponse(whole, content_type=plan.spec.content_type)
         response["Content-Length"] = str(len(whole))
         response["X-Audio-Duration"] = f"{result.audio_seconds:.3f}"
@@ -174,15 +184,15 @@ async def _stored_audio_answer(request: HttpRequest, principal: Principal, endpo
             tenant=principal.tenant, endpoint=endpoint, key=idempotency_key, fingerprint=fingerprint
         )
     ):
+        _meter_stored_audio(request, replay["bytes"], replay["duration_s"], cached=True)
         return replay
-    plan = await _plan(fields, principal)
+    plan = await _plan(request, fields, principal)
     await quota_check(principal.tenant)
     try:
         stored = await stored_audio_for(tenant=principal.tenant, plan=plan)
     except (EngineOverloaded, EngineFailure) as exc:
         raise _engine_error(exc) from exc
-    if not stored.cached:  # a cache hit produces no new audio
-        await quota_add(principal.tenant, stored.phrase.duration_s)
+    _meter_stored_audio(request, stored.phrase.size_bytes, stored.phrase.duration_s, cached=stored.cached)
     answer = stored_audio_body(stored=stored, request_id=request_id_for(request))
     if idempotency_key:
         answer = await idempotency_record(
@@ -195,12 +205,19 @@ async def _stored_audio_answer(request: HttpRequest, principal: Principal, endpo
     return answer
 
 
-@async_api_view("POST")
+def _meter_stored_audio(request: HttpRequest, nbytes: int, seconds: float, *, cached: bool) -> None:
+    """Stored audio is paid for when made: a phrase-cache hit or replay costs no quota."""
+    if (meter := usage_meter_of(request)) is not None:
+        meter.cached = cached
+        meter.audio_sent(nbytes, seconds)
+
+
+@async_api_view("POST", usage_endpoint=SYNTHESIZE_URL)
 async def synthesize_url(request: HttpRequest, principal: Principal) -> HttpResponseBase:
     return JsonResponse(await _stored_audio_answer(request, principal, "synthesize-url"))
 
 
-@async_api_view("POST")
+@async_api_view("POST", usage_endpoint=TWIML_PLAY)
 async def twiml_play(request: HttpRequest, principal: Principal) -> HttpResponseBase:
     answer = await _stored_audio_answer(request, principal, "twiml-play")
     root = Element("Response")

@@ -12,6 +12,7 @@ Every failure is a 401 with `WWW-Authenticate: Bearer` and a stable code:
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
+from django.db import DatabaseError
 from django.http import HttpRequest
 from django.utils import timezone
 from rest_framework import exceptions
@@ -29,6 +31,8 @@ from callwaiting_tts.errors import ApiError
 from tenants import keys
 from tenants.limits import RateDecision, arate_limit_check, rate_limit_check
 from tenants.models import ApiKey, Tenant
+
+logger = logging.getLogger(__name__)
 
 # last_used_at is for humans deciding which keys to retire: minute precision
 # is plenty, and it keeps a write off most requests.
@@ -86,7 +90,12 @@ class _PrincipalCache:
     """Recently verified keys, for API_KEY_CACHE_SECONDS: a database lookup costs
     a thread hop and a query (2-3 ms) on every request otherwise. The price is
     that a revocation or deactivation reaches a process within that many seconds.
-    Expiry is still checked on every use."""
+    Expiry is still checked on every use.
+
+    Entries past their time stay (up to max_entries) for one use only: while
+    the database is unreachable, a key verified before the outage keeps working
+    (no revocation could be read anyway), so a short outage does not silence
+    every call in progress."""
 
     def __init__(self, max_entries: int = 10_000) -> None:
         self._entries: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
@@ -105,13 +114,15 @@ class _PrincipalCache:
         with self._lock:
             entry = self._entries.get(slot)
             if entry is None or entry[0] < time.monotonic():
-                self._entries.pop(slot, None)
                 return None
             self._entries.move_to_end(slot)
-        principal = entry[1]
-        if principal.api_key.is_expired():
-            raise ApiKeyError("expired_api_key", "This API key has expired; use the tenant's current key.")
-        return principal
+        return _unexpired(entry[1])
+
+    def get_stale(self, token: str) -> Principal | None:
+        """The last verification of this key, however old (for database outages)."""
+        with self._lock:
+            entry = self._entries.get(self._slot(token))
+        return None if entry is None else _unexpired(entry[1])
 
     def put(self, token: str, principal: Principal) -> None:
         ttl = settings.API_KEY_CACHE_SECONDS
@@ -127,17 +138,38 @@ class _PrincipalCache:
             self._entries.clear()
 
 
+def _unexpired(principal: Principal) -> Principal:
+    if principal.api_key.is_expired():
+        raise ApiKeyError("expired_api_key", "This API key has expired; use the tenant's current key.")
+    return principal
+
+
 principal_cache = _PrincipalCache()
+
+
+def _database_unavailable(token: str, exc: DatabaseError) -> Principal:
+    if stale := principal_cache.get_stale(token):
+        logger.warning("Database unavailable; trusting an earlier verification of key %s.", token[:12])
+        return stale
+    raise ApiError(
+        503,
+        "database_unavailable",
+        "The service cannot verify API keys right now; retry shortly.",
+        headers={"Retry-After": "5"},
+    ) from exc
 
 
 def authenticate_token(token: str) -> Principal:
     if cached := principal_cache.get(token):
         return cached
     parsed = _parse(token)
-    api_key = ApiKey.objects.select_related("tenant").filter(prefix=parsed.prefix).first()
-    principal = _verify(api_key, parsed)
-    if _last_used_is_stale(principal.api_key):
-        ApiKey.objects.filter(pk=principal.api_key.pk).update(last_used_at=timezone.now())
+    try:
+        api_key = ApiKey.objects.select_related("tenant").filter(prefix=parsed.prefix).first()
+        principal = _verify(api_key, parsed)
+        if _last_used_is_stale(principal.api_key):
+            ApiKey.objects.filter(pk=principal.api_key.pk).update(last_used_at=timezone.now())
+    except DatabaseError as exc:
+        return _database_unavailable(token, exc)
     principal_cache.put(token, principal)
     return principal
 
@@ -146,10 +178,13 @@ async def aauthenticate_token(token: str) -> Principal:
     if cached := principal_cache.get(token):
         return cached
     parsed = _parse(token)
-    api_key = await ApiKey.objects.select_related("tenant").filter(prefix=parsed.prefix).afirst()
-    principal = _verify(api_key, parsed)
-    if _last_used_is_stale(principal.api_key):
-        await ApiKey.objects.filter(pk=principal.api_key.pk).aupdate(last_used_at=timezone.now())
+    try:
+        api_key = await ApiKey.objects.select_related("tenant").filter(prefix=parsed.prefix).afirst()
+        principal = _verify(api_key, parsed)
+        if _last_used_is_stale(principal.api_key):
+            await ApiKey.objects.filter(pk=principal.api_key.pk).aupdate(last_used_at=timezone.now())
+    except DatabaseError as exc:
+        return _database_unavailable(token, exc)
     principal_cache.put(token, principal)
     return principal
 

@@ -129,6 +129,8 @@ def service_env(test_database_url: str, tmp_path_factory: pytest.TempPathFactory
                 "DATABASE_URL": test_database_url,
                 "MEDIA_ROOT": str(tmp_path_factory.mktemp("media")),
                 "CWT_TEST_LOG_DIR": str(tmp_path_factory.mktemp("logs")),
+                "USAGE_SPOOL_DIR": str(tmp_path_factory.mktemp("usage-spool")),
+                "USAGE_FLUSH_SECONDS": "0.2",
                 "TTS_ENGINE": "piper",
                 "PIPER_NOISE_SCALE": "0",
                 "PIPER_NOISE_W_SCALE": "0",

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +126,61 @@ def s3_client(endpoint: str) -> Any:
         aws_access_key_id="test",
         aws_secret_access_key="test",
     )
+
+
+class PostgresServer:
+    """A private PostgreSQL cluster on loopback that a test may stop and start
+    (the machine's own cluster holds the test database and must stay up)."""
+
+    def __init__(self, directory: Path, port: int) -> None:
+        self.directory = directory
+        self.port = port
+        self.url = f"postgres://postgres@127.0.0.1:{port}/postgres"
+
+    def _run(self, *command: str) -> None:
+        # PostgreSQL refuses to run as root: run it as the postgres user then.
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*prefix, *command], check=True, capture_output=True, timeout=120)
+
+    def _pg(self, program: str) -> str:
+        return str(_postgres_bin_dir() / program)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(
+            self._pg("pg_ctl"), "-D", str(self.directory / "data"), "-o", options,
+            "-l", str(self.directory / "server.log"), "-w", "start",
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        self._run(self._pg("pg_ctl"), "-D", str(self.directory / "data"), "-m", "fast", "-w", "stop")
+
+
+def _postgres_bin_dir() -> Path:
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not candidates:
+        raise AssertionError("PostgreSQL's server programs are not installed (/usr/lib/postgresql/*/bin)")
+    return candidates[-1].parent
+
+
+@contextmanager
+def postgres_server() -> Iterator[PostgresServer]:
+    import pwd
+    import shutil
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="cwt-pg-", dir="/tmp"))
+    if os.geteuid() == 0:
+        account = pwd.getpwnam("postgres")
+        os.chown(directory, account.pw_uid, account.pw_gid)
+    server = PostgresServer(directory, free_port())
+    try:
+        server._run(
+            server._pg("initdb"), "-D", str(directory / "data"), "-A", "trust", "-U", "postgres", "--no-sync"
+        )
+        server.start()
+        yield server
+    finally:
+        with suppress(subprocess.CalledProcessError):  # already stopped
+            server.stop()
+        shutil.rmtree(directory, ignore_errors=True)

@@ -233,11 +233,13 @@ def test_synthesis_past_the_monthly_quota_is_refused(
 ) -> None:
     from tenants.models import QuotaUsage
     from tenants.quotas import current_month
+    from usage.recorder import usage_flush
 
     tenant, issued = make_tenant(quota_minutes=1, rate_limit_minute=0, rate_limit_hour=0)
     body = {"text": "Hello there, this counts toward the quota."}
     first = api_client.post("/v1/synthesize", body, format="json", headers=bearer(issued.plaintext))
     assert first.status_code == 200
+    usage_flush()  # the usage writer keeps the counter, with the usage rows
     used = QuotaUsage.objects.get(tenant=tenant, month=current_month()).audio_seconds
     assert used == pytest.approx(float(first["X-Audio-Duration"]), abs=0.01)
 
@@ -247,6 +249,7 @@ def test_synthesis_past_the_monthly_quota_is_refused(
         api_client.post("/v1/synthesize", body, format="json", headers=bearer(issued.plaintext)).status_code
         == 200
     )
+    usage_flush()
     # ...and what it produced pushed the count past the quota, so the next is refused.
     assert QuotaUsage.objects.get(tenant=tenant).audio_seconds > 60
     refused = api_client.post("/v1/synthesize", body, format="json", headers=bearer(issued.plaintext))
@@ -262,16 +265,17 @@ def test_the_quota_check_reads_through_a_short_cache(settings: Any, make_tenant:
     import asyncio
 
     from tenants.models import QuotaUsage
-    from tenants.quotas import current_month, quota_add, quota_check, quota_used_seconds
+    from tenants.quotas import current_month, quota_check, quota_note_local, quota_used_seconds
 
     settings.QUOTA_CACHE_SECONDS = 0.5
     tenant, _issued = make_tenant(quota_minutes=1)
 
     async def scenario() -> None:
         assert await quota_used_seconds(tenant) == 0.0
-        await quota_add(tenant, 30.0)  # this process's own usage shows at once
+        quota_note_local(tenant.id, 30.0)  # this process's own usage shows at once
         assert await quota_used_seconds(tenant) == 30.0
-        await QuotaUsage.objects.filter(tenant=tenant, month=current_month()).aupdate(audio_seconds=60.0)
+        # Another process's usage, as its usage writer stores it:
+        await QuotaUsage.objects.acreate(tenant=tenant, month=current_month(), audio_seconds=60.0)
         await quota_check(tenant)  # another process's usage: not seen yet...
         await asyncio.sleep(0.6)
         with pytest.raises(ApiError, match="used up"):  # ...but within the cache time

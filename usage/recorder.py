@@ -1,0 +1,275 @@
+"""Metering: a UsageMeter per request, its record spooled at the end, a flusher writing rows.
+
+The request path only ever appends a line to the spool (usage/spool.py): never a
+database call, so logging cannot delay audio or fail a request. A background
+thread per process (UsageFlusher) moves spooled records into UsageLog rows and
+the monthly quota counters in one transaction, retrying with backoff while the
+database is away.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+from django.conf import settings
+from django.db import DatabaseError, close_old_connections, transaction
+from django.http import HttpRequest
+
+from tenants.models import Tenant
+from tenants.quotas import current_month, quota_counters_add, quota_note_local
+from usage.models import UsageLog
+from usage.spool import UsageRecord, UsageSpool
+
+logger = logging.getLogger(__name__)
+
+# Endpoint names in usage rows (stable: the dashboard groups by them).
+SYNTHESIZE = "synthesize"
+SYNTHESIZE_URL = "synthesize-url"
+TWIML_PLAY = "twiml-play"
+STREAM = "stream"
+
+# error_code of a request the client abandoned: not a failure of ours.
+CLIENT_DISCONNECTED = "client_disconnected"
+# The status recorded when the client left before any response was sent.
+STATUS_CLIENT_CLOSED = 499
+
+
+@dataclass(eq=False)
+class UsageMeter:
+    """What one request used, filled in as it runs; `finish` records it once."""
+
+    endpoint: str
+    request_id: str
+    tenant_id: uuid.UUID | None = None
+    input_chars: int = 0
+    audio_bytes: int = 0
+    audio_seconds: float = 0.0
+    streaming: bool = False
+    voice_id: str = ""
+    format: str = ""
+    cached: bool = False
+    # Seconds of audio in what has been sent so far (the encoder's clock).
+    audio_clock: Callable[[], float] | None = None
+    id: uuid.UUID = field(default_factory=uuid.uuid4)
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    started: float = field(default_factory=time.perf_counter)
+    first_audio_at: float | None = None
+    finished: bool = False
+
+    def audio_sent(self, nbytes: int, audio_seconds: float | None = None) -> None:
+        if nbytes and self.first_audio_at is None:
+            self.first_audio_at = time.perf_counter()
+        self.audio_bytes += nbytes
+        if audio_seconds is not None:
+            self.audio_seconds = audio_seconds
+        elif self.audio_clock is not None:
+            self.audio_seconds = self.audio_clock()
+
+    def finish(self, status_code: int, error_code: str | None = None) -> None:
+        """Spool this request's record. Only the first call counts; a request
+        without a tenant (failed authentication) has no one to bill and no row."""
+        if self.finished or self.tenant_id is None:
+            return
+        self.finished = True
+        record = self.record(status_code, error_code)
+        try:
+            usage_spool().append(record)
+        except OSError:
+            # The disk refused: keep the counts in the log rather than fail the request.
+            logger.exception("Could not spool a usage record: %s", record)
+        if not self.cached and self.audio_seconds > 0:
+            quota_note_local(self.tenant_id, self.audio_seconds)
+        usage_flusher_start()
+
+    def record(self, status_code: int, error_code: str | None = None) -> UsageRecord:
+        """The spooled form of this request's usage, as it stands now."""
+        elapsed_ms = (time.perf_counter() - self.started) * 1000
+        first_ms = None if self.first_audio_at is None else (self.first_audio_at - self.started) * 1000
+        return {
+            "id": str(self.id),
+            "tenant_id": str(self.tenant_id),  # finish() records only metered tenants
+            "request_id": self.request_id[:128],
+            "endpoint": self.endpoint,
+            "input_chars": self.input_chars,
+            "audio_bytes": self.audio_bytes,
+            "audio_seconds": round(self.audio_seconds, 4),
+            "latency_ms": None if first_ms is None else round(first_ms, 2),
+            "total_ms": round(elapsed_ms, 2),
+            "streaming": self.streaming,
+            "voice_id": self.voice_id[:64],
+            "format": self.format[:16],
+            "cached": self.cached,
+            "status_code": status_code,
+            "error_code": None if error_code is None else error_code[:64],
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+def usage_meter_of(request: HttpRequest) -> UsageMeter | None:
+    meter = getattr(request, "usage_meter", None)
+    return meter if isinstance(meter, UsageMeter) else None
+
+
+async def metered_stream(body: AsyncIterator[bytes], meter: UsageMeter) -> AsyncIterator[bytes]:
+    """A streamed response body that counts what passes and records the request
+    when the stream ends: completed, failed, or abandoned by the client."""
+    error_code: str | None = None
+    try:
+        async for chunk in body:
+            meter.audio_sent(len(chunk))
+            yield chunk
+    except BaseException as exc:
+        # GeneratorExit or CancelledError: the client went away mid-stream.
+        error_code = CLIENT_DISCONNECTED if not isinstance(exc, Exception) else "engine_error"
+        raise
+    finally:
+        meter.finish(200, error_code)
+
+
+# --- the spool and the writer --------------------------------------------------
+
+_spools: dict[Path, UsageSpool] = {}
+_spools_lock = threading.Lock()
+
+
+def usage_spool() -> UsageSpool:
+    directory = Path(settings.USAGE_SPOOL_DIR)
+    with _spools_lock:
+        spool = _spools.get(directory)
+        if spool is None:
+            spool = _spools[directory] = UsageSpool(directory)
+        return spool
+
+
+def _row(record: UsageRecord) -> UsageLog:
+    return UsageLog(
+        id=uuid.UUID(record["id"]),
+        tenant_id=uuid.UUID(record["tenant_id"]),
+        request_id=record["request_id"],
+        endpoint=record["endpoint"],
+        input_chars=record["input_chars"],
+        audio_bytes=record["audio_bytes"],
+        audio_seconds=record["audio_seconds"],
+        latency_ms=record["latency_ms"],
+        total_ms=record["total_ms"],
+        streaming=record["streaming"],
+        voice_id=record["voice_id"],
+        format=record["format"],
+        cached=record["cached"],
+        status_code=record["status_code"],
+        error_code=record["error_code"],
+        created_at=datetime.fromisoformat(record["created_at"]),
+    )
+
+
+def usage_records_write(records: list[UsageRecord]) -> int:
+    """Store spooled records as rows, once each, and add their new audio to the
+    quota counters in the same transaction (so the two never disagree).
+    Returns how many rows were new."""
+    rows = [_row(record) for record in records]
+    with transaction.atomic():
+        known_tenants = set(
+            Tenant.objects.filter(id__in={row.tenant_id for row in rows}).values_list("id", flat=True)
+        )
+        already_stored = set(
+            UsageLog.objects.filter(id__in=[row.id for row in rows]).values_list("id", flat=True)
+        )
+        new_rows = [row for row in rows if row.tenant_id in known_tenants and row.id not in already_stored]
+        if orphans := sum(row.tenant_id not in known_tenants for row in rows):
+            logger.warning("Dropped %d usage records of deleted tenants.", orphans)
+        UsageLog.objects.bulk_create(new_rows)
+        new_audio: dict[tuple[uuid.UUID, date], float] = defaultdict(float)
+        for row in new_rows:
+            if not row.cached and row.audio_seconds > 0:
+                new_audio[(row.tenant_id, current_month(row.created_at))] += row.audio_seconds
+        quota_counters_add(new_audio)
+    return len(new_rows)
+
+
+def usage_flush() -> int:
+    """Write everything spooled so far, in this thread; raises DatabaseError if
+    the database is away (the records stay spooled)."""
+    spool = usage_spool()
+    spool.seal()
+    return spool.drain(usage_records_write, batch_size=settings.USAGE_FLUSH_BATCH)
+
+
+# --- the flusher thread -----------------------------------------------------------
+
+MAX_BACKOFF_SECONDS = 30.0
+
+
+class UsageFlusher(threading.Thread):
+    def __init__(self, interval: float) -> None:
+        super().__init__(name="usage-flusher", daemon=True)
+        self.interval = interval
+        self._stopping = threading.Event()
+        self.outage_since: float | None = None
+        self.rows_written = 0
+
+    def run(self) -> None:
+        delay = self.interval
+        while not self._stopping.wait(delay):
+            delay = self.interval if self._flush_once() else min(max(delay, 1.0) * 2, MAX_BACKOFF_SECONDS)
+        self._flush_once()  # the last records of a process shutting down
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        self.join(timeout)
+
+    def _flush_once(self) -> bool:
+        try:
+            close_old_connections()
+            self.rows_written += usage_flush()
+        except DatabaseError as exc:
+            if self.outage_since is None:
+                self.outage_since = time.monotonic()
+                logger.warning(
+                    "Usage rows are being kept in the spool: the database is unavailable (%s).", exc
+                )
+            close_old_connections()
+            return False
+        except Exception:
+            logger.exception("The usage flusher failed; it will retry.")
+            return False
+        if self.outage_since is not None:
+            logger.info(
+                "The database is back: buffered usage rows written after %.1f s.",
+                time.monotonic() - self.outage_since,
+            )
+            self.outage_since = None
+        return True
+
+
+_flusher: UsageFlusher | None = None
+_flusher_lock = threading.Lock()
+
+
+def usage_flusher_start() -> UsageFlusher | None:
+    """Start this process's flusher (once). USAGE_FLUSH_SECONDS=0 starts none:
+    the tests flush by hand with usage_flush()."""
+    global _flusher
+    if _flusher is not None and _flusher.is_alive():
+        return _flusher
+    if settings.USAGE_FLUSH_SECONDS <= 0:
+        return None
+    with _flusher_lock:
+        if _flusher is None or not _flusher.is_alive():
+            _flusher = UsageFlusher(settings.USAGE_FLUSH_SECONDS)
+            _flusher.start()
+            # A server stopping normally (SIGTERM) writes its last records first.
+            atexit.register(_flusher.stop)
+    return _flusher
+
+
+def usage_flusher() -> UsageFlusher | None:
+    return _flusher

@@ -1,0 +1,160 @@
+"""A durable buffer for usage records: append-only journal files on local disk.
+
+Every finished request appends one JSON line here before anything else happens
+to it, so a record survives a database outage and a crash of the process that
+made it. A flusher (usage/flusher.py) later moves the records into Postgres and
+deletes a file only once all of its records are written.
+
+Why files and not Redis: the buffer must hold while a networked dependency is
+down, and Redis can be down too; a local append is one write() of ~200 bytes and
+cannot block on a network. (No fsync: the records survive a process crash, not a
+power cut of the machine.)
+
+Files and locks, so that several server processes can share one directory:
+
+- each process appends to its own *active* file, which it holds an exclusive
+  flock on; a new active file is created under a hidden name, locked, and only
+  then renamed into view, so no drainer ever sees it unlocked;
+- sealing closes the active file (releasing the lock), making it drainable;
+- a drainer takes any *.jsonl file it can lock without blocking: a sealed file,
+  or the active file of a process that died (the kernel dropped its lock).
+  A file being written or drained by a live process is skipped.
+
+A record may reach the database twice (a drainer that dies after writing but
+before deleting the file); the writer skips ids already stored.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+UsageRecord = dict[str, Any]
+
+
+class UsageSpool:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._sequence = 0
+        self._lock = threading.Lock()
+        self._active_fd: int | None = None
+        self._active_records = 0
+
+    # --- writing (any thread, usually the event loop) ---
+
+    def append(self, record: UsageRecord) -> None:
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            if self._active_fd is None:
+                self._active_fd = self._open_active()
+            # One write() of one line to an O_APPEND file: lines never interleave.
+            os.write(self._active_fd, line)
+            self._active_records += 1
+
+    def _open_active(self) -> int:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._sequence += 1
+        name = f"{self._owner}-{self._sequence:06d}"
+        hidden = self.directory / f".{name}.new"
+        fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(hidden, self.directory / f"{name}.jsonl")
+        return fd
+
+    def seal(self) -> None:
+        """Close the active file (if it holds anything) so that it can be drained."""
+        with self._lock:
+            if self._active_fd is not None and self._active_records:
+                os.close(self._active_fd)
+                self._active_fd = None
+                self._active_records = 0
+
+    # --- draining (the flusher thread, or a test) ---
+
+    def drain(self, write: Callable[[list[UsageRecord]], object], *, batch_size: int = 500) -> int:
+        """Give every drainable file's records to `write`, batch by batch, and
+        delete each file once all its batches are written. Stops at the first
+        failure (the file stays for the next attempt) by letting it propagate.
+        Returns how many records were written."""
+        written = 0
+        for path in self._files():
+            with self._locked(path) as fd:
+                if fd is None:
+                    continue
+                records = self._read(fd, path)
+                for start in range(0, len(records), batch_size):
+                    write(records[start : start + batch_size])
+                path.unlink(missing_ok=True)
+                written += len(records)
+        return written
+
+    def pending(self) -> tuple[int, int]:
+        """(files, bytes) waiting in the buffer, the active file included."""
+        files = 0
+        size = 0
+        for path in self._files():
+            try:
+                size += path.stat().st_size
+                files += 1
+            except FileNotFoundError:
+                continue
+        return files, size
+
+    def _files(self) -> list[Path]:
+        try:
+            return sorted(self.directory.glob("*.jsonl"))
+        except FileNotFoundError:
+            return []
+
+    @staticmethod
+    @contextmanager
+    def _locked(path: Path) -> Iterator[int | None]:
+        """The file's descriptor, exclusively locked; None if someone else holds it or it is gone."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            yield None
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # Drained and deleted by someone else between our open and our lock?
+                same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except (BlockingIOError, FileNotFoundError):
+                same_file = False
+            yield fd if same_file else None
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _read(fd: int, path: Path) -> list[UsageRecord]:
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = handle.read()
+        records: list[UsageRecord] = []
+        for number, line in enumerate(_lines(data), start=1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                # Only a process killed in the middle of its write leaves this.
+                logger.warning("Skipping a torn usage record: %s line %d", path.name, number)
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+
+def _lines(data: bytes) -> Iterator[bytes]:
+    for line in data.split(b"\n"):
+        if line.strip():
+            yield line

@@ -1,0 +1,91 @@
+"""GET /v1/usage: the caller's usage over a period, optionally grouped, and its quota."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers
+from rest_framework.decorators import api_view
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from tenants.authentication import request_tenant
+from tenants.quotas import current_month
+from usage.services import GROUP_FIELDS, UsageQuery, usage_summary
+
+MAX_PERIOD = timedelta(days=400)
+
+
+def _moment(value: str, *, end: bool) -> datetime:
+    """A date means the whole day (`to` includes it); a datetime is exact (UTC if no offset)."""
+    try:
+        day = date.fromisoformat(value)
+    except ValueError:
+        pass
+    else:
+        return datetime.combine(day + timedelta(days=1) if end else day, time.min, tzinfo=UTC)
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise serializers.ValidationError("Use a date (2026-11-24) or an ISO 8601 datetime.") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+class UsageQuerySerializer(serializers.Serializer[dict[str, Any]]):
+    group_by = serializers.ChoiceField(choices=sorted(GROUP_FIELDS), required=False)
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        values: dict[str, Any] = dict(super().to_internal_value(data))
+        problems: dict[str, list[str]] = {}
+        for name, is_end in (("from", False), ("to", True)):
+            if raw := data.get(name):
+                try:
+                    values[name] = _moment(raw, end=is_end)
+                except serializers.ValidationError as exc:
+                    problems[name] = [str(detail) for detail in exc.detail]
+        if problems:
+            raise serializers.ValidationError(problems)
+        return values
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        start = attrs.setdefault("from", datetime.combine(current_month(), time.min, tzinfo=UTC))
+        end = attrs.setdefault("to", timezone.now())
+        if end <= start:
+            raise serializers.ValidationError({"to": ["Must be after 'from'."]})
+        if end - start > MAX_PERIOD:
+            raise serializers.ValidationError({"to": [f"At most {MAX_PERIOD.days} days after 'from'."]})
+        return attrs
+
+
+@extend_schema(
+    summary="The caller's usage: totals, groups and this month's quota",
+    parameters=[
+        OpenApiParameter(
+            "from",
+            OpenApiTypes.STR,
+            description="Start (a date or ISO 8601 datetime; default: the 1st of this month, UTC).",
+        ),
+        OpenApiParameter(
+            "to",
+            OpenApiTypes.STR,
+            description="End: a date includes that whole day; a datetime is exclusive (default: now).",
+        ),
+        OpenApiParameter("group_by", OpenApiTypes.STR, enum=sorted(GROUP_FIELDS)),
+    ],
+    responses=OpenApiTypes.OBJECT,
+)
+@api_view(["GET"])
+def usage_report(request: Request) -> Response:
+    params = UsageQuerySerializer(data=request.query_params)
+    params.is_valid(raise_exception=True)
+    query = UsageQuery(
+        tenant=request_tenant(request),
+        start=params.validated_data["from"],
+        end=params.validated_data["to"],
+        group_by=params.validated_data.get("group_by"),
+    )
+    return Response(usage_summary(query))
