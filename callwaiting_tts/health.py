@@ -15,6 +15,7 @@ from rest_framework.response import Response
 
 from callwaiting_tts.redis import breaker, redis_configured
 from synthesis.engines import loaded_engine
+from usage.recorder import usage_flusher, usage_spool
 
 PROCESS_STARTED = time.monotonic()
 
@@ -38,6 +39,7 @@ def engine_info() -> dict[str, Any]:
             "uptime_s": serializers.FloatField(),
             "engine": serializers.DictField(allow_null=True),
             "redis": serializers.DictField(),
+            "usage": serializers.DictField(),
         },
     ),
 )
@@ -56,5 +58,18 @@ def health(request: Request) -> Response:
                 "fallback_active": redis_configured() and not breaker.allows(),
                 "failures": breaker.failures,
             },
+            "usage": usage_info(),
         }
     )
+
+
+def usage_info() -> dict[str, Any]:
+    """The usage buffer: records waiting for the database, and whether it is away."""
+    files, size = usage_spool().pending()
+    flusher = usage_flusher()
+    return {
+        "spooled_files": files,
+        "spooled_bytes": size,
+        "database_unavailable": flusher is not None and flusher.outage_since is not None,
+        "rows_written": 0 if flusher is None else flusher.rows_written,
+    }

@@ -212,8 +212,9 @@ def test_with_postgres_stopped_requests_succeed_and_every_row_arrives_afterwards
             for index in range(5, 25):
                 speak(index, streaming=index % 2 == 0)
                 time.sleep(0.1)  # past the key and quota cache times: the fallbacks answer
-            spooled = list((tmp_path / "spool").glob("*.jsonl"))
-            assert spooled, "records wait in the spool while the database is away"
+            usage = client.get("/v1/health").json()["usage"]
+            assert usage["database_unavailable"]
+            assert usage["spooled_files"] >= 1, "records wait in the spool while the database is away"
             # A request that needs the database answers 503 with a stable code, and is metered too.
             url = client.post("/v1/synthesize-url", json={"text": "Needs the database."},
                               headers={**bearer(key.group()), "X-Request-ID": "outage-url"})  # fmt: skip
@@ -223,12 +224,17 @@ def test_with_postgres_stopped_requests_succeed_and_every_row_arrives_afterwards
 
             postgres.start()
             _wait_for_rows(count_rows, len(sent))
+            assert client.get("/v1/health").json()["usage"]["spooled_files"] == 0
 
         with psycopg.connect(postgres.url) as connection:
             stored = connection.execute(
                 "SELECT request_id, status_code, audio_seconds FROM usage_usagelog"
             ).fetchall()
             quota = connection.execute("SELECT sum(audio_seconds) FROM tenants_quotausage").fetchone()
+    # The log has the outage in it, and none of the text (only counts are logged).
+    log = "".join(path.read_text() for path in Path(env["CWT_TEST_LOG_DIR"]).glob("daphne-*.log"))
+    assert "database is unavailable" in log
+    assert "Still speaking" not in log
     assert sorted(request_id for request_id, _status, _seconds in stored) == sorted(sent)
     assert {request_id: status for request_id, status, _ in stored}["outage-url"] == 503
     assert quota is not None

@@ -15,7 +15,8 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -119,14 +120,15 @@ def usage_meter_of(request: HttpRequest) -> UsageMeter | None:
     return meter if isinstance(meter, UsageMeter) else None
 
 
-async def metered_stream(body: AsyncIterator[bytes], meter: UsageMeter) -> AsyncIterator[bytes]:
+async def metered_stream(body: AsyncGenerator[bytes, None], meter: UsageMeter) -> AsyncIterator[bytes]:
     """A streamed response body that counts what passes and records the request
     when the stream ends: completed, failed, or abandoned by the client."""
     error_code: str | None = None
     try:
-        async for chunk in body:
-            meter.audio_sent(len(chunk))
-            yield chunk
+        async with aclosing(body):  # closing it stops the engine and frees the stream's lease
+            async for chunk in body:
+                meter.audio_sent(len(chunk))
+                yield chunk
     except BaseException as exc:
         # GeneratorExit or CancelledError: the client went away mid-stream.
         error_code = CLIENT_DISCONNECTED if not isinstance(exc, Exception) else "engine_error"
@@ -205,7 +207,7 @@ def usage_flush() -> int:
 
 # --- the flusher thread -----------------------------------------------------------
 
-MAX_BACKOFF_SECONDS = 30.0
+MAX_BACKOFF_SECONDS = 10.0
 
 
 class UsageFlusher(threading.Thread):
