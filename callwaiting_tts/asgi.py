@@ -13,7 +13,7 @@ django_http_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
-from django.urls import URLPattern  # noqa: E402
+from django.urls import URLPattern, path  # noqa: E402
 from servestatic import ServeStaticASGI  # noqa: E402
 
 from callwaiting_tts.handlers import ApiASGIHandler  # noqa: E402
@@ -41,7 +41,11 @@ async def http_app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
 # instead of failing the first request, and no request pays for the load.
 get_engine()
 
-websocket_urlpatterns: list[URLPattern] = []
+from synthesis.consumers import StreamConsumer  # noqa: E402
+
+websocket_urlpatterns: list[URLPattern] = [
+    path("v1/stream", StreamConsumer.as_asgi(), name="stream"),
+]
 
 application = ProtocolTypeRouter(
     {

@@ -15,6 +15,7 @@ from rest_framework.response import Response
 
 from callwaiting_tts.redis import breaker, redis_configured
 from synthesis.engines import loaded_engine
+from synthesis.streaming import stream_stats
 from usage.recorder import usage_flusher, usage_spool
 
 PROCESS_STARTED = time.monotonic()
@@ -40,6 +41,7 @@ def engine_info() -> dict[str, Any]:
             "engine": serializers.DictField(allow_null=True),
             "redis": serializers.DictField(),
             "usage": serializers.DictField(),
+            "streams": serializers.DictField(),
         },
     ),
 )
@@ -59,6 +61,12 @@ def health(request: Request) -> Response:
                 "failures": breaker.failures,
             },
             "usage": usage_info(),
+            "streams": {
+                "connections": stream_stats.connections,
+                "utterances_active": stream_stats.utterances_active,
+                "paused_for_slow_reader": stream_stats.paused_for_slow_reader,
+                "pauses_total": stream_stats.pauses_total,
+            },
         }
     )
 

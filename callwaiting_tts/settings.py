@@ -145,7 +145,10 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            # redis-py 8 defaults socket_timeout to 5 s, the same as the layer's
+            # blocking BZPOPMIN: reads then time out and tear consumers down
+            # (django/channels_redis#422). The socket must outwait the pop.
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}]},
         }
     }
 else:
@@ -231,6 +234,11 @@ QUOTA_CACHE_SECONDS = env_float("QUOTA_CACHE_SECONDS", 5.0, minimum=0.0)
 USAGE_SPOOL_DIR = Path(env_str("USAGE_SPOOL_DIR", str(BASE_DIR / "var" / "usage-spool")))
 USAGE_FLUSH_SECONDS = env_float("USAGE_FLUSH_SECONDS", 1.0, minimum=0.0)
 USAGE_FLUSH_BATCH = env_int("USAGE_FLUSH_BATCH", 500, minimum=1)
+# WS /v1/stream limits (see README "Streaming over WebSocket").
+WS_MAX_MESSAGE_BYTES = env_int("WS_MAX_MESSAGE_BYTES", 64 * 1024, minimum=1024)
+WS_MAX_CONTEXTS = env_int("WS_MAX_CONTEXTS", 8, minimum=1)
+WS_IDLE_SECONDS = env_float("WS_IDLE_SECONDS", 60.0, minimum=1.0)
+WS_AUTH_SECONDS = env_float("WS_AUTH_SECONDS", 5.0, minimum=0.5)
 # A stream's slot in its tenant's cap is a lease renewed while it runs; a
 # crashed process's streams free their slots after this long.
 STREAM_LEASE_SECONDS = env_float("STREAM_LEASE_SECONDS", 30.0, minimum=1.0)
@@ -254,7 +262,9 @@ REST_FRAMEWORK = {
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "CallWaiting TTS",
-    "DESCRIPTION": "Multi-tenant, low-latency text-to-speech for voice agents.",
+    # The WebSocket protocol has no place in OpenAPI's paths: it is described here.
+    "DESCRIPTION": "Multi-tenant, low-latency text-to-speech for voice agents.\n\n"
+    + (BASE_DIR / "docs" / "streaming.md").read_text(),
     "VERSION": VERSION,
     "SERVE_INCLUDE_SCHEMA": False,
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],

@@ -11,7 +11,7 @@ from django.conf import settings
 from callwaiting_tts.errors import ApiError
 from synthesis.audio import AudioEncoder, OutputSpec
 from synthesis.engines import BuiltinVoice, SpeechEngine, SpeechJob, get_engine
-from synthesis.text import prepare_text
+from synthesis.text import Segment, prepare_text
 from tenants.models import Tenant
 from voices.services import tenant_voice_find, voice_conditioning
 
@@ -93,6 +93,63 @@ async def voice_resolve(*, engine: SpeechEngine, tenant: Tenant, voice_id: str |
     )
 
 
+@dataclass(frozen=True)
+class SynthesisSetup:
+    """Everything about a synthesis but its text: checked once, then used for
+    every piece of text (a WebSocket utterance arrives in many)."""
+
+    engine: SpeechEngine
+    spec: OutputSpec
+    voice: ResolvedVoice
+    language: str
+    speed: float
+
+    def plan(self, text: str) -> SynthesisPlan:
+        """The plan for one text; raises ApiError for text that cannot be spoken."""
+        return self.plan_segments(prepare_text(text, max_chars=settings.MAX_TEXT_CHARS))
+
+    def plan_segments(self, segments: list[Segment]) -> SynthesisPlan:
+        job = SpeechJob(
+            segments=segments,
+            voice=self.voice.builtin,
+            conditioning=self.voice.conditioning,
+            language=self.language,
+            speed=self.speed,
+        )
+        return SynthesisPlan(
+            engine=self.engine,
+            job=job,
+            spec=self.spec,
+            voice_id=self.voice.voice_id,
+            voice_identity=self.voice.identity,
+        )
+
+
+async def synthesis_setup(
+    *,
+    tenant: Tenant,
+    voice_id: str | None = None,
+    language: str | None = None,
+    audio_format: str | None = None,
+    sample_rate: int | None = None,
+    speed: float = 1.0,
+) -> SynthesisSetup:
+    """Check the voice and output settings before any engine work; raises ApiError."""
+    spec = OutputSpec.parse(audio_format, sample_rate)
+    if not MIN_SPEED <= speed <= MAX_SPEED:
+        raise ApiError(400, "invalid_speed", f"speed must be between {MIN_SPEED} and {MAX_SPEED}.")
+    engine = get_engine()
+    voice = await voice_resolve(engine=engine, tenant=tenant, voice_id=voice_id)
+    language = (language or voice.language).lower()
+    if engine.languages and language not in engine.languages:
+        raise ApiError(
+            400,
+            "unsupported_language",
+            f"The {engine.name} engine speaks {', '.join(engine.languages)}; got {language!r}.",
+        )
+    return SynthesisSetup(engine=engine, spec=spec, voice=voice, language=language, speed=speed)
+
+
 async def synthesis_plan(
     *,
     tenant: Tenant,
@@ -104,29 +161,17 @@ async def synthesis_plan(
     speed: float = 1.0,
 ) -> SynthesisPlan:
     """Validate a request completely before any engine work starts; raises ApiError."""
-    spec = OutputSpec.parse(audio_format, sample_rate)
-    if not MIN_SPEED <= speed <= MAX_SPEED:
-        raise ApiError(400, "invalid_speed", f"speed must be between {MIN_SPEED} and {MAX_SPEED}.")
+    # The text first: it is the commonest mistake, and checking it costs no lookup.
     segments = prepare_text(text, max_chars=settings.MAX_TEXT_CHARS)
-    engine = get_engine()
-    voice = await voice_resolve(engine=engine, tenant=tenant, voice_id=voice_id)
-    language = (language or voice.language).lower()
-    if engine.languages and language not in engine.languages:
-        raise ApiError(
-            400,
-            "unsupported_language",
-            f"The {engine.name} engine speaks {', '.join(engine.languages)}; got {language!r}.",
-        )
-    job = SpeechJob(
-        segments=segments,
-        voice=voice.builtin,
-        conditioning=voice.conditioning,
+    setup = await synthesis_setup(
+        tenant=tenant,
+        voice_id=voice_id,
         language=language,
+        audio_format=audio_format,
+        sample_rate=sample_rate,
         speed=speed,
     )
-    return SynthesisPlan(
-        engine=engine, job=job, spec=spec, voice_id=voice.voice_id, voice_identity=voice.identity
-    )
+    return setup.plan_segments(segments)
 
 
 async def synthesis_audio(

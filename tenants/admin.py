@@ -14,7 +14,14 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from tenants.models import ApiKey, QuotaUsage, Tenant
-from tenants.services import IssuedKey, api_key_issue, api_key_revoke, api_key_rotate
+from tenants.services import (
+    IssuedKey,
+    api_key_issue,
+    api_key_revoke,
+    api_key_rotate,
+    tenant_access_changed,
+    tenant_set_active,
+)
 
 GRACE_CHOICES = [
     (0, "immediately"),
@@ -104,6 +111,8 @@ class TenantAdmin(admin.ModelAdmin[Tenant]):
         super().save_model(request, obj, form, change)
         if not change:
             _show_key_once(request, obj, api_key_issue(tenant=obj, name="initial"))
+        elif "is_active" in form.changed_data and not obj.is_active:
+            tenant_access_changed(obj.id)
 
     @admin.action(description="Issue an additional API key")
     def issue_key(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
@@ -120,12 +129,12 @@ class TenantAdmin(admin.ModelAdmin[Tenant]):
 
     @admin.action(description="Deactivate (all keys stop working)")
     def deactivate(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
-        count = queryset.update(is_active=False)
+        count = tenant_set_active(tenants=queryset, active=False)
         messages.info(request, f"Deactivated {count} tenant(s).")
 
     @admin.action(description="Activate")
     def activate(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
-        count = queryset.update(is_active=True)
+        count = tenant_set_active(tenants=queryset, active=True)
         messages.info(request, f"Activated {count} tenant(s).")
 
 

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.db import IntegrityError, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from tenants import keys
 from tenants.models import ApiKey, Permission, Tenant
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,14 +97,57 @@ def api_key_rotate(*, tenant: Tenant, grace_seconds: int) -> IssuedKey:
         current = ApiKey.objects.select_for_update().filter(tenant=tenant).usable(now)
         current.filter(expires_at__isnull=True).update(expires_at=retire_at)
         current.filter(expires_at__gt=retire_at).update(expires_at=retire_at)
-        return api_key_issue(tenant=tenant, name=f"rotated {now:%Y-%m-%d %H:%M}")
+        issued = api_key_issue(tenant=tenant, name=f"rotated {now:%Y-%m-%d %H:%M}")
+        tenant_access_changed(tenant.id)
+        return issued
 
 
 def api_key_revoke(*, api_key: ApiKey) -> bool:
     """Revoke for good. Returns False if the key was already revoked."""
     updated = ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
     api_key.refresh_from_db(fields=["revoked_at"])
+    if updated:
+        tenant_access_changed(api_key.tenant_id)
     return updated == 1
+
+
+def tenant_set_active(*, tenants: QuerySet[Tenant], active: bool) -> int:
+    """Activate or deactivate tenants; open streams of a deactivated one close."""
+    ids = list(tenants.values_list("id", flat=True))
+    count = Tenant.objects.filter(id__in=ids).update(is_active=active)
+    if not active:
+        for tenant_id in ids:
+            tenant_access_changed(tenant_id)
+    return count
+
+
+def tenant_access_group(tenant_id: uuid.UUID) -> str:
+    """The channel-layer group of a tenant's open WebSocket streams."""
+    return f"tenant-access.{tenant_id.hex}"
+
+
+def tenant_access_changed(tenant_id: uuid.UUID) -> None:
+    """Tell every server process's open streams of this tenant to check their key
+    again (revoked, expired, or tenant deactivated: they close). Sent once the
+    change is committed, through the channel layer (Redis in production)."""
+
+    def broadcast() -> None:
+        layer = get_channel_layer()
+        if layer is None:
+            return
+        group, message = tenant_access_group(tenant_id), {"type": "access.changed"}
+        try:
+            asyncio.get_running_loop().create_task(layer.group_send(group, message))
+            return
+        except RuntimeError:
+            pass  # no event loop in this thread (the admin, a management command)
+        try:
+            async_to_sync(layer.group_send)(group, message)
+        except Exception:
+            # Streams then close when their key's expiry or the next check finds it.
+            logger.exception("Could not tell open streams of tenant %s about an access change.", tenant_id)
+
+    transaction.on_commit(broadcast)
 
 
 def tenant_resolve(identifier: str) -> Tenant:

@@ -22,7 +22,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, transaction
+from django.db import DatabaseError, IntegrityError, close_old_connections, transaction
 from django.http import HttpRequest
 
 from tenants.models import Tenant
@@ -38,8 +38,10 @@ SYNTHESIZE_URL = "synthesize-url"
 TWIML_PLAY = "twiml-play"
 STREAM = "stream"
 
-# error_code of a request the client abandoned: not a failure of ours.
+# error_code of a request the client abandoned (hung up, or cancelled a
+# WebSocket utterance): not a failure of ours.
 CLIENT_DISCONNECTED = "client_disconnected"
+CANCELLED = "cancelled"
 # The status recorded when the client left before any response was sent.
 STATUS_CLIENT_CLOSED = 499
 
@@ -232,6 +234,11 @@ class UsageFlusher(threading.Thread):
         try:
             close_old_connections()
             self.rows_written += usage_flush()
+        except IntegrityError:
+            # A tenant deleted between the writer's check and its insert: the
+            # next attempt drops that tenant's records.
+            logger.info("A tenant was deleted while its usage rows were written; retrying.")
+            return False
         except DatabaseError as exc:
             if self.outage_since is None:
                 self.outage_since = time.monotonic()

@@ -16,7 +16,7 @@ from django.db.models.functions import TruncDate
 from tenants.models import QuotaUsage, Tenant
 from tenants.quotas import current_month
 from usage.models import UsageLog
-from usage.recorder import CLIENT_DISCONNECTED
+from usage.recorder import CANCELLED, CLIENT_DISCONNECTED
 
 GroupBy = Literal["day", "voice", "endpoint"]
 GROUP_FIELDS: dict[str, Any] = {
@@ -27,8 +27,8 @@ GROUP_FIELDS: dict[str, Any] = {
 PERCENTILES = (("latency_ms_p50", 0.50), ("latency_ms_p95", 0.95))
 
 # A cancelled stream is the caller's choice, not a failure: counted apart.
-_FAILED = Q(error_code__isnull=False) & ~Q(error_code=CLIENT_DISCONNECTED)
-_CANCELLED = Q(error_code=CLIENT_DISCONNECTED)
+_CANCELLED = Q(error_code__in=(CLIENT_DISCONNECTED, CANCELLED))
+_FAILED = Q(error_code__isnull=False) & ~_CANCELLED
 _HAS_AUDIO = Q(latency_ms__isnull=False)
 
 

@@ -1,0 +1,159 @@
+"""WS /v1/stream through Daphne with a real WebSocket client (the `websockets` package):
+authentication, revocation from another process, backpressure, Twilio frames."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from synthesis.streaming import parse_labelled_frame
+from tests.conftest import ServiceEnv, committed_tenant
+from tests.servers import daphne_server
+
+pytestmark = pytest.mark.slow
+
+REDIS_URL = "redis://127.0.0.1:6379/15"  # the tests' own channel layer: servers and tests share it
+LONG = " ".join(f"Part {n} of a long answer that nobody is listening to yet." for n in range(40))
+UNLIMITED = {"rate_limit_minute": 0, "rate_limit_hour": 0, "quota_minutes": 0, "max_concurrent_streams": 0}
+
+
+@pytest.fixture(scope="module")
+def stream_server(service_env: ServiceEnv) -> Iterator[str]:
+    with daphne_server(service_env(REDIS_URL=REDIS_URL)) as base_url:
+        yield base_url
+
+
+def _ws_url(base_url: str) -> str:
+    return base_url.replace("http://", "ws://") + "/v1/stream"
+
+
+async def _event(ws: ClientConnection, kind: str, wait_s: float = 30) -> dict[str, Any]:
+    async def wait() -> dict[str, Any]:
+        while True:
+            message = await ws.recv()
+            if isinstance(message, str):
+                event: dict[str, Any] = json.loads(message)
+                if event.get("type") == kind:
+                    return event
+
+    return await asyncio.wait_for(wait(), wait_s)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_header_and_first_message_auth_through_daphne(stream_server: str, django_db_blocker: Any) -> None:
+    with committed_tenant(django_db_blocker, "ws-auth", **UNLIMITED) as (_tenant, issued):
+
+        async def main() -> None:
+            headers = {"Authorization": f"Bearer {issued.plaintext}"}
+            async with connect(_ws_url(stream_server), additional_headers=headers) as ws:
+                await _event(ws, "ready")
+                await ws.send(json.dumps({"type": "synthesize", "context_id": "h", "text": "By header."}))
+                frame = await ws.recv()
+                while isinstance(frame, str):  # audio_start first
+                    frame = await ws.recv()
+                assert parse_labelled_frame(frame)[0] == "h"
+                await _event(ws, "audio_end")
+            async with connect(_ws_url(stream_server)) as ws:
+                await ws.send(json.dumps({"type": "auth", "api_key": issued.plaintext}))
+                await _event(ws, "ready")
+            async with connect(
+                _ws_url(stream_server), additional_headers={"Authorization": "Bearer nope"}
+            ) as ws:
+                assert (await _event(ws, "error"))["code"] == "invalid_api_key"
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.recv()
+                assert closed.value.rcvd is not None
+                assert closed.value.rcvd.code == 4001
+
+        asyncio.run(main())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_revoking_the_key_in_another_process_closes_a_live_stream_within_5_s(
+    stream_server: str, django_db_blocker: Any
+) -> None:
+    from tenants.services import api_key_revoke
+
+    with committed_tenant(django_db_blocker, "ws-revoke", **UNLIMITED) as (_tenant, issued):
+
+        async def main() -> float:
+            headers = {"Authorization": f"Bearer {issued.plaintext}"}
+            async with connect(_ws_url(stream_server), additional_headers=headers) as ws:
+                await _event(ws, "ready")
+                await ws.send(json.dumps({"type": "synthesize", "context_id": "live", "text": LONG}))
+                await _event(ws, "audio_start")
+                # This test process is the other process: the revocation reaches the
+                # server only through the Redis channel layer.
+                with django_db_blocker.unblock():
+                    await asyncio.to_thread(api_key_revoke, api_key=issued.api_key)
+                revoked_at = time.monotonic()
+                error = await _event(ws, "error", wait_s=5)
+                assert error["code"] == "revoked_api_key"
+
+                async def drain() -> None:
+                    while True:
+                        await asyncio.wait_for(ws.recv(), 5)
+
+                with pytest.raises(ConnectionClosed) as closed:
+                    await drain()
+                assert closed.value.rcvd is not None
+                assert closed.value.rcvd.code == 4003
+                return time.monotonic() - revoked_at
+
+        assert asyncio.run(main()) < 5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_slow_reader_pauses_generation_and_loses_nothing(
+    stream_server: str, django_db_blocker: Any
+) -> None:
+    with committed_tenant(django_db_blocker, "ws-slow", **UNLIMITED) as (_tenant, issued):
+
+        async def main() -> None:
+            # A client that stops reading: no recv() calls, and the client library
+            # stops reading the socket once one message waits (max_queue=1). The
+            # kernel's buffers fill (a few MB), then the server must hold back.
+            headers = {"Authorization": f"Bearer {issued.plaintext}"}
+            async with connect(
+                _ws_url(stream_server),
+                additional_headers=headers,
+                max_queue=1,
+                max_size=None,
+                ping_interval=None,  # a client that reads nothing would miss its own pongs
+            ) as ws:
+                await _event(ws, "ready")
+                body = {
+                    "type": "synthesize",
+                    "context_id": "slow",
+                    "text": LONG,
+                    "format": "pcm",
+                    "sample_rate": 48000,
+                }
+                await ws.send(json.dumps(body))
+                async with httpx.AsyncClient(base_url=stream_server) as http:
+                    deadline = time.monotonic() + 60
+                    while (await http.get("/v1/health")).json()["streams"]["paused_for_slow_reader"] < 1:
+                        assert time.monotonic() < deadline, "the server never paused for the slow reader"
+                        await asyncio.sleep(0.25)
+                    paused = (await http.get("/v1/health")).json()
+                    assert paused["engine"]["active_jobs"] == 1  # waiting, not finished
+                # Now read everything: all of it arrives, and the totals agree.
+                received = 0
+                while True:
+                    message = await asyncio.wait_for(ws.recv(), 60)
+                    if isinstance(message, bytes):
+                        received += len(parse_labelled_frame(message)[1])
+                    elif json.loads(message)["type"] == "audio_end":
+                        assert json.loads(message)["audio_bytes"] == received
+                        break
+                assert received > 5_000_000  # more than the socket buffers could ever hold
+
+        asyncio.run(main())
