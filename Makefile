@@ -43,6 +43,7 @@ services:
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
 
 typecheck: $(DEV_STAMP)
 	$(BIN)/mypy .

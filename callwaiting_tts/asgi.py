@@ -17,6 +17,7 @@ from django.urls import URLPattern, path  # noqa: E402
 from servestatic import ServeStaticASGI  # noqa: E402
 
 from callwaiting_tts.handlers import ApiASGIHandler  # noqa: E402
+from callwaiting_tts.lifecycle import engine_warm_up  # noqa: E402
 from synthesis.engines import get_engine  # noqa: E402
 
 api_http_app = ApiASGIHandler()
@@ -38,8 +39,9 @@ async def http_app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
 
 
 # The engine loads now, at start-up: a misconfigured one stops the server here
-# instead of failing the first request, and no request pays for the load.
-get_engine()
+# instead of failing the first request, and no request pays for the load (or,
+# after one warm-up synthesis, for its lazy initialisation).
+engine_warm_up(get_engine())
 
 from synthesis.consumers import StreamConsumer  # noqa: E402
 

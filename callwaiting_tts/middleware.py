@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 
+import sentry_sdk
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
@@ -47,6 +48,7 @@ def _assign_request_id(request: HttpRequest) -> str:
     request_id = offered if _SANE_REQUEST_ID.match(offered) else new_request_id()
     request.request_id = request_id  # type: ignore[attr-defined]
     current_request_id.set(request_id)
+    sentry_sdk.set_tag("request_id", request_id)  # a no-op without SENTRY_DSN
     return request_id
 
 
@@ -67,23 +69,32 @@ class RequestIdMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
         if self.is_async:
             return self.__acall__(request)
+        started = time.perf_counter()
         request_id = _assign_request_id(request)
         response = self.get_response(request)
         assert isinstance(response, HttpResponseBase)
         _annotate(request, response, request_id)
+        _observe(request, response, time.perf_counter() - started)
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        started = time.perf_counter()
         request_id = _assign_request_id(request)
         response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
         _annotate(request, response, request_id)
+        _observe(request, response, time.perf_counter() - started)
         return response
 
 
-class RequestIdLogFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = current_request_id.get()
-        return True
+def _observe(request: HttpRequest, response: HttpResponseBase, elapsed: float) -> None:
+    """API metrics, on the event loop (django-prometheus's middleware would take
+    two thread hops per request here; it measures the admin side)."""
+    from callwaiting_tts.metrics import HTTP_DURATION, HTTP_REQUESTS
+
+    match = request.resolver_match
+    route = match.url_name if match is not None and match.url_name else "unmatched"
+    HTTP_REQUESTS.labels(method=request.method or "", route=route, status=str(response.status_code)).inc()
+    HTTP_DURATION.labels(route=route).observe(elapsed)
 
 
 class InlineHooksMixin:

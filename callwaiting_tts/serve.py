@@ -1,16 +1,98 @@
-"""`python -m callwaiting_tts.serve`: start Daphne on the configured HOST and PORT."""
+"""`python -m callwaiting_tts.serve`: run Daphne on HOST:PORT, and shut down gently.
 
+On SIGTERM (what a pod gets before it is stopped) or SIGINT the server stops
+accepting connections, /v1/ready turns 503, running synthesis (HTTP streams,
+whole-file requests, WebSocket utterances) finishes, for at most
+SHUTDOWN_GRACE_SECONDS, and then the process exits. Idle WebSocket connections
+are closed at the end, as Daphne closes every connection when it stops.
+"""
+
+from __future__ import annotations
+
+import logging
 import os
+import signal
+import sys
+import time
+from typing import Any
+
+logger = logging.getLogger("callwaiting_tts.serve")
+
+DRAIN_POLL_SECONDS = 0.2
+
+
+def _work_in_flight() -> int:
+    from synthesis.engines import loaded_engine
+    from synthesis.streaming import stream_stats
+
+    engine = loaded_engine()
+    jobs = int(engine.info()["active_jobs"]) if engine is not None else 0
+    return jobs + stream_stats.http_streams + stream_stats.utterances_active
 
 
 def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "callwaiting_tts.settings")
-    from daphne.cli import CommandLineInterface
-    from django.conf import settings
+    # daphne.server installs Twisted's asyncio reactor when imported: before anything takes the default one.
+    import django
+    from daphne.server import Server
 
-    CommandLineInterface().run(
-        ["-b", settings.HOST, "-p", str(settings.PORT), "callwaiting_tts.asgi:application"]
+    django.setup()
+    from daphne.access import AccessLogGenerator
+    from django.conf import settings
+    from twisted.internet import reactor as twisted_reactor
+
+    reactor: Any = twisted_reactor  # typed by Twisted as a bare module attribute
+
+    from callwaiting_tts.asgi import application
+    from callwaiting_tts.lifecycle import lifecycle
+
+    class GracefulServer(Server):  # type: ignore[misc]  # daphne ships no types
+        ports: list[Any]
+
+        def listen_success(self, port: Any) -> None:
+            self.ports.append(port)
+            super().listen_success(port)
+
+    # JSON logs come from the service's own request log; Daphne's access lines are plain text.
+    access_log = AccessLogGenerator(sys.stdout) if settings.LOG_FORMAT == "plain" else None
+    server = GracefulServer(
+        application=application,
+        endpoints=[f"tcp:port={settings.PORT}:interface={settings.HOST}"],
+        signal_handlers=False,
+        action_logger=access_log,
     )
+    server.ports = []
+
+    def drain() -> None:
+        if lifecycle.draining:
+            return
+        lifecycle.draining = True
+        deadline = time.monotonic() + settings.SHUTDOWN_GRACE_SECONDS
+        logger.info(
+            "Shutting down: no new connections; waiting up to %ss for running work.",
+            settings.SHUTDOWN_GRACE_SECONDS,
+        )
+        for port in server.ports:
+            port.stopListening()
+
+        def finish_when_idle() -> None:
+            busy = _work_in_flight()
+            if busy and time.monotonic() < deadline:
+                reactor.callLater(DRAIN_POLL_SECONDS, finish_when_idle)
+                return
+            if busy:
+                logger.warning("Grace period over with %d synthesis job(s) still running.", busy)
+            reactor.stop()
+
+        finish_when_idle()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        reactor.callFromThread(drain)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    logger.info("Starting server at %s:%s", settings.HOST, settings.PORT)
+    server.run()
 
 
 if __name__ == "__main__":

@@ -73,9 +73,11 @@ INSTALLED_APPS = [
     "voices",
     "synthesis",
     "usage",
+    "django_prometheus",
 ]
 
 MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "callwaiting_tts.middleware.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -84,12 +86,14 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 # Under Daphne, /v1/... is served by a handler with only these (all run on the
 # event loop): sessions, CSRF and messages exist for the admin, and Django runs
 # them in its one sync thread, which the streaming API must never wait on.
 API_MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "callwaiting_tts.middleware.RequestIdMiddleware",
     "callwaiting_tts.middleware.InlineSecurityMiddleware",
     "callwaiting_tts.middleware.InlineXFrameOptionsMiddleware",
@@ -135,6 +139,10 @@ if DATABASE_URL:
 else:
     _database = {"ENGINE": "django.db.backends.sqlite3", "NAME": BASE_DIR / "var" / "db.sqlite3"}
     (BASE_DIR / "var").mkdir(exist_ok=True)
+# django-prometheus's backends are the stock ones that also count queries and errors.
+_database["ENGINE"] = str(_database["ENGINE"]).replace(
+    "django.db.backends.", "django_prometheus.db.backends."
+)
 DATABASES = {"default": _database}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -234,6 +242,14 @@ QUOTA_CACHE_SECONDS = env_float("QUOTA_CACHE_SECONDS", 5.0, minimum=0.0)
 USAGE_SPOOL_DIR = Path(env_str("USAGE_SPOOL_DIR", str(BASE_DIR / "var" / "usage-spool")))
 USAGE_FLUSH_SECONDS = env_float("USAGE_FLUSH_SECONDS", 1.0, minimum=0.0)
 USAGE_FLUSH_BATCH = env_int("USAGE_FLUSH_BATCH", 500, minimum=1)
+# On SIGTERM: stop accepting, let running synthesis finish for at most this long, exit.
+SHUTDOWN_GRACE_SECONDS = env_float("SHUTDOWN_GRACE_SECONDS", 30.0, minimum=0.0)
+
+# GET /metrics answers only a scraper sending `Authorization: Bearer <METRICS_TOKEN>`;
+# unset, the endpoint does not exist. Tenant labels multiply series by tenants.
+METRICS_TOKEN = env_str("METRICS_TOKEN")
+METRICS_TENANT_LABELS = env_bool("METRICS_TENANT_LABELS", False)
+
 # WS /v1/stream limits (see README "Streaming over WebSocket").
 WS_MAX_MESSAGE_BYTES = env_int("WS_MAX_MESSAGE_BYTES", 64 * 1024, minimum=1024)
 WS_MAX_CONTEXTS = env_int("WS_MAX_CONTEXTS", 8, minimum=1)
@@ -306,26 +322,28 @@ if LOG_LEVEL not in logging.getLevelNamesMapping():
     raise ImproperlyConfigured(
         f"LOG_LEVEL={LOG_LEVEL!r} is not a logging level (DEBUG, INFO, WARNING, ERROR)."
     )
+LOG_FORMAT = env_choice("LOG_FORMAT", "plain", ("plain", "json"))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"request_id": {"()": "callwaiting_tts.middleware.RequestIdLogFilter"}},
+    "filters": {"request_id": {"()": "callwaiting_tts.logs.RequestIdLogFilter"}},
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
+        "json": {"()": "callwaiting_tts.logs.JsonFormatter"},
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["request_id"]},
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["request_id"]},
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
 }
 
 SENTRY_DSN = env_str("SENTRY_DSN")
 if SENTRY_DSN:
-    import sentry_sdk
+    from callwaiting_tts.sentry import sentry_init
 
-    sentry_sdk.init(
-        dsn=SENTRY_DSN,
-        traces_sample_rate=env_float("SENTRY_TRACES_SAMPLE_RATE", 0.0, minimum=0.0),
-        send_default_pii=False,
+    sentry_init(
+        SENTRY_DSN,
         release=VERSION,
+        environment=env_str("SENTRY_ENVIRONMENT") or None,
+        traces_sample_rate=env_float("SENTRY_TRACES_SAMPLE_RATE", 0.0, minimum=0.0),
     )

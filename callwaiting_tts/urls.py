@@ -3,6 +3,8 @@ from django.urls import path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
 from callwaiting_tts.health import health
+from callwaiting_tts.metrics import metrics_view
+from callwaiting_tts.readiness import ready
 from synthesis.views import audio_download, synthesize, synthesize_url, twiml_play
 from tenants.views import tenant_detail
 from usage.views import usage_report
@@ -16,10 +18,13 @@ handler500 = "callwaiting_tts.errors.server_error_view"
 # Endpoints that answer without an API key (audio-download checks a signed,
 # expiring link instead). Everything else under /v1 needs one;
 # tests/test_auth_coverage.py holds every route to this list.
-PUBLIC_URL_NAMES = frozenset({"health", "openapi-schema", "docs", "audio-download"})
+PUBLIC_URL_NAMES = frozenset({"health", "ready", "openapi-schema", "docs", "audio-download"})
+# Protected by a credential of their own rather than an API key (tests/test_metrics.py).
+OWN_CREDENTIAL_URL_NAMES = frozenset({"metrics"})
 
 urlpatterns = [
     path("v1/health", health, name="health"),
+    path("v1/ready", ready, name="ready"),
     path("v1/tenant", tenant_detail, name="tenant-detail"),
     path("v1/synthesize", synthesize, name="synthesize"),
     path("v1/synthesize-url", synthesize_url, name="synthesize-url"),
@@ -32,4 +37,6 @@ urlpatterns = [
     path("v1/openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
     path("v1/docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="docs"),
     path("admin/", admin.site.urls),
+    # Outside /v1: for the scraper, with its own token (METRICS_TOKEN), not an API key.
+    path("metrics", metrics_view, name="metrics"),
 ]

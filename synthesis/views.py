@@ -33,6 +33,7 @@ from synthesis.stored_audio import (
     stored_audio_for,
     verify_local_signature,
 )
+from synthesis.streaming import stream_stats
 from tenants.authentication import Principal
 from tenants.limits import StreamLease, stream_lease_acquire
 from tenants.quotas import quota_check
@@ -83,11 +84,13 @@ def _parse_body(request: HttpRequest) -> dict[str, Any]:
 async def _stream_body(first: bytes, rest: AsyncIterator[bytes], lease: StreamLease) -> AsyncIterator[bytes]:
     """The streamed response body. However it ends, the engine stops and the
     stream's lease is freed (the usage meter around it counts what was sent)."""
+    stream_stats.http_streams += 1
     try:
         yield first
         async for data in rest:
             yield data
     finally:
+        stream_stats.http_streams -= 1
         try:
             await rest.aclose()  # type: ignore[attr-defined]
         finally:

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta
 
+import sentry_sdk
 from django.conf import settings
 from django.db import DatabaseError
 from django.http import HttpRequest
@@ -211,6 +212,7 @@ async def aauthenticate_request(request: HttpRequest) -> Principal:
     """For plain async views; attaches the tenant to the request like the DRF class does."""
     principal = await aauthenticate_token(bearer_token(request.headers.get("Authorization")))
     request.tenant = principal.tenant  # type: ignore[attr-defined]
+    sentry_sdk.set_tag("tenant_id", str(principal.tenant.id))
     _apply_rate_limit(request, await arate_limit_check(principal.tenant))
     return principal
 
@@ -229,6 +231,7 @@ class ApiKeyAuthentication(BaseAuthentication):
     def authenticate(self, request: Request) -> tuple[Tenant, ApiKey]:
         principal = authenticate_token(bearer_token(request.headers.get("Authorization")))
         request._request.tenant = principal.tenant  # type: ignore[attr-defined]
+        sentry_sdk.set_tag("tenant_id", str(principal.tenant.id))
         _apply_rate_limit(request._request, rate_limit_check(principal.tenant))
         return principal.tenant, principal.api_key
 

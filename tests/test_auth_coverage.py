@@ -17,7 +17,7 @@ from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils import timezone
 
-from callwaiting_tts.urls import PUBLIC_URL_NAMES
+from callwaiting_tts.urls import OWN_CREDENTIAL_URL_NAMES, PUBLIC_URL_NAMES
 from tenants import keys
 from tenants.models import Tenant
 from tenants.services import api_key_issue, api_key_revoke
@@ -57,7 +57,7 @@ def api_endpoints() -> list[str]:
     return sorted(
         path
         for path, name, namespace in routed_endpoints()
-        if namespace != "admin" and name not in PUBLIC_URL_NAMES
+        if namespace != "admin" and name not in PUBLIC_URL_NAMES | OWN_CREDENTIAL_URL_NAMES
     )
 
 

@@ -25,12 +25,29 @@ from django.conf import settings
 from django.db import DatabaseError, IntegrityError, close_old_connections, transaction
 from django.http import HttpRequest
 
+from callwaiting_tts.metrics import synthesis_observed
 from tenants.models import Tenant
 from tenants.quotas import current_month, quota_counters_add, quota_note_local
 from usage.models import UsageLog
 from usage.spool import UsageRecord, UsageSpool
 
 logger = logging.getLogger(__name__)
+request_log = logging.getLogger("callwaiting.requests")
+_LOGGED_FIELDS = (
+    "tenant_id",
+    "endpoint",
+    "status_code",
+    "error_code",
+    "latency_ms",
+    "total_ms",
+    "audio_seconds",
+    "audio_bytes",
+    "input_chars",
+    "voice_id",
+    "format",
+    "cached",
+    "streaming",
+)
 
 # Endpoint names in usage rows (stable: the dashboard groups by them).
 SYNTHESIZE = "synthesize"
@@ -89,6 +106,26 @@ class UsageMeter:
         except OSError:
             # The disk refused: keep the counts in the log rather than fail the request.
             logger.exception("Could not spool a usage record: %s", record)
+        synthesis_observed(
+            tenant_id=record["tenant_id"],
+            endpoint=self.endpoint,
+            audio_format=record["format"],
+            status=status_code,
+            error_code=error_code,
+            cached=self.cached,
+            first_audio_s=None if record["latency_ms"] is None else record["latency_ms"] / 1000,
+            total_s=record["total_ms"] / 1000,
+            audio_seconds=self.audio_seconds,
+            audio_bytes=self.audio_bytes,
+        )
+        # One line per request for the logs: counts and ids, never the text.
+        request_log.info(
+            "%s %s %s",
+            self.endpoint,
+            status_code,
+            error_code or "ok",
+            extra={"request_id": record["request_id"], **{key: record[key] for key in _LOGGED_FIELDS}},
+        )
         if not self.cached and self.audio_seconds > 0:
             quota_note_local(self.tenant_id, self.audio_seconds)
         usage_flusher_start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import re
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,6 +75,9 @@ class SpeechEngine(abc.ABC):
         self.loaded = False
         self._active_jobs = 0
         self.jobs_started = 0  # a counter for health and metrics
+        # Busy time: seconds with at least one job in flight (utilisation = its rate).
+        self._busy_seconds = 0.0
+        self._busy_since = 0.0
 
     @abc.abstractmethod
     def load(self) -> None: ...
@@ -112,7 +116,13 @@ class SpeechEngine(abc.ABC):
             "active_jobs": self._active_jobs,
             "jobs_started": self.jobs_started,
             "max_active_jobs": self.max_active_jobs,
+            "busy_seconds": round(self.busy_seconds, 3),
         }
+
+    @property
+    def busy_seconds(self) -> float:
+        running = time.monotonic() - self._busy_since if self._active_jobs else 0.0
+        return self._busy_seconds + running
 
     @contextmanager
     def admitted(self) -> Iterator[None]:
@@ -122,12 +132,16 @@ class SpeechEngine(abc.ABC):
         """
         if self._active_jobs >= self.max_active_jobs:
             raise EngineOverloaded(retry_after_s=1)
+        if self._active_jobs == 0:
+            self._busy_since = time.monotonic()
         self._active_jobs += 1
         self.jobs_started += 1
         try:
             yield
         finally:
             self._active_jobs -= 1
+            if self._active_jobs == 0:
+                self._busy_seconds += time.monotonic() - self._busy_since
 
 
 def silence_chunk(seconds: float, sample_rate: int) -> np.ndarray:

@@ -1,0 +1,81 @@
+"""GET /v1/ready: may this process take traffic? (GET /v1/health only says it is alive.)
+
+Ready means the database, Redis (when configured) and the audio storage answer
+within READY_TIMEOUT_SECONDS, the engine is loaded and has done its warm-up
+synthesis, and the process is not draining for shutdown. Otherwise 503, naming
+what failed, so that a load balancer routes around the pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.core.files.storage import default_storage
+from django.db import connection
+from django.http import HttpRequest, JsonResponse
+
+from callwaiting_tts.lifecycle import lifecycle
+from callwaiting_tts.redis import redis_configured
+from synthesis.engines import loaded_engine
+
+READY_TIMEOUT_SECONDS = 2.0
+
+
+def _database_answers() -> None:
+    # A worker thread of its own (not Django's request thread), so it closes what it opened.
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    finally:
+        connection.close()
+
+
+def _storage_answers() -> None:
+    default_storage.exists("readiness-probe")  # a HEAD on S3; a stat on local disk
+
+
+async def _redis_answers() -> None:
+    import redis.asyncio as aioredis
+    from django.conf import settings
+
+    # A client of its own: the shared one's circuit breaker would hide a recovery for 5 s.
+    client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=READY_TIMEOUT_SECONDS)
+    try:
+        await client.ping()
+    finally:
+        await client.aclose()
+
+
+async def _check(probe: Callable[[], Awaitable[None]]) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(probe(), READY_TIMEOUT_SECONDS)
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    return {"ok": True, "ms": round((time.perf_counter() - started) * 1000, 1)}
+
+
+async def ready(request: HttpRequest) -> JsonResponse:
+    checks: dict[str, dict[str, Any]] = {
+        "database": await _check(sync_to_async(_database_answers, thread_sensitive=False)),
+        "storage": await _check(sync_to_async(_storage_answers, thread_sensitive=False)),
+    }
+    if redis_configured():
+        checks["redis"] = await _check(_redis_answers)
+    engine = loaded_engine()
+    checks["engine"] = (
+        {"ok": True, "name": engine.name, "warm_up_s": lifecycle.warm_up_seconds}
+        if engine is not None and engine.loaded and lifecycle.warm
+        else {"ok": False, "error": "the engine is not loaded and warmed up yet"}
+    )
+    if lifecycle.draining:
+        checks["shutdown"] = {"ok": False, "error": "draining for shutdown"}
+    failed = sorted(name for name, result in checks.items() if not result["ok"])
+    body = {"status": "unavailable" if failed else "ready", "failed": failed, "checks": checks}
+    response = JsonResponse(body, status=503 if failed else 200)
+    response["Cache-Control"] = "no-store"
+    return response
