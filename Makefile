@@ -7,7 +7,7 @@ RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 XTTS_STAMP := $(VENV)/.xtts-installed
 
-.PHONY: run test check lint typecheck services format clean
+.PHONY: run test bench check lint typecheck services format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ check: lint typecheck
 
 test: $(DEV_STAMP) $(XTTS_STAMP) services check
 	$(BIN)/pytest
+
+# Every benchmark scenario against a local server (Postgres, Redis); prints one table.
+bench: $(DEV_STAMP) services
+	$(BIN)/python bench/run.py
 
 format: $(DEV_STAMP)
 	$(BIN)/ruff check --fix .

@@ -24,7 +24,6 @@ from callwaiting_tts.errors import (
     api_error_response,
     database_unavailable,
     error_code_of,
-    error_response,
     validation_message,
 )
 from callwaiting_tts.middleware import request_id_for
@@ -32,13 +31,15 @@ from tenants.authentication import Principal, aauthenticate_request
 from usage.recorder import CLIENT_DISCONNECTED, STATUS_CLIENT_CLOSED, UsageMeter, metered_stream
 
 AsyncApiView = Callable[..., Awaitable[HttpResponseBase]]
+ErrorRenderer = Callable[[HttpRequest, ApiError], HttpResponseBase]
 
 
 def async_api_view(
-    *methods: str, usage_endpoint: str | None = None
+    *methods: str, usage_endpoint: str | None = None, render_error: ErrorRenderer = api_error_response
 ) -> Callable[[AsyncApiView], Callable[..., HttpResponseBase]]:
     """`usage_endpoint` names the endpoint in usage rows; views fill in the
-    request's meter (`usage_meter_of(request)`) as they learn what it asks for."""
+    request's meter (`usage_meter_of(request)`) as they learn what it asks for.
+    `render_error` draws errors in another shape (the OpenAI-compatible route)."""
     allowed = {method.upper() for method in methods}
 
     def decorator(view: AsyncApiView) -> Callable[..., HttpResponseBase]:
@@ -46,8 +47,7 @@ def async_api_view(
             try:
                 principal: Principal = await aauthenticate_request(request)
                 if request.method not in allowed:
-                    return error_response(
-                        request,
+                    raise ApiError(
                         405,
                         "method_not_allowed",
                         f"Use {', '.join(sorted(allowed))}.",
@@ -55,13 +55,12 @@ def async_api_view(
                     )
                 return await view(request, principal, *args, **kwargs)
             except ApiError as exc:
-                return api_error_response(request, exc)
+                return render_error(request, exc)
             except serializers.ValidationError as exc:
-                return error_response(
-                    request, 400, "invalid_request", validation_message(exc.detail), details=exc.detail
-                )
+                error = ApiError(400, "invalid_request", validation_message(exc.detail), details=exc.detail)
+                return render_error(request, error)
             except DatabaseError:
-                return api_error_response(request, database_unavailable())
+                return render_error(request, database_unavailable())
 
         @csrf_exempt
         @wraps(view)

@@ -93,7 +93,6 @@ MIDDLEWARE = [
 # event loop): sessions, CSRF and messages exist for the admin, and Django runs
 # them in its one sync thread, which the streaming API must never wait on.
 API_MIDDLEWARE = [
-    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "callwaiting_tts.middleware.RequestIdMiddleware",
     "callwaiting_tts.middleware.InlineSecurityMiddleware",
     "callwaiting_tts.middleware.InlineXFrameOptionsMiddleware",
@@ -242,6 +241,10 @@ QUOTA_CACHE_SECONDS = env_float("QUOTA_CACHE_SECONDS", 5.0, minimum=0.0)
 USAGE_SPOOL_DIR = Path(env_str("USAGE_SPOOL_DIR", str(BASE_DIR / "var" / "usage-spool")))
 USAGE_FLUSH_SECONDS = env_float("USAGE_FLUSH_SECONDS", 1.0, minimum=0.0)
 USAGE_FLUSH_BATCH = env_int("USAGE_FLUSH_BATCH", 500, minimum=1)
+# Off only to measure what recording costs (bench/run.py): no rows, no billing.
+USAGE_RECORDS = env_bool("USAGE_RECORDS", True)
+# /v1/bench/bare, a view with no auth or anything else, for bench/run.py to compare with.
+BENCHMARK_ROUTES = env_bool("BENCHMARK_ROUTES", False)
 # On SIGTERM: stop accepting, let running synthesis finish for at most this long, exit.
 SHUTDOWN_GRACE_SECONDS = env_float("SHUTDOWN_GRACE_SECONDS", 30.0, minimum=0.0)
 
@@ -249,6 +252,12 @@ SHUTDOWN_GRACE_SECONDS = env_float("SHUTDOWN_GRACE_SECONDS", 30.0, minimum=0.0)
 # unset, the endpoint does not exist. Tenant labels multiply series by tenants.
 METRICS_TOKEN = env_str("METRICS_TOKEN")
 METRICS_TENANT_LABELS = env_bool("METRICS_TENANT_LABELS", False)
+
+# OpenAI's voice names (alloy, echo, ...) on /v1/audio/speech: "alloy=joe,echo=joe".
+# A name not listed (or naming no built-in voice) speaks with the engine's default voice.
+OPENAI_VOICE_MAP = dict(
+    pair.split("=", 1) for pair in env_str("OPENAI_VOICE_MAP").replace(" ", "").split(",") if "=" in pair
+)
 
 # WS /v1/stream limits (see README "Streaming over WebSocket").
 WS_MAX_MESSAGE_BYTES = env_int("WS_MAX_MESSAGE_BYTES", 64 * 1024, minimum=1024)

@@ -1,10 +1,13 @@
+from django.conf import settings
 from django.contrib import admin
+from django.http import HttpRequest, JsonResponse
 from django.urls import path
 from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
 from callwaiting_tts.health import health
 from callwaiting_tts.metrics import metrics_view
 from callwaiting_tts.readiness import ready
+from synthesis.openai_api import audio_speech
 from synthesis.views import audio_download, synthesize, synthesize_url, twiml_play
 from tenants.views import tenant_detail
 from usage.views import usage_report
@@ -28,6 +31,7 @@ urlpatterns = [
     path("v1/tenant", tenant_detail, name="tenant-detail"),
     path("v1/synthesize", synthesize, name="synthesize"),
     path("v1/synthesize-url", synthesize_url, name="synthesize-url"),
+    path("v1/audio/speech", audio_speech, name="audio-speech"),
     path("v1/twiml/play", twiml_play, name="twiml-play"),
     path("v1/audio/<path:name>", audio_download, name="audio-download"),
     path("v1/usage", usage_report, name="usage"),
@@ -40,3 +44,10 @@ urlpatterns = [
     # Outside /v1: for the scraper, with its own token (METRICS_TOKEN), not an API key.
     path("metrics", metrics_view, name="metrics"),
 ]
+
+if settings.BENCHMARK_ROUTES:  # off unless a benchmark asks (bench/run.py)
+
+    async def bench_bare(request: HttpRequest) -> JsonResponse:
+        return JsonResponse({"ok": True})
+
+    urlpatterns.append(path("v1/bench/bare", bench_bare, name="bench-bare"))

@@ -28,6 +28,7 @@ class AudioFormat(StrEnum):
     OPUS = "opus"
     FLAC = "flac"
     MULAW = "mulaw"
+    AAC = "aac"
 
 
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
@@ -42,6 +43,7 @@ CONTENT_TYPES = {
     AudioFormat.OPUS: "audio/ogg; codecs=opus",
     AudioFormat.FLAC: "audio/flac",
     AudioFormat.MULAW: "audio/ulaw",
+    AudioFormat.AAC: "audio/aac",
 }
 
 # libsndfile's SFC_SET_OGG_PAGE_LATENCY_MS: without it an Ogg Opus stream
@@ -126,6 +128,39 @@ class _Sink(io.BytesIO):
         return data
 
 
+class _AacWriter:
+    """AAC-LC in ADTS frames (what `audio/aac` means), through FFmpeg's encoder
+    (PyAV). ADTS needs no header or index, so it streams frame by frame."""
+
+    BIT_RATE = 64_000  # plenty for mono speech
+
+    def __init__(self, sample_rate: int) -> None:
+        import av
+
+        self._sink = _Sink()
+        self._container = av.open(self._sink, "w", format="adts")
+        self._stream = self._container.add_stream("aac", rate=sample_rate, layout="mono")
+        self._stream.bit_rate = self.BIT_RATE
+        self._sample_rate = sample_rate
+
+    def write(self, samples: np.ndarray) -> bytes:
+        import av
+
+        frame = av.AudioFrame.from_ndarray(
+            float_to_int16(samples).reshape(1, -1), format="s16", layout="mono"
+        )
+        frame.sample_rate = self._sample_rate
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        return self._sink.take_new()
+
+    def finish(self) -> bytes:
+        for packet in self._stream.encode(None):
+            self._container.mux(packet)
+        self._container.close()
+        return self._sink.take_new()
+
+
 class AudioEncoder:
     """Feed float32 chunks at `input_rate`; get bytes of `spec` back as they are ready.
 
@@ -146,6 +181,8 @@ class AudioEncoder:
         self._pcm_parts: list[bytes] = []
         self._sink: _Sink | None = None
         self._sndfile: soundfile.SoundFile | None = None
+        self._aac = _AacWriter(spec.sample_rate) if spec.format is AudioFormat.AAC else None
+        self._aac_parts: list[bytes] = []
         self._header_sent = False
         if spec.format in _SNDFILE_FORMATS:
             container, subtype = _SNDFILE_FORMATS[spec.format]
@@ -173,6 +210,9 @@ class AudioEncoder:
         tail = b""
         if self._resampler is not None:
             tail = self._encode(self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
+        if self._aac is not None:
+            rest = self._aac.finish()
+            return tail + rest if self.streaming else b"".join(self._aac_parts) + tail + rest
         if self._sndfile is not None and self._sink is not None:
             self._sndfile.close()
             if self.streaming:
@@ -190,6 +230,12 @@ class AudioEncoder:
 
     def _encode(self, samples: np.ndarray) -> bytes:
         self.samples_out += len(samples)
+        if self._aac is not None:
+            data = self._aac.write(samples) if len(samples) else b""
+            if self.streaming:
+                return data
+            self._aac_parts.append(data)
+            return b""
         if self._sndfile is not None and self._sink is not None:
             if len(samples):
                 self._sndfile.write(samples)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from xml.etree.ElementTree import Element, SubElement, tostring
 
@@ -81,7 +81,9 @@ def _parse_body(request: HttpRequest) -> dict[str, Any]:
     return fields
 
 
-async def _stream_body(first: bytes, rest: AsyncIterator[bytes], lease: StreamLease) -> AsyncIterator[bytes]:
+async def stream_body_closing(
+    first: bytes, rest: AsyncIterator[bytes], lease: StreamLease
+) -> AsyncIterator[bytes]:
     """The streamed response body. However it ends, the engine stops and the
     stream's lease is freed (the usage meter around it counts what was sent)."""
     stream_stats.http_streams += 1
@@ -130,8 +132,27 @@ async def synthesize(request: HttpRequest, principal: Principal) -> HttpResponse
     fields = _parse_body(request)
     plan = await _plan(request, fields, principal)
     await quota_check(principal.tenant)
+    return await audio_response(request, principal, plan, streaming=fields["streaming"])
+
+
+AudioBody = Callable[[bytes, AsyncIterator[bytes], StreamLease, SynthesisResult], AsyncIterator[bytes]]
+
+
+async def audio_response(
+    request: HttpRequest,
+    principal: Principal,
+    plan: SynthesisPlan,
+    *,
+    streaming: bool,
+    stream_body: AudioBody | None = None,
+    content_type: str | None = None,
+) -> HttpResponseBase:
+    """Run the plan and answer its audio: streamed as it is made, or whole.
+
+    `stream_body` wraps a streamed answer differently (OpenAI's SSE events); it
+    then counts its own audio for usage.
+    """
     result = SynthesisResult(spec=plan.spec)
-    streaming = fields["streaming"]
     lease = await stream_lease_acquire(principal.tenant) if streaming else None
     audio = synthesis_audio(plan, result, streaming=streaming)
     try:
@@ -153,8 +174,13 @@ async def synthesize(request: HttpRequest, principal: Principal) -> HttpResponse
         lease.keep_alive()
         if meter is not None:
             meter.audio_clock = lambda: result.audio_seconds
-        body = _stream_body(first, audio, lease)
-        response = StreamingHttpResponse(body, content_type=plan.spec.content_type)
+            meter.counts_own_audio = stream_body is not None
+        body = (
+            stream_body_closing(first, audio, lease)
+            if stream_body is None
+            else stream_body(first, audio, lease, result)
+        )
+        response = StreamingHttpResponse(body, content_type=content_type or plan.spec.content_type)
         response["Cache-Control"] = "no-store"
         response["X-Accel-Buffering"] = "no"  # let proxies pass chunks through
     else:
@@ -167,7 +193,7 @@ async def synthesize(request: HttpRequest, principal: Principal) -> HttpResponse
         whole = b"".join(parts)
         if meter is not None:
             meter.audio_sent(len(whole), result.audio_seconds)
-        response = HttpResponse(whole, content_type=plan.spec.content_type)
+        response = HttpResponse(whole, content_type=content_type or plan.spec.content_type)
         response["Content-Length"] = str(len(whole))
         response["X-Audio-Duration"] = f"{result.audio_seconds:.3f}"
     for name, value in headers.items():

@@ -24,6 +24,13 @@ def decode(data: bytes, spec: OutputSpec) -> np.ndarray:
             io.BytesIO(data), samplerate=8000, channels=1, format="RAW", subtype="ULAW", dtype="float32"
         )
         return np.asarray(audio)
+    if spec.format is AudioFormat.AAC:
+        import av
+
+        with av.open(io.BytesIO(data), mode="r", format="aac") as container:
+            assert container.streams.audio[0].sample_rate == spec.sample_rate
+            frames = [frame.to_ndarray().reshape(-1) for frame in container.decode(audio=0)]
+        return np.concatenate(frames).astype(np.float32)
     if spec.format in (AudioFormat.FLAC, AudioFormat.MP3):
         # libsndfile cannot read a FLAC whose header says "length unknown" (as a
         # streamed one must); miniaudio's decoders read to the end, as players do.
@@ -58,9 +65,9 @@ def test_every_format_and_rate_decodes_to_the_right_duration(
     spec = OutputSpec.parse(audio_format.value, rate)
     chunks = [tone(0.4, 22050) for _ in range(5)]  # 2.0 s at the engine's rate
     audio = decode(encode(spec, chunks, 22050, streaming=streaming), spec)
-    # MP3 adds encoder delay and frame padding (up to ~0.25 s at 8 kHz) that a
-    # streamed file has no header to trim.
-    slack = 0.3 if audio_format is AudioFormat.MP3 else 0.15
+    # MP3 and AAC add encoder delay and frame padding (up to ~0.26 s at 8 kHz)
+    # that a streamed file has no header to trim.
+    slack = 0.3 if audio_format in (AudioFormat.MP3, AudioFormat.AAC) else 0.15
     assert 1.9 <= len(audio) / spec.sample_rate <= 2.0 + slack
     assert np.abs(audio).max() > 0.2
 

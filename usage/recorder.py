@@ -53,6 +53,7 @@ _LOGGED_FIELDS = (
 SYNTHESIZE = "synthesize"
 SYNTHESIZE_URL = "synthesize-url"
 TWIML_PLAY = "twiml-play"
+AUDIO_SPEECH = "audio-speech"  # the OpenAI-compatible endpoint
 STREAM = "stream"
 
 # error_code of a request the client abandoned (hung up, or cancelled a
@@ -79,6 +80,8 @@ class UsageMeter:
     cached: bool = False
     # Seconds of audio in what has been sent so far (the encoder's clock).
     audio_clock: Callable[[], float] | None = None
+    # A streamed body that is not the audio itself (SSE events) counts its audio itself.
+    counts_own_audio: bool = False
     id: uuid.UUID = field(default_factory=uuid.uuid4)
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     started: float = field(default_factory=time.perf_counter)
@@ -102,7 +105,8 @@ class UsageMeter:
         self.finished = True
         record = self.record(status_code, error_code)
         try:
-            usage_spool().append(record)
+            if settings.USAGE_RECORDS:
+                usage_spool().append(record)
         except OSError:
             # The disk refused: keep the counts in the log rather than fail the request.
             logger.exception("Could not spool a usage record: %s", record)
@@ -166,7 +170,8 @@ async def metered_stream(body: AsyncGenerator[bytes, None], meter: UsageMeter) -
     try:
         async with aclosing(body):  # closing it stops the engine and frees the stream's lease
             async for chunk in body:
-                meter.audio_sent(len(chunk))
+                if not meter.counts_own_audio:
+                    meter.audio_sent(len(chunk))
                 yield chunk
     except BaseException as exc:
         # GeneratorExit or CancelledError: the client went away mid-stream.

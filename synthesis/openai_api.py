@@ -1,0 +1,204 @@
+"""POST /v1/audio/speech: OpenAI's speech API, so OpenAI clients work by changing the base URL.
+
+The same engine, auth, limits, quotas, usage rows and metrics as /v1/synthesize;
+only the request body, the response framing and the error shape are OpenAI's:
+
+    {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
+
+`model` is accepted whatever it names (this service has one engine). OpenAI's
+voice names map to built-in voices (OPENAI_VOICE_MAP); any other `voice` (or
+`{"id": ...}`) is one of ours, built-in or the tenant's cloned voice.
+`instructions` is accepted and ignored: neither engine takes style prompts.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, JsonResponse
+from django.http.response import HttpResponseBase
+
+from callwaiting_tts.async_views import async_api_view
+from callwaiting_tts.errors import ApiError
+from callwaiting_tts.middleware import REQUEST_ID_HEADER, request_id_for
+from synthesis.engines import get_engine
+from synthesis.services import SynthesisResult, synthesis_plan
+from synthesis.views import audio_response, stream_body_closing
+from tenants.authentication import Principal
+from tenants.limits import StreamLease
+from tenants.quotas import quota_check
+from usage.recorder import AUDIO_SPEECH, usage_meter_of
+
+OPENAI_VOICES = frozenset(
+    {
+        "alloy",
+        "ash",
+        "ballad",
+        "coral",
+        "echo",
+        "fable",
+        "nova",
+        "onyx",
+        "sage",
+        "shimmer",
+        "verse",
+        "marin",
+        "cedar",
+    }
+)
+RESPONSE_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+MAX_INPUT_CHARS = 4096
+# OpenAI's pcm is 24 kHz; the other formats take the same rate.
+SAMPLE_RATE = 24000
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_error_response(request: HttpRequest, error: ApiError) -> HttpResponseBase:
+    """An ApiError in OpenAI's shape, so OpenAI SDKs raise their usual exceptions."""
+    details = error.details if isinstance(error.details, dict) else {}
+    kind = "insufficient_quota" if error.code == "quota_exceeded" else _ERROR_TYPES.get(error.status_code)
+    body = {
+        "error": {
+            "message": error.message,
+            "type": kind or "server_error",
+            "param": next(iter(details), None),
+            "code": error.code,
+        }
+    }
+    response = JsonResponse(body, status=error.status_code)
+    for name, value in error.headers.items():
+        response[name] = value
+    response[REQUEST_ID_HEADER] = request_id_for(request)
+    response.error_code = error.code  # type: ignore[attr-defined]  # for usage metering
+    return response
+
+
+def _invalid(param: str, message: str, code: str = "invalid_request") -> ApiError:
+    return ApiError(400, code, message, details={param: [message]})
+
+
+def _parse(request: HttpRequest) -> dict[str, Any]:
+    try:
+        body = json.loads(request.body or b"null")
+    except RequestDataTooBig:
+        raise ApiError(413, "request_too_large", "The request body is too large.") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "malformed_json", "The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "malformed_json", "The request body must be a JSON object.")
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise _invalid("model", "`model` is required (any OpenAI speech model name works).")
+    text = body.get("input")
+    if not isinstance(text, str):
+        raise _invalid("input", "`input` is required: the text to speak.")
+    if len(text) > MAX_INPUT_CHARS:
+        raise _invalid("input", f"`input` is at most {MAX_INPUT_CHARS} characters.", "text_too_long")
+    voice = body.get("voice")
+    if isinstance(voice, dict):
+        voice = voice.get("id")
+    if not isinstance(voice, str) or not voice:
+        raise _invalid("voice", '`voice` is required: a voice name or {"id": "<voice_id>"}.')
+    response_format = body.get("response_format") or "mp3"
+    if response_format not in RESPONSE_FORMATS:
+        raise _invalid(
+            "response_format",
+            f"`response_format` is one of {', '.join(RESPONSE_FORMATS)}.",
+            "unsupported_format",
+        )
+    speed = body.get("speed", 1.0)
+    if not isinstance(speed, int | float) or isinstance(speed, bool):
+        raise _invalid("speed", "`speed` must be a number from 0.25 to 4.0.", "invalid_speed")
+    stream_format = body.get("stream_format") or "audio"
+    if stream_format not in ("audio", "sse"):
+        raise _invalid("stream_format", '`stream_format` is "audio" or "sse".')
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise _invalid("instructions", "`instructions` must be a string.")
+    return {
+        "input": text,
+        "voice": voice,
+        "response_format": response_format,
+        "speed": float(speed),
+        "stream_format": stream_format,
+    }
+
+
+def voice_for(name: str) -> str | None:
+    """Our voice id for an OpenAI voice name (None: the engine's default); other names pass through."""
+    if name.lower() not in OPENAI_VOICES:
+        return name
+    mapped = settings.OPENAI_VOICE_MAP.get(name.lower())
+    if mapped and get_engine().find_builtin_voice(mapped) is not None:
+        return mapped
+    return None
+
+
+def _usage(input_chars: int, audio_seconds: float) -> dict[str, int]:
+    """OpenAI reports tokens; we have no tokenizer, so: input ~ 4 characters a
+    token, output one token per 20 ms of audio (both documented estimates)."""
+    input_tokens = math.ceil(input_chars / 4)
+    output_tokens = math.ceil(audio_seconds * 50)
+    return {
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+
+
+@async_api_view("POST", usage_endpoint=AUDIO_SPEECH, render_error=openai_error_response)
+async def audio_speech(request: HttpRequest, principal: Principal) -> HttpResponseBase:
+    fields = _parse(request)
+    meter = usage_meter_of(request)
+    if meter is not None:
+        meter.input_chars = len(fields["input"])
+        meter.format = fields["response_format"]
+        meter.streaming = True
+    plan = await synthesis_plan(
+        tenant=principal.tenant,
+        text=fields["input"],
+        voice_id=voice_for(fields["voice"]),
+        audio_format=fields["response_format"],
+        sample_rate=SAMPLE_RATE,
+        speed=fields["speed"],
+    )
+    if meter is not None:
+        meter.voice_id = plan.voice_id
+    await quota_check(principal.tenant)
+    if fields["stream_format"] == "audio":
+        return await audio_response(request, principal, plan, streaming=True)
+
+    input_chars = len(fields["input"])
+
+    async def events(
+        first: bytes, rest: AsyncIterator[bytes], lease: StreamLease, result: SynthesisResult
+    ) -> AsyncIterator[bytes]:
+        async for audio in stream_body_closing(first, rest, lease):
+            if meter is not None:
+                meter.audio_sent(len(audio), result.audio_seconds)
+            yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(audio).decode("ascii")})
+        yield _sse({"type": "speech.audio.done", "usage": _usage(input_chars, result.audio_seconds)})
+
+    return await audio_response(
+        request, principal, plan, streaming=True, stream_body=events, content_type="text/event-stream"
+    )
