@@ -189,7 +189,7 @@ async def scenario_overhead(base_url: str, key: str, turns: int) -> list[Row]:
                 1,
                 times[name],
                 wall / 3,
-                note=f"+{overhead:.1f} ms p50 over engine",
+                note=f"{overhead:+.1f} ms p50 over the engine, turn by turn",
             )
         )
     return rows
@@ -294,7 +294,7 @@ async def scenario_api_cost(base_url: str, key: str, requests: int) -> list[Row]
         cost = (percentile(api, 0.5) - percentile(bare, 0.5)) * 1000
         rows.append(row("4. bare Django view", clients, bare, bare_wall, bare_errors))
         rows.append(
-            row("4. GET /v1/tenant", clients, api, api_wall, api_errors, note=f"+{cost:.2f} ms p50 over bare")
+            row("4. GET /v1/tenant", clients, api, api_wall, api_errors, note=f"{cost:+.2f} ms p50 over bare")
         )
     return rows
 
@@ -352,7 +352,10 @@ def run(args: argparse.Namespace) -> list[Row]:
             step = asyncio.run
             rows += step(scenario_overhead(base_url, key, turns=10 if quick else 30))
             for clients in (1, 20, 50, 100):
-                rows += step(scenario_concurrency(base_url, key, clients, per_client=1 if quick else 2))
+                # one utterance per client (two at 1 client): all start together, half of them long
+                rows += step(
+                    scenario_concurrency(base_url, key, clients, per_client=2 if clients == 1 else 1)
+                )
             rows += step(scenario_cache(base_url, key, requests=200 if quick else 500))
             rows += step(scenario_api_cost(base_url, key, requests=500 if quick else 2000))
             rows.append(step(scenario_usage(base_url, key, database_url, 100 if quick else 300, "on")))
