@@ -68,3 +68,18 @@ def start_server(
             time.sleep(0.1)
     server.kill()
     raise SystemExit(f"Daphne did not start; see {workdir / 'daphne.log'}")
+
+
+async def http_first_byte(client: httpx.AsyncClient, text: str) -> float:
+    """Seconds from a streamed POST /v1/synthesize to its first bytes (the rest is read too)."""
+    started = time.perf_counter()
+    async with client.stream(
+        "POST", "/v1/synthesize", json={"text": text, "streaming": True, "format": "pcm"}
+    ) as r:
+        r.raise_for_status()
+        chunks = r.aiter_raw()
+        await anext(chunks)
+        elapsed = time.perf_counter() - started
+        async for _ in chunks:
+            pass
+    return elapsed

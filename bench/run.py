@@ -38,7 +38,7 @@ from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import percentile, start_server
+from bench.common import http_first_byte, percentile, start_server
 
 SHORT = "Thanks for calling Acme Dental, this is Ava. How can I help you today?"
 LONG = " ".join(
@@ -88,20 +88,6 @@ def row(
 
 
 # --- clients ------------------------------------------------------------------------------
-
-
-async def http_first_byte(client: httpx.AsyncClient, text: str) -> float:
-    started = time.perf_counter()
-    async with client.stream(
-        "POST", "/v1/synthesize", json={"text": text, "streaming": True, "format": "pcm"}
-    ) as r:
-        r.raise_for_status()
-        chunks = r.aiter_raw()
-        await anext(chunks)
-        elapsed = time.perf_counter() - started
-        async for _ in chunks:
-            pass
-    return elapsed
 
 
 class WsSpeaker:

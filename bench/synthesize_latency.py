@@ -23,7 +23,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import percentile, start_server
+from bench.common import http_first_byte, percentile, start_server
 
 TEXT = "Thanks for calling Acme Dental, this is Ava. How can I help you today?"
 
@@ -64,17 +64,7 @@ async def http_first_byte_times(base_url: str, key: str, requests: int, concurre
 
         async def one() -> float:
             async with semaphore:
-                started = time.perf_counter()
-                async with client.stream(
-                    "POST", "/v1/synthesize", json={"text": TEXT, "streaming": True, "format": "pcm"}
-                ) as response:
-                    response.raise_for_status()
-                    chunks = response.aiter_raw()
-                    await anext(chunks)
-                    elapsed = time.perf_counter() - started
-                    async for _ in chunks:
-                        pass
-                return elapsed
+                return await http_first_byte(client, TEXT)
 
         await one()
         return list(await asyncio.gather(*(one() for _ in range(requests))))

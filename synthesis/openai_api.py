@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, JsonResponse
 from django.http.response import HttpResponseBase
 
@@ -29,7 +28,7 @@ from callwaiting_tts.errors import ApiError
 from callwaiting_tts.middleware import REQUEST_ID_HEADER, request_id_for
 from synthesis.engines import get_engine
 from synthesis.services import SynthesisResult, synthesis_plan
-from synthesis.views import audio_response, stream_body_closing
+from synthesis.views import audio_response, json_object_body, stream_body_closing
 from tenants.authentication import Principal
 from tenants.limits import StreamLease
 from tenants.quotas import quota_check
@@ -95,14 +94,7 @@ def _invalid(param: str, message: str, code: str = "invalid_request") -> ApiErro
 
 
 def _parse(request: HttpRequest) -> dict[str, Any]:
-    try:
-        body = json.loads(request.body or b"null")
-    except RequestDataTooBig:
-        raise ApiError(413, "request_too_large", "The request body is too large.") from None
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "malformed_json", "The request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "malformed_json", "The request body must be a JSON object.")
+    body = json_object_body(request)
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise _invalid("model", "`model` is required (any OpenAI speech model name works).")
     text = body.get("input")

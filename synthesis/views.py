@@ -54,7 +54,8 @@ _BODY_FIELDS: tuple[tuple[str, tuple[type, ...], Any], ...] = (
 _OPTIONAL_NULLABLE = {"sample_rate"}
 
 
-def _parse_body(request: HttpRequest) -> dict[str, Any]:
+def json_object_body(request: HttpRequest) -> dict[str, Any]:
+    """The request body as a JSON object, or the API's errors for anything else."""
     try:
         payload = json.loads(request.body or b"null")
     except RequestDataTooBig:
@@ -63,6 +64,11 @@ def _parse_body(request: HttpRequest) -> dict[str, Any]:
         raise ApiError(400, "malformed_json", "The request body is not valid JSON.") from None
     if not isinstance(payload, dict):
         raise ApiError(400, "malformed_json", "The request body must be a JSON object.")
+    return payload
+
+
+def _parse_body(request: HttpRequest) -> dict[str, Any]:
+    payload = json_object_body(request)
     fields: dict[str, Any] = {}
     problems: dict[str, list[str]] = {}
     for name, types, default in _BODY_FIELDS:
