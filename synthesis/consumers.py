@@ -225,10 +225,9 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
         # Channels closes stale database connections (a thread hop) before every
         # message; frames of text need no database, so only the rest pay for it.
         if message.get("type") == "websocket.receive":
-            handler = self.websocket_receive
-            await handler(message)
-            return
-        await super().dispatch(message)
+            await self.websocket_receive(message)
+        else:
+            await super().dispatch(message)
 
     async def disconnect(self, code: int) -> None:
         self._closing = True
