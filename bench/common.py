@@ -13,6 +13,16 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def setup_django() -> None:
+    """Django for the benchmarks' in-process engine (no .env: the bench servers get their own env)."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "callwaiting_tts.settings")
+    os.environ.setdefault("SECRET_KEY", "bench-" + "x" * 50)
+    os.environ["CWT_ENV_FILE"] = ""
+    import django
+
+    django.setup()
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))

@@ -38,7 +38,7 @@ from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import http_first_byte, percentile, start_server
+from bench.common import http_first_byte, percentile, setup_django, start_server
 
 SHORT = "Thanks for calling Acme Dental, this is Ava. How can I help you today?"
 LONG = " ".join(
@@ -388,12 +388,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "last-run.json")
     parser.add_argument("--quick", action="store_true", help="fewer requests per scenario")
     args = parser.parse_args()
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "callwaiting_tts.settings")
-    os.environ.setdefault("SECRET_KEY", "bench-" + "x" * 50)
-    os.environ["CWT_ENV_FILE"] = ""
-    import django
-
-    django.setup()
+    setup_django()
     started = time.monotonic()
     rows = run(args)
     elapsed = time.monotonic() - started

@@ -25,7 +25,7 @@ from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import percentile, start_server
+from bench.common import percentile, setup_django, start_server
 from bench.synthesize_latency import TEXT, engine_first_chunk_times
 
 
@@ -82,12 +82,7 @@ def main() -> None:
     parser.add_argument("--utterances", type=int, default=3, help="per connection")
     parser.add_argument("--connections", type=int, nargs="+", default=[1, 20, 100])
     args = parser.parse_args()
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "callwaiting_tts.settings")
-    os.environ.setdefault("SECRET_KEY", "bench-" + "x" * 50)
-    os.environ["CWT_ENV_FILE"] = ""
-    import django
-
-    django.setup()
+    setup_django()
 
     results = []
     with tempfile.TemporaryDirectory() as workdir:

@@ -23,7 +23,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import http_first_byte, percentile, start_server
+from bench.common import http_first_byte, percentile, setup_django, start_server
 
 TEXT = "Thanks for calling Acme Dental, this is Ava. How can I help you today?"
 
@@ -77,12 +77,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 20])
     args = parser.parse_args()
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "callwaiting_tts.settings")
-    os.environ.setdefault("SECRET_KEY", "bench-" + "x" * 50)
-    os.environ["CWT_ENV_FILE"] = ""
-    import django
-
-    django.setup()
+    setup_django()
 
     rows = []
     for concurrency in args.concurrency:

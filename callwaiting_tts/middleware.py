@@ -89,6 +89,7 @@ class RequestIdMiddleware:
 def _observe(request: HttpRequest, response: HttpResponseBase, elapsed: float) -> None:
     """API metrics, on the event loop (django-prometheus's middleware would take
     two thread hops per request here; it measures the admin side)."""
+    # Imported here: metrics -> errors -> this module would be an import cycle.
     from callwaiting_tts.metrics import HTTP_DURATION, HTTP_REQUESTS
 
     match = request.resolver_match

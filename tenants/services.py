@@ -126,6 +126,9 @@ def tenant_access_group(tenant_id: uuid.UUID) -> str:
     return f"tenant-access.{tenant_id.hex}"
 
 
+_broadcasts: set[asyncio.Task[None]] = set()
+
+
 def tenant_access_changed(tenant_id: uuid.UUID) -> None:
     """Tell every server process's open streams of this tenant to check their key
     again (revoked, expired, or tenant deactivated: they close). Sent once the
@@ -137,10 +140,14 @@ def tenant_access_changed(tenant_id: uuid.UUID) -> None:
             return
         group, message = tenant_access_group(tenant_id), {"type": "access.changed"}
         try:
-            asyncio.get_running_loop().create_task(layer.group_send(group, message))
-            return
+            task = asyncio.get_running_loop().create_task(layer.group_send(group, message))
         except RuntimeError:
             pass  # no event loop in this thread (the admin, a management command)
+        else:
+            # The event loop keeps only a weak reference to a task: hold it until it is done.
+            _broadcasts.add(task)
+            task.add_done_callback(_broadcasts.discard)
+            return
         try:
             async_to_sync(layer.group_send)(group, message)
         except Exception:

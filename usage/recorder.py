@@ -197,23 +197,14 @@ def usage_spool() -> UsageSpool:
 
 
 def _row(record: UsageRecord) -> UsageLog:
+    """A spooled record as a row: its keys are UsageLog's field names (UsageMeter.record)."""
     return UsageLog(
-        id=uuid.UUID(record["id"]),
-        tenant_id=uuid.UUID(record["tenant_id"]),
-        request_id=record["request_id"],
-        endpoint=record["endpoint"],
-        input_chars=record["input_chars"],
-        audio_bytes=record["audio_bytes"],
-        audio_seconds=record["audio_seconds"],
-        latency_ms=record["latency_ms"],
-        total_ms=record["total_ms"],
-        streaming=record["streaming"],
-        voice_id=record["voice_id"],
-        format=record["format"],
-        cached=record["cached"],
-        status_code=record["status_code"],
-        error_code=record["error_code"],
-        created_at=datetime.fromisoformat(record["created_at"]),
+        **{
+            **record,
+            "id": uuid.UUID(record["id"]),
+            "tenant_id": uuid.UUID(record["tenant_id"]),
+            "created_at": datetime.fromisoformat(record["created_at"]),
+        }
     )
 
 
