@@ -15,17 +15,24 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends ffmpeg curl \
     && rm -rf /var/lib/apt/lists/*
 
+# The locked environment lives outside the code folder, first on PATH.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    UV_PROJECT_ENVIRONMENT=/opt/venv \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_NO_CACHE=1 \
+    PATH=/opt/venv/bin:$PATH
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
 WORKDIR /app
 
-# Dependencies first: a code change does not reinstall torch.
-COPY requirements.txt requirements-xtts.txt ./
-RUN pip install -r requirements.txt -r requirements-xtts.txt
+# Dependencies first: a code change does not reinstall torch. uv with its hashes checked,
+# then exactly uv.lock's runtime and XTTS sets (no dev tools): nothing from outside the lock.
+COPY requirements-uv.txt pyproject.toml uv.lock ./
+RUN pip install --no-deps --require-hashes -r requirements-uv.txt \
+    && uv sync --locked --no-dev --extra xtts
 
 COPY --chown=app:app . .
 

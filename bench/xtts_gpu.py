@@ -8,12 +8,12 @@ noise), then measures: load time; time to first chunk at stream_chunk_size 20
 and 10, fp32 and fp16; per-token decode time; real-time factor; and first-chunk
 latency at 1, 4, 16 and 64 concurrent streams through the engine's scheduler.
 
-Needs, on the GPU machine: Python 3.11 with torch (CUDA), and the wheels of
-requirements-xtts.txt (coqui-tts 0.28.0, torchaudio, torchcodec, six) plus
-Django, numpy and soxr from requirements.txt, carried over as a wheel folder
-(`pip download -d wheels -r requirements-xtts.txt django numpy soxr` here, then
-`pip install --no-index --find-links wheels ...` there). Target (the seed plan):
-time to first chunk at most 200 ms for a single stream.
+Needs, on the GPU machine: Python 3.11 and the lock's runtime and `xtts` sets,
+carried over as a wheel folder with their hashes:
+`.tools/bin/uv export --frozen --no-dev --extra xtts --no-emit-project > wheels.txt`
+and `pip download --require-hashes -d wheels -r wheels.txt` here, then
+`pip install --no-index --find-links wheels --require-hashes -r wheels.txt` there.
+Target (the seed plan): time to first chunk at most 200 ms for a single stream.
 """
 
 from __future__ import annotations

@@ -48,10 +48,16 @@ def main() -> None:
 
     class GracefulServer(Server):  # type: ignore[misc]  # daphne ships no types
         ports: list[Any]
+        listen_failure: str | None = None
 
         def listen_success(self, port: Any) -> None:
             self.ports.append(port)
             super().listen_success(port)
+
+        def listen_error(self, failure: Any) -> None:
+            # Daphne logs this and stops the reactor, and the process would exit 0.
+            self.listen_failure = failure.getErrorMessage()
+            super().listen_error(failure)
 
     # JSON logs come from the service's own request log; Daphne's access lines are plain text.
     access_log = AccessLogGenerator(sys.stdout) if settings.LOG_FORMAT == "plain" else None
@@ -93,6 +99,11 @@ def main() -> None:
     signal.signal(signal.SIGINT, on_signal)
     logger.info("Starting server at %s:%s", settings.HOST, settings.PORT)
     server.run()
+    if server.listen_failure:
+        sys.exit(
+            f"error: cannot listen on {settings.HOST}:{settings.PORT} ({server.listen_failure}); "
+            "is another server using it? Set PORT to choose another."
+        )
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ INSTALLED_APPS = [
     "synthesis",
     "usage",
     "django_prometheus",
+    # The composition root, listed for its management commands (`prepare`) only.
+    "callwaiting_tts",
 ]
 
 MIDDLEWARE = [
@@ -148,6 +150,9 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # --- Redis and Channels ------------------------------------------------------
 
 REDIS_URL = env_str("REDIS_URL")
+# Every key this service writes (and the channel layer's) starts with this, so that
+# deployments or test runs sharing one Redis database never touch each other's state.
+REDIS_KEY_PREFIX = env_str("REDIS_KEY_PREFIX", "cwt")
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
@@ -155,7 +160,10 @@ if REDIS_URL:
             # redis-py 8 defaults socket_timeout to 5 s, the same as the layer's
             # blocking BZPOPMIN: reads then time out and tear consumers down
             # (django/channels_redis#422). The socket must outwait the pop.
-            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}]},
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
+                "prefix": f"{REDIS_KEY_PREFIX}:asgi",
+            },
         }
     }
 else:

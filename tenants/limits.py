@@ -163,7 +163,8 @@ class _Check:
         windows = _active_windows(tenant)
         if not settings.RATE_LIMITS_ENABLED or not windows:
             return None
-        keys = [f"cwt:ratelimit:{tenant.id}:{name}" for name, _limit, _period in windows]
+        prefix = f"{settings.REDIS_KEY_PREFIX}:ratelimit:{tenant.id}"
+        keys = [f"{prefix}:{name}" for name, _limit, _period in windows]
         args = [value for _name, limit, period in windows for value in (limit, period)]
         return cls(windows, keys, args)
 
@@ -239,7 +240,7 @@ _local_streams: dict[uuid.UUID, set[str]] = {}
 
 
 def _streams_key(tenant: Tenant) -> str:
-    return f"cwt:streams:{tenant.id}"
+    return f"{settings.REDIS_KEY_PREFIX}:streams:{tenant.id}"
 
 
 class StreamLease:

@@ -127,6 +127,8 @@ def service_env(test_database_url: str, tmp_path_factory: pytest.TempPathFactory
             **{
                 "SECRET_KEY": settings.SECRET_KEY,
                 "DATABASE_URL": test_database_url,
+                # Servers given REDIS_URL share this run's keyspace, not another run's.
+                "REDIS_KEY_PREFIX": settings.REDIS_KEY_PREFIX,
                 "MEDIA_ROOT": str(tmp_path_factory.mktemp("media")),
                 "CWT_TEST_LOG_DIR": str(tmp_path_factory.mktemp("logs")),
                 "USAGE_SPOOL_DIR": str(tmp_path_factory.mktemp("usage-spool")),

@@ -1,15 +1,24 @@
 """Test settings: the real settings module, fed a test environment.
 
-Tests run against the machine's real Postgres and Redis (see Makefile).
+Tests run against the machine's real Postgres and Redis (see Makefile). Each run
+names its own test database and Redis key prefix, so that two checkouts (or two
+runs) on one machine never share state.
 """
 
 import os
+import secrets
 import tempfile
+
+os.environ.setdefault("CWT_TEST_RUN_ID", secrets.token_hex(4))
 
 os.environ["CWT_ENV_FILE"] = ""  # a developer's .env must not leak into tests
 os.environ.setdefault("SECRET_KEY", "test-secret-key-not-for-production-0123456789abcdefghijklmnop")
-os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/callwaiting_tts")
+# pytest-django creates (and at the end drops) "test_" + this name.
+os.environ.setdefault(
+    "DATABASE_URL", f"postgres://postgres@127.0.0.1:5432/cwt_{os.environ['CWT_TEST_RUN_ID']}"
+)
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
+os.environ.setdefault("REDIS_KEY_PREFIX", f"cwt-test-{os.environ['CWT_TEST_RUN_ID']}")
 # Tests revoke keys and expect the next request to fail; the cache has its own test.
 os.environ.setdefault("API_KEY_CACHE_SECONDS", "0")
 os.environ.setdefault("QUOTA_CACHE_SECONDS", "0")

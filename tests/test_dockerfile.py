@@ -25,7 +25,10 @@ def test_the_image_runs_daphne_as_a_non_root_user_with_a_healthcheck() -> None:
     assert users[-1] != ["root"]
     assert "/v1/health" in dockerfile.split("HEALTHCHECK", 1)[1]
     assert 'CMD ["python", "-m", "callwaiting_tts.serve"]' in dockerfile
-    assert "requirements.txt requirements-xtts.txt" in dockerfile
+    # Installs come from the lock and nothing else.
+    assert "COPY requirements-uv.txt pyproject.toml uv.lock ./" in dockerfile
+    assert "uv sync --locked --no-dev --extra xtts" in dockerfile
+    assert "--require-hashes -r requirements-uv.txt" in dockerfile
     assert "collectstatic" in dockerfile
     assert "ffmpeg" in dockerfile
     ignored = (ROOT / ".dockerignore").read_text().split()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import secrets
+import socket
+import subprocess
+import sys
 
 import httpx
 
-from tests.servers import base_env, daphne_server, manage
+from tests.servers import ROOT, base_env, daphne_server, manage
 
 
 def test_run_steps_give_a_server_that_answers_health_and_the_demo_key(tmp_path) -> None:
@@ -17,12 +20,17 @@ def test_run_steps_give_a_server_that_answers_health_and_the_demo_key(tmp_path) 
         MEDIA_ROOT=str(tmp_path / "media"),
         CWT_TEST_LOG_DIR=str(tmp_path),
     )
-    manage("migrate", "--noinput", env=env)
-    manage("collectstatic", "--noinput", "--verbosity", "0", env=env)
     key_file = tmp_path / "demo_key"
-    printed = manage("ensure_demo_tenant", "--key-file", str(key_file), env=env)
+    printed = manage("prepare", "--key-file", str(key_file), env=env)
+    assert "Database: applied" in printed
+    assert "Static files: collected" in printed
     key = key_file.read_text().strip()
     assert f"Bearer {key}" in printed
+    # A restart skips what is already done, and keeps the same demo key.
+    again = manage("prepare", "--key-file", str(key_file), env=env)
+    assert "Database: up to date." in again
+    assert "Static files: up to date." in again
+    assert f"Bearer {key}" in again
 
     with daphne_server(env) as base_url:
         health = httpx.get(f"{base_url}/v1/health")
@@ -47,3 +55,42 @@ def test_run_steps_give_a_server_that_answers_health_and_the_demo_key(tmp_path) 
         # The docs' assets are served locally (no CDN is reachable from a pod).
         asset = httpx.get(f"{base_url}/static/drf_spectacular_sidecar/swagger-ui-dist/swagger-ui.css")
         assert asset.status_code == 200
+
+
+def test_a_taken_port_ends_the_server_with_a_one_line_reason_and_a_failing_status(tmp_path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = base_env(
+            SECRET_KEY=secrets.token_urlsafe(50),
+            DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+            MEDIA_ROOT=str(tmp_path / "media"),
+            HOST="127.0.0.1",
+            PORT=str(port),
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "callwaiting_tts.serve"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1
+    reason = result.stderr.strip().splitlines()[-1]
+    assert reason.startswith(f"error: cannot listen on 127.0.0.1:{port} ("), result.stderr
+    assert "Set PORT" in reason
+
+
+def test_prepare_collects_static_files_again_when_they_are_gone(tmp_path) -> None:
+    env = base_env(
+        SECRET_KEY=secrets.token_urlsafe(50),
+        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        STATIC_ROOT=str(tmp_path / "static"),
+        MEDIA_ROOT=str(tmp_path / "media"),
+    )
+    key_file = str(tmp_path / "demo_key")
+    manage("prepare", "--key-file", key_file, env=env)
+    (tmp_path / "static" / ".collected").write_text("a fingerprint of other files")
+    assert "Static files: collected" in manage("prepare", "--key-file", key_file, env=env)

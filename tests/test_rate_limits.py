@@ -18,6 +18,7 @@ from tenants import keys
 from tenants.models import Tenant
 from tests.conftest import ServiceEnv, TenantFactory, bearer, committed_tenant
 from tests.servers import daphne_process, daphne_server, free_port
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db
 
@@ -51,8 +52,13 @@ def test_retry_after_is_never_earlier_than_the_real_reset(
 ) -> None:
     _tenant, issued = make_tenant(rate_limit_minute=60, rate_limit_hour=10_000)
     statuses = [get_tenant(api_client, issued.plaintext).status_code for _ in range(60)]
-    assert statuses == [200] * 60
-    refused = get_tenant(api_client, issued.plaintext)
+    assert statuses == [200] * 60  # the burst is the minute's whole budget
+    # One more request refills every second, so a slow machine gets a few more
+    # through before the first refusal: how many is timing, not behaviour.
+    for _ in range(60):
+        refused = get_tenant(api_client, issued.plaintext)
+        if refused.status_code == 429:
+            break
     assert refused.status_code == 429
     wait = int(refused["Retry-After"])
     assert wait == 1
@@ -200,10 +206,7 @@ def test_the_stream_cap_holds_across_processes_and_frees_on_close(
         )
         context.__exit__(None, None, None)
         client.close()
-        deadline = time.monotonic() + 3
-        while try_stream(second, key) != 200:
-            assert time.monotonic() < deadline, "the closed stream's lease was not released"
-            time.sleep(0.1)
+        wait_until(lambda: try_stream(second, key) == 200, what="the closed stream's lease to be released")
 
 
 @pytest.mark.slow
@@ -219,9 +222,7 @@ def test_a_killed_process_frees_its_streams_when_their_leases_expire(
         client.close()
         assert try_stream(second, key) == 429
         killed_at = time.monotonic()
-        while try_stream(second, key) != 200:
-            assert time.monotonic() - killed_at < 5, "the dead process's lease never expired"
-            time.sleep(0.2)
+        wait_until(lambda: try_stream(second, key) == 200, what="the dead process's lease to expire")
         assert time.monotonic() - killed_at >= 1.0  # freed by expiry, not by anyone closing it
 
 

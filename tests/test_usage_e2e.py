@@ -100,6 +100,7 @@ def _wait_for_rows(count_rows: Callable[[], int], expected: int, timeout: float 
 @pytest.mark.slow
 # Committed data (transaction=True): the server in its own process must see the tenant.
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(600)
 def test_a_thousand_mixed_requests_leave_exactly_one_row_each(
     service_env: ServiceEnv, django_db_blocker: Any
 ) -> None:
@@ -169,6 +170,7 @@ def test_a_thousand_mixed_requests_leave_exactly_one_row_each(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_with_postgres_stopped_requests_succeed_and_every_row_arrives_afterwards(
     service_env: ServiceEnv, tmp_path: Path
 ) -> None:

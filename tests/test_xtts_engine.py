@@ -14,6 +14,7 @@ from synthesis.engines import EngineConfigurationError, EngineOverloaded, Speech
 from synthesis.engines.xtts import XttsEngine
 from synthesis.text import Pause, Speech, prepare_text
 from tests.conftest import loaded_tiny_xtts
+from tests.waiting import async_wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +57,7 @@ async def test_stream_yields_audio_chunks_and_pauses_as_silence(engine: XttsEngi
     assert len(silence) == 1
 
 
+@pytest.mark.timeout(600)
 async def test_twenty_concurrent_requests_get_exactly_their_own_audio(engine: XttsEngine) -> None:
     alone = [np.concatenate(await collect(engine, job_for(engine, index))) for index in range(20)]
     together = await asyncio.gather(*(collect(engine, job_for(engine, index)) for index in range(20)))
@@ -67,6 +69,7 @@ async def test_twenty_concurrent_requests_get_exactly_their_own_audio(engine: Xt
     assert len({audio.tobytes() for audio in alone}) > 1
 
 
+@pytest.mark.timeout(300)
 async def test_a_new_request_gets_its_first_chunk_before_running_ones_finish(engine: XttsEngine) -> None:
     events: list[tuple[str, float]] = []
 
@@ -85,8 +88,10 @@ async def test_a_new_request_gets_its_first_chunk_before_running_ones_finish(eng
         )
         for index in range(4)
     ]
-    while sum(1 for name, _ in events if name.startswith("long")) < 4:  # noqa: ASYNC110
-        await asyncio.sleep(0.01)
+    await async_wait_until(
+        lambda: sum(1 for name, _ in events if name.startswith("long")) >= 4,
+        what="the first chunk of each long request",
+    )
     await run("late", job_for(engine, 1))
     await asyncio.gather(*running)
     late_first = next(at for name, at in events if name == "late")
@@ -99,10 +104,7 @@ async def test_a_cancelled_request_stops_generating(engine: XttsEngine) -> None:
     stream = engine.stream(job)
     await anext(stream)
     await stream.aclose()  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 5
-    while engine.scheduler.active_jobs and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.01)
-    assert engine.scheduler.active_jobs == 0
+    await async_wait_until(lambda: engine.scheduler.active_jobs == 0, what="the cancelled job to stop")
 
 
 async def test_more_requests_than_the_queue_bound_are_refused(xtts_checkpoint: Path) -> None:

@@ -73,6 +73,7 @@ def test_unknown_language_for_xtts_is_a_400(xtts_client: httpx.Client) -> None:
     assert response.json()["error"]["code"] == "unsupported_language"
 
 
+@pytest.mark.timeout(600)
 def test_twenty_simultaneous_http_requests_each_get_their_own_audio(xtts_client: httpx.Client) -> None:
     def body(index: int) -> dict[str, Any]:
         voice = ["ana-florence", "claribel-dervla"][index % 2]
