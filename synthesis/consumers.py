@@ -25,6 +25,7 @@ import uuid
 from contextlib import suppress
 from typing import Any, NoReturn
 
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db import DatabaseError
@@ -38,6 +39,7 @@ from synthesis.streaming import (
     CONTEXT_ID,
     TransportFlow,
     TwilioFramer,
+    frame_pieces,
     labelled_frame,
     ready_text,
     stream_stats,
@@ -150,14 +152,13 @@ class Utterance:
                 finally:
                     await engine_stream.aclose()  # type: ignore[attr-defined]
             await self._send_audio(self.encoder.finish(), final=True)
-        except ApiError as exc:
-            await self.consumer.utterance_failed(self, exc.status_code, exc.code, exc.message)
-        except EngineOverloaded as exc:
-            await self.consumer.utterance_failed(self, 503, "engine_overloaded", str(exc))
-        except EngineFailure as exc:
-            await self.consumer.utterance_failed(
-                self, 500, "engine_error", f"The speech engine failed: {exc}"
-            )
+        except Exception as exc:
+            # Whatever failed (text, engine, encoder, the transport), the utterance ends
+            # here with its error event and usage row; the connection stays.
+            error = _as_api_error(exc)
+            if error.status_code >= 500 and error.code != "engine_overloaded":
+                logger.exception("Utterance %s failed", self.request_id)
+            await self.consumer.utterance_failed(self, error.status_code, error.code, error.message)
         else:
             await self.consumer.utterance_finished(self)
 
@@ -175,19 +176,27 @@ class Utterance:
                 format=TWILIO if self.twilio else self.setup.spec.format.value,
                 sample_rate=self.setup.spec.sample_rate,
             )
-        if self.twilio is not None:
-            message = self.twilio.media(data, final=final)
-            if message is not None:
-                await self.consumer.send(text_data=message)
-        else:
-            await self.consumer.send(bytes_data=labelled_frame(self.context_id, data))
-        self.meter.audio_sent(len(data), self.encoder.duration_s)
+        # An engine chunk can be larger than the server sends in one message: cut it.
+        pieces = list(frame_pieces(data)) or [b""]
+        for index, piece in enumerate(pieces):
+            if self.twilio is not None:
+                message = self.twilio.media(piece, final=final and index == len(pieces) - 1)
+                if message is not None:
+                    await self.consumer.send(text_data=message)
+            else:
+                await self.consumer.send(bytes_data=labelled_frame(self.context_id, piece))
+            self.meter.audio_sent(len(piece), self.encoder.duration_s)
 
     async def stop(self) -> None:
-        """Stop generating and sending: when this returns, no more audio of it goes out."""
+        """Stop generating and sending: when this returns, no more audio of it goes out.
+        Never raises: whatever the task ended with has been reported by the task."""
         self.task.cancel()
-        with suppress(asyncio.CancelledError):
+        try:
             await self.task
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            logger.exception("Utterance %s ended with an error while stopping", self.request_id)
 
 
 class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels ships no types
@@ -222,30 +231,50 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
         self._background.append(asyncio.create_task(self._idle_watchdog()))
 
     async def dispatch(self, message: dict[str, Any]) -> None:
-        # Channels closes stale database connections (a thread hop) before every
-        # message; frames of text need no database, so only the rest pay for it.
-        if message.get("type") == "websocket.receive":
-            await self.websocket_receive(message)
-        else:
-            await super().dispatch(message)
+        # An exception that escaped here would end the application: Daphne closes the
+        # socket (1011) and never delivers the disconnect, so nothing would be released.
+        try:
+            # Channels closes stale database connections (a thread hop) before every
+            # message; frames of text need no database, so only the rest pay for it.
+            if message.get("type") == "websocket.receive":
+                await self.websocket_receive(message)
+            else:
+                await super().dispatch(message)
+        except StopConsumer:
+            raise
+        except Exception:
+            logger.exception("WebSocket handler for %r failed", message.get("type"))
+            if message.get("type") == "websocket.disconnect":
+                raise StopConsumer() from None  # the cleanup has had its turn; end
+            await self._refuse(CLOSE_SERVER_ERROR, "internal_error", "The server failed; reconnect.")
 
     async def disconnect(self, code: int) -> None:
+        # Every step runs whatever an earlier one raised: a leaked lease or counter
+        # would outlive the connection (a tenant refused streams it does not hold).
         self._closing = True
-        for task in self._background:
-            task.cancel()
-        for utterance in list(self.utterances.values()):
-            await utterance.stop()
-            self._forget(utterance)
-            utterance.meter.finish(200, CLIENT_DISCONNECTED)
-        if self.lease is not None:
-            await self.lease.release()
-        if self.principal is not None and self.channel_layer is not None:
-            with suppress(Exception):
-                await self.channel_layer.group_discard(
-                    tenant_access_group(self.principal.tenant.id), self.channel_name
-                )
-        self.flow.detach()
-        stream_stats.connections -= 1
+        try:
+            for task in self._background:
+                task.cancel()
+            for utterance in list(self.utterances.values()):
+                await self._end_utterance(utterance, 200, CLIENT_DISCONNECTED)
+        finally:
+            try:
+                if self.lease is not None:
+                    await self.lease.release()
+            finally:
+                self.flow.detach()
+                stream_stats.connections -= 1
+                if self.principal is not None and self.channel_layer is not None:
+                    with suppress(Exception):
+                        await self.channel_layer.group_discard(
+                            tenant_access_group(self.principal.tenant.id), self.channel_name
+                        )
+
+    async def _end_utterance(self, utterance: Utterance, status: int, code: str) -> None:
+        """Stop an utterance from outside its task and record how it ended."""
+        await utterance.stop()
+        self._forget(utterance)
+        utterance.meter.finish(status, code)
 
     async def _refuse(self, close_code: int, code: str, message: str) -> None:
         await self.send_event("error", None, code=code, message=message)
@@ -323,9 +352,7 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
             return
         self._closing = True
         for utterance in list(self.utterances.values()):
-            await utterance.stop()
-            self._forget(utterance)
-            utterance.meter.finish(200, code)
+            await self._end_utterance(utterance, 200, code)
         await self._refuse(CLOSE_ACCESS_REVOKED, code, message)
 
     # --- messages from the client ---
@@ -361,9 +388,7 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
                 and exc.context_id
                 and (utterance := self.utterances.get(exc.context_id)) is not None
             ):
-                await utterance.stop()
-                self._forget(utterance)
-                utterance.meter.finish(400, exc.code)
+                await self._end_utterance(utterance, 400, exc.code)
             await self.send_event("error", exc.context_id, code=exc.code, message=exc.message)
 
     def _parse(self, text: str) -> dict[str, Any]:
@@ -374,7 +399,7 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
             )
         try:
             message = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise ProtocolError("malformed_json", "The message is not valid JSON.") from None
         if not isinstance(message, dict):
             raise ProtocolError("malformed_message", "A message is a JSON object with a `type`.")
@@ -461,8 +486,11 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
             )
         except DatabaseError:
             self._start_refused(meter, context_id, database_unavailable())
-        except ApiError as exc:
-            self._start_refused(meter, context_id, exc)
+        except Exception as exc:
+            error = _as_api_error(exc)
+            if error.status_code >= 500 and error.code != "engine_overloaded":
+                logger.exception("Starting utterance %s failed", meter.request_id)
+            self._start_refused(meter, context_id, error)
         meter.voice_id = setup.voice.voice_id
         utterance = Utterance(self, context_id, setup, meter, twilio)
         self.utterances[context_id] = utterance
@@ -488,11 +516,9 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
 
     async def _on_cancel(self, message: dict[str, Any]) -> None:
         utterance = self._utterance(message)
-        await utterance.stop()
-        self._forget(utterance)
+        await self._end_utterance(utterance, 200, CANCELLED)
         if utterance.twilio is not None:
             await self.send(text_data=utterance.twilio.clear())
-        utterance.meter.finish(200, CANCELLED)
         await self._send_end(utterance, cancelled=True)
 
     async def _on_synthesize(self, message: dict[str, Any]) -> None:
@@ -530,19 +556,31 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
             stream_stats.utterances_active -= 1
         self.last_activity = time.monotonic()
 
+    # The bookkeeping comes first: a socket that fails the last sends changes nothing
+    # about what the utterance used or the slots it held.
+
     async def utterance_finished(self, utterance: Utterance) -> None:
         self._forget(utterance)
-        if utterance.twilio is not None:
-            await self.send(text_data=utterance.twilio.mark(utterance.context_id))
         utterance.meter.finish(200)
-        await self._send_end(utterance, cancelled=False)
+        try:
+            if utterance.twilio is not None:
+                await self.send(text_data=utterance.twilio.mark(utterance.context_id))
+            await self._send_end(utterance, cancelled=False)
+        except Exception:
+            logger.warning("Could not report the end of utterance %s", utterance.request_id, exc_info=True)
 
     async def utterance_failed(self, utterance: Utterance, status: int, code: str, message: str) -> None:
         self._forget(utterance)
         utterance.meter.finish(status, code)
-        await self.send_event(
-            "error", utterance.context_id, request_id=utterance.request_id, code=code, message=message
-        )
+        try:
+            await self.send_event(
+                "error", utterance.context_id, request_id=utterance.request_id, code=code, message=message
+            )
+            await self._send_end(utterance, cancelled=False)
+        except Exception:
+            logger.warning(
+                "Could not report the failure of utterance %s", utterance.request_id, exc_info=True
+            )
 
     async def _send_end(self, utterance: Utterance, *, cancelled: bool) -> None:
         meter = utterance.meter
@@ -557,6 +595,17 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
 
     async def send_event(self, kind: str, context_id: str | None, **fields: Any) -> None:
         await self.send(text_data=json.dumps({"type": kind, "context_id": context_id, **fields}))
+
+
+def _as_api_error(exc: Exception) -> ApiError:
+    """The error a client sees for an exception, with its stable code."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, EngineOverloaded):
+        return ApiError(503, "engine_overloaded", str(exc))
+    if isinstance(exc, EngineFailure):
+        return ApiError(500, "engine_error", f"The speech engine failed: {exc}")
+    return ApiError(500, "internal_error", "The server failed to speak this; the error is logged.")
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:

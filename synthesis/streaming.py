@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -21,6 +22,11 @@ _CLAUSE_END = re.compile(r"""[.!?;:\u2026\u3002\uff01\uff1f]["')\]]*\s+|\n+""")
 RUN_ON_CHARS = 200
 
 CONTEXT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
+
+# The most audio one WebSocket message carries. Daphne refuses to send a message over
+# 1 MiB; a quarter of that is about 2.7 s of 24 kHz PCM, and keeps one slow message
+# from holding up the others on the socket. A multiple of 4: 16-bit samples stay whole.
+MAX_FRAME_AUDIO_BYTES = 256 * 1024
 
 # Twilio plays 8 kHz mu-law in 20 ms frames: 160 bytes.
 TWILIO_FRAME_BYTES = 160
@@ -50,6 +56,12 @@ def labelled_frame(context_id: str, audio: bytes) -> bytes:
     """A binary audio frame: one byte giving the context id's length, the id (ASCII), the audio."""
     label = context_id.encode("ascii")
     return bytes((len(label),)) + label + audio
+
+
+def frame_pieces(audio: bytes, limit: int = MAX_FRAME_AUDIO_BYTES) -> Iterator[bytes]:
+    """Audio cut into pieces of at most `limit` bytes, one per message."""
+    for start in range(0, len(audio), limit):
+        yield audio[start : start + limit]
 
 
 def parse_labelled_frame(frame: bytes) -> tuple[str, bytes]:

@@ -118,11 +118,17 @@ def _local_name(tag: str) -> str:
     return tag.rsplit("}", 1)[-1].lower()
 
 
+# Real SSML nests a handful of elements deep; the walker recurses per level, so a
+# document nested hundreds deep would exhaust the stack instead of being refused.
+MAX_SSML_DEPTH = 32
+
+
 class _SsmlWalker:
     def __init__(self) -> None:
         self.segments: list[Segment] = []
         self._text: list[str] = []
         self._rate = 1.0
+        self._depth = 0
 
     def _flush_text(self) -> None:
         text = normalise_whitespace("".join(self._text))
@@ -136,6 +142,15 @@ class _SsmlWalker:
             self.segments.append(Pause(seconds))
 
     def walk(self, element: Element) -> None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_SSML_DEPTH:
+                raise ApiError(400, "invalid_ssml", f"SSML may nest elements at most {MAX_SSML_DEPTH} deep.")
+            self._walk(element)
+        finally:
+            self._depth -= 1
+
+    def _walk(self, element: Element) -> None:
         name = _local_name(element.tag)
         if name == "break":
             strength = element.get("strength", "medium")

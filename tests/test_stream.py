@@ -376,6 +376,13 @@ MALFORMED: list[tuple[str, Any, str]] = [
     ("empty synthesize", {"type": "synthesize", "context_id": "a", "text": " "}, "empty_text"),
     ("binary frame", b"\x00\x01", "unsupported_frame"),
     ("too large", {"type": "text", "context_id": "a", "text": "x" * 70_000}, "message_too_large"),
+    ("nested arrays", "[" * 30_000, "malformed_json"),
+    ("nested objects", '{"a":' * 12_000, "malformed_json"),
+    (
+        "nested SSML",
+        {"type": "synthesize", "context_id": "a", "text": f"<speak>{'<p>' * 300}Hi{'</p>' * 300}</speak>"},
+        "invalid_ssml",
+    ),
 ]
 
 
@@ -537,3 +544,81 @@ def test_deactivating_the_tenant_closes_its_open_streams_4003(make_tenant: Tenan
     [row] = UsageLog.objects.filter(tenant=tenant)
     assert row.error_code == "tenant_inactive"
     assert row.audio_bytes == len(received.audio["busy"])
+
+
+# --- Nothing leaks, whatever fails --------------------------------------------------------------
+
+
+def _state() -> tuple[int, int]:
+    from synthesis.streaming import stream_stats
+
+    return stream_stats.connections, stream_stats.utterances_active
+
+
+def test_nested_json_before_authentication_is_an_error_event_and_auth_still_works(
+    tenant_key: tuple[Tenant, str],
+) -> None:
+    _tenant, key = tenant_key
+
+    async def scenario(client: StreamClient) -> None:
+        await client.send_raw(text="[" * 30_000)
+        assert (await client.until_event("error"))["code"] == "malformed_json"
+        await client.send(type="auth", api_key=key)
+        await client.until_event("ready")
+
+    run_stream(scenario)
+
+
+FAILING_STAGES = {
+    # where the exception is raised: (object, attribute, after how many successful calls)
+    "plan": ("synthesis.services.SynthesisSetup", "plan", 0),
+    "engine before the first chunk": ("synthesis.engines.piper.PiperEngine", "stream", 0),
+    "encoder mid-stream": ("synthesis.audio.AudioEncoder", "push", 1),
+    "encoder at the end": ("synthesis.audio.AudioEncoder", "finish", 0),
+    "send mid-stream": ("synthesis.consumers.StreamConsumer", "send", 1),
+}
+
+
+@pytest.mark.parametrize("stage", list(FAILING_STAGES))
+def test_an_exception_at_any_stage_ends_the_utterance_with_an_error_a_row_and_nothing_held(
+    make_tenant: TenantFactory, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    """Fault injection: the stage raises a plain exception (a bug, not a refusal)."""
+    import importlib
+
+    tenant, issued = make_tenant(
+        rate_limit_minute=0, rate_limit_hour=0, quota_minutes=0, max_concurrent_streams=1
+    )
+    target, attribute, good_calls = FAILING_STAGES[stage]
+    module_name, class_name = target.rsplit(".", 1)
+    owner = getattr(importlib.import_module(module_name), class_name)
+    original = getattr(owner, attribute)
+    calls = {"n": 0}
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == good_calls + 1:  # once: a bug, or one message the transport refused
+            raise RuntimeError(f"injected failure in {stage}")
+        return original(*args, **kwargs)
+
+    before = _state()
+
+    async def scenario(client: StreamClient) -> None:
+        await client.until_event("ready")
+        monkeypatch.setattr(owner, attribute, failing)
+        await client.send(type="synthesize", context_id="a", text=LONG, format="pcm")
+        error = await client.until_event("error", "a")
+        assert (error["code"], error["request_id"]) == ("internal_error", error["request_id"])
+        await client.until_event("audio_end", "a")
+        monkeypatch.setattr(owner, attribute, original)
+        # The connection is still usable.
+        await client.send(type="synthesize", context_id="b", text="Still here.", format="pcm")
+        await client.until_event("audio_end", "b")
+
+    run_stream(scenario, key=issued.plaintext)
+    assert _state() == before
+    # The slot is free: a cap of one admits the next connection at once.
+    run_stream(lambda client: client.until_event("ready"), key=issued.plaintext)  # type: ignore[arg-type, return-value]
+    usage_flush()
+    rows = {row.status_code: row.error_code for row in UsageLog.objects.filter(tenant=tenant)}
+    assert rows == {500: "internal_error", 200: None}

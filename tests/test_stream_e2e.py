@@ -15,9 +15,11 @@ from django.conf import settings
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from synthesis.streaming import parse_labelled_frame
+from synthesis.streaming import MAX_FRAME_AUDIO_BYTES, parse_labelled_frame
 from tests.conftest import ServiceEnv, committed_tenant
 from tests.servers import daphne_server
+from tests.waiting import wait_until
+from usage.models import UsageLog
 
 pytestmark = pytest.mark.slow
 
@@ -156,3 +158,86 @@ def test_a_slow_reader_pauses_generation_and_loses_nothing(
                 assert received > 5_000_000  # more than the socket buffers could ever hold
 
         asyncio.run(main())
+
+
+# What once killed an utterance or a connection silently and left the tenant's stream slot held.
+NESTED_SSML = f"<speak>{'<p>' * 300}Deep inside.{'</p>' * 300}</speak>"
+BAD_MESSAGES = [
+    ("[" * 30_000, "malformed_json"),
+    (json.dumps({"type": "synthesize", "context_id": "ssml", "text": NESTED_SSML}), "invalid_ssml"),
+]
+# One clause, no commas: the engine makes it as one chunk, about 2 MB of 48 kHz PCM at half speed,
+# more than Daphne sends in one message (1 MiB).
+ONE_BIG_CHUNK = (
+    "This one sentence runs on without a single pause so that the engine has to make all of it "
+    "as one large chunk of audio and it keeps going a little longer still until the end"
+)
+
+
+async def _holds_full_cap(base_url: str, key: str, cap: int) -> bool:
+    headers = {"Authorization": f"Bearer {key}"}
+    sockets = [await connect(_ws_url(base_url), additional_headers=headers) for _ in range(cap)]
+    try:
+        firsts = [json.loads(await asyncio.wait_for(ws.recv(), 30)) for ws in sockets]
+        return all(first["type"] == "ready" for first in firsts)
+    finally:
+        for ws in sockets:
+            await ws.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_bad_messages_and_oversized_chunks_end_cleanly_and_free_the_slot_on_every_process(
+    stream_server: str, service_env: ServiceEnv, django_db_blocker: Any
+) -> None:
+    cap = 2
+    limits = {**UNLIMITED, "max_concurrent_streams": cap}
+    with (
+        committed_tenant(django_db_blocker, "ws-leaks", **limits) as (tenant, issued),
+        daphne_server(service_env(REDIS_URL=settings.REDIS_URL)) as other_server,
+    ):
+        headers = {"Authorization": f"Bearer {issued.plaintext}"}
+
+        async def reproduce() -> tuple[int, list[int]]:
+            for raw, code in BAD_MESSAGES:
+                async with connect(_ws_url(stream_server), additional_headers=headers) as ws:
+                    await _event(ws, "ready")
+                    await ws.send(raw)
+                    assert (await _event(ws, "error"))["code"] == code
+            async with connect(_ws_url(stream_server), additional_headers=headers, max_size=None) as ws:
+                await _event(ws, "ready")
+                body = {"type": "synthesize", "context_id": "big", "text": ONE_BIG_CHUNK}
+                await ws.send(json.dumps({**body, "format": "pcm", "sample_rate": 48000, "speed": 0.5}))
+                frames: list[int] = []
+                while True:
+                    message = await asyncio.wait_for(ws.recv(), 60)
+                    if isinstance(message, bytes):
+                        frames.append(len(parse_labelled_frame(message)[1]))
+                        continue
+                    event = json.loads(message)
+                    assert event["type"] != "error", event
+                    if event["type"] == "audio_end":
+                        return event["audio_bytes"], frames
+
+        audio_bytes, frames = asyncio.run(reproduce())
+        assert sum(frames) == audio_bytes > 1024 * 1024
+        assert max(frames) <= MAX_FRAME_AUDIO_BYTES
+
+        # Nothing is held: the counters are back and the tenant opens its whole cap at once,
+        # on this process and on another (the leases live in the shared Redis).
+        def counters() -> dict[str, int]:
+            streams: dict[str, int] = httpx.get(f"{stream_server}/v1/health").json()["streams"]
+            return streams
+
+        wait_until(
+            lambda: counters()["connections"] == counters()["utterances_active"] == 0, what="counters at 0"
+        )
+        for base_url in (stream_server, other_server):
+            assert asyncio.run(_holds_full_cap(base_url, issued.plaintext, cap)), base_url
+
+        def rows() -> dict[str, tuple[int, str | None, int]]:
+            with django_db_blocker.unblock():
+                found = UsageLog.objects.filter(tenant=tenant)
+                return {row.request_id: (row.status_code, row.error_code, row.audio_bytes) for row in found}
+
+        wait_until(lambda: len(rows()) == 2, what="one usage row per utterance")
+        assert sorted(rows().values()) == [(200, None, audio_bytes), (400, "invalid_ssml", 0)]

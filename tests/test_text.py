@@ -97,3 +97,22 @@ def test_external_entities_are_refused() -> None:
         '<speak xmlns="http://www.w3.org/2001/10/synthesis"><!DOCTYPE x SYSTEM "file:///etc/passwd"></speak>'
     )
     assert code_of(document) == "invalid_ssml"
+
+
+def nested_ssml(depth: int) -> str:
+    """`depth` elements in all: <speak> and depth - 1 nested <p>."""
+    return "<speak>" + "<p>" * (depth - 1) + "Deep inside." + "</p>" * (depth - 1) + "</speak>"
+
+
+def test_ssml_nested_up_to_the_limit_is_spoken() -> None:
+    from synthesis.text import MAX_SSML_DEPTH
+
+    assert prepare_text(nested_ssml(MAX_SSML_DEPTH), max_chars=5000) == [Speech("Deep inside.")]
+
+
+@pytest.mark.parametrize("depth", [33, 300, 1200])
+def test_ssml_nested_deeper_than_the_limit_is_a_400_not_a_crash(depth: int) -> None:
+    with pytest.raises(ApiError) as raised:
+        prepare_text(nested_ssml(depth), max_chars=50_000)
+    assert (raised.value.status_code, raised.value.code) == (400, "invalid_ssml")
+    assert "nest" in raised.value.message
