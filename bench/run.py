@@ -130,9 +130,9 @@ class WsSpeaker:
 
 
 async def scenario_overhead(base_url: str, key: str, turns: int) -> list[Row]:
-    from synthesis.engines import SpeechJob
-    from synthesis.engines.piper import PiperEngine
-    from synthesis.text import prepare_text
+    from engines import SpeechJob
+    from engines.piper import PiperEngine
+    from engines.text import prepare_text
 
     engine = PiperEngine(max_active_jobs=1000)
     engine.load()

@@ -29,12 +29,12 @@ TEXT = "Thanks for calling Acme Dental, this is Ava. How can I help you today?"
 
 
 async def engine_first_chunk_times(requests: int, concurrency: int) -> list[float]:
-    from synthesis.engines.piper import PiperEngine
-    from synthesis.text import prepare_text
+    from engines.piper import PiperEngine
+    from engines.text import prepare_text
 
     engine = PiperEngine(max_active_jobs=1000)
     engine.load()
-    from synthesis.engines import SpeechJob
+    from engines import SpeechJob
 
     job = SpeechJob(segments=prepare_text(TEXT, max_chars=5000))
     semaphore = asyncio.Semaphore(concurrency)

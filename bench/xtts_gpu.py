@@ -1,4 +1,4 @@
-"""XTTS v2 on one GPU, through the service's own engine (synthesis/engines/xtts.py).
+"""XTTS v2 on one GPU, through the service's own engine (engines/xtts.py).
 
     python bench/xtts_gpu.py [--device cuda:0] [--turns 5] [--max-tokens 200] [--json FILE]
 
@@ -56,9 +56,9 @@ def measure(
 ) -> dict[str, Any]:
     import torch
 
-    from synthesis.engines import SpeechJob
-    from synthesis.engines.xtts import XttsEngine
-    from synthesis.text import prepare_text
+    from engines import SpeechJob
+    from engines.text import prepare_text
+    from engines.xtts import XttsEngine
 
     started = time.perf_counter()
     engine = XttsEngine(

@@ -18,7 +18,7 @@ from servestatic import ServeStaticASGI  # noqa: E402
 
 from callwaiting_tts.handlers import ApiASGIHandler  # noqa: E402
 from callwaiting_tts.lifecycle import engine_warm_up  # noqa: E402
-from synthesis.engines import get_engine  # noqa: E402
+from engines import get_engine  # noqa: E402
 
 api_http_app = ApiASGIHandler()
 

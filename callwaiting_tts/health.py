@@ -13,8 +13,8 @@ from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from callwaiting_tts.redis import breaker, redis_configured
-from synthesis.engines import loaded_engine
+from core.redis import breaker, redis_configured
+from engines import loaded_engine
 from synthesis.streaming import stream_stats
 from usage.recorder import usage_flusher, usage_spool
 

@@ -11,8 +11,8 @@ import logging
 import threading
 import time
 
-from synthesis.engines import SpeechEngine, SpeechJob
-from synthesis.text import prepare_text
+from engines import SpeechEngine, SpeechJob
+from engines.text import prepare_text
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from callwaiting_tts.middleware import current_request_id
+from core.request_ids import current_request_id
 
 # What every LogRecord has; anything else on a record came in through `extra`.
 _STANDARD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
 
 import sentry_sdk
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
@@ -15,24 +12,8 @@ from django.http.response import HttpResponseBase
 from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.security import SecurityMiddleware
 
-REQUEST_ID_HEADER = "X-Request-ID"
-# A client's id is echoed only if it is short and plain, so that it cannot
-# inject anything into logs or headers.
-_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-
-current_request_id: ContextVar[str] = ContextVar("current_request_id", default="-")
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
-def request_id_for(request: HttpRequest) -> str:
-    """The id already given to this request, or a fresh one for code outside the middleware."""
-    existing = getattr(request, "request_id", None)
-    if isinstance(existing, str):
-        return existing
-    return new_request_id()
+from core.metrics import HTTP_DURATION, HTTP_REQUESTS
+from core.request_ids import REQUEST_ID_HEADER, SANE_REQUEST_ID, current_request_id, new_request_id
 
 
 def _annotate(request: HttpRequest, response: HttpResponseBase, request_id: str) -> None:
@@ -45,7 +26,7 @@ def _annotate(request: HttpRequest, response: HttpResponseBase, request_id: str)
 
 def _assign_request_id(request: HttpRequest) -> str:
     offered = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = offered if _SANE_REQUEST_ID.match(offered) else new_request_id()
+    request_id = offered if SANE_REQUEST_ID.match(offered) else new_request_id()
     request.request_id = request_id  # type: ignore[attr-defined]
     current_request_id.set(request_id)
     sentry_sdk.set_tag("request_id", request_id)  # a no-op without SENTRY_DSN
@@ -89,9 +70,6 @@ class RequestIdMiddleware:
 def _observe(request: HttpRequest, response: HttpResponseBase, elapsed: float) -> None:
     """API metrics, on the event loop (django-prometheus's middleware would take
     two thread hops per request here; it measures the admin side)."""
-    # Imported here: metrics -> errors -> this module would be an import cycle.
-    from callwaiting_tts.metrics import HTTP_DURATION, HTTP_REQUESTS
-
     match = request.resolver_match
     route = match.url_name if match is not None and match.url_name else "unmatched"
     HTTP_REQUESTS.labels(method=request.method or "", route=route, status=str(response.status_code)).inc()

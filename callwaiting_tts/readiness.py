@@ -19,8 +19,8 @@ from django.db import connection
 from django.http import HttpRequest, JsonResponse
 
 from callwaiting_tts.lifecycle import lifecycle
-from callwaiting_tts.redis import redis_configured
-from synthesis.engines import loaded_engine
+from core.redis import redis_configured
+from engines import loaded_engine
 
 READY_TIMEOUT_SECONDS = 2.0
 

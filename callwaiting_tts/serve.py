@@ -22,7 +22,7 @@ DRAIN_POLL_SECONDS = 0.2
 
 
 def _work_in_flight() -> int:
-    from synthesis.engines import loaded_engine
+    from engines import loaded_engine
     from synthesis.streaming import stream_stats
 
     engine = loaded_engine()

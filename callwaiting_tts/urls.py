@@ -13,10 +13,10 @@ from tenants.views import tenant_detail
 from usage.views import usage_report
 from voices.views import voice_detail, voice_list, voice_upload
 
-handler400 = "callwaiting_tts.errors.bad_request_view"
-handler403 = "callwaiting_tts.errors.permission_denied_view"
-handler404 = "callwaiting_tts.errors.not_found_view"
-handler500 = "callwaiting_tts.errors.server_error_view"
+handler400 = "api.errors.bad_request_view"
+handler403 = "api.errors.permission_denied_view"
+handler404 = "api.errors.not_found_view"
+handler500 = "api.errors.server_error_view"
 
 # Endpoints that answer without an API key (audio-download checks a signed,
 # expiring link instead). Everything else under /v1 needs one;

@@ -18,7 +18,7 @@ import soundfile
 import soxr
 from soundfile import _ffi, _snd
 
-from callwaiting_tts.errors import ApiError
+from core.errors import ServiceError
 
 
 class AudioFormat(StrEnum):
@@ -78,17 +78,17 @@ class OutputSpec:
             audio_format = AudioFormat((format_name or "wav").lower())
         except ValueError:
             known = ", ".join(f.value for f in AudioFormat)
-            raise ApiError(
+            raise ServiceError(
                 400, "unsupported_format", f"Unknown format {format_name!r}; use one of: {known}."
             ) from None
         if audio_format is AudioFormat.MULAW:
             if sample_rate not in (None, MULAW_SAMPLE_RATE):
-                raise ApiError(400, "unsupported_sample_rate", "mulaw is always 8000 Hz.")
+                raise ServiceError(400, "unsupported_sample_rate", "mulaw is always 8000 Hz.")
             return cls(audio_format, MULAW_SAMPLE_RATE)
         rate = sample_rate or DEFAULT_SAMPLE_RATE
         allowed = _OPUS_RATES if audio_format is AudioFormat.OPUS else SAMPLE_RATES
         if rate not in allowed:
-            raise ApiError(
+            raise ServiceError(
                 400,
                 "unsupported_sample_rate",
                 f"{audio_format.value} supports sample rates {', '.join(map(str, allowed))}; got {rate}.",

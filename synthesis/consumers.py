@@ -31,9 +31,9 @@ from django.conf import settings
 from django.db import DatabaseError
 from django.utils import timezone
 
-from callwaiting_tts.errors import ApiError, database_unavailable
+from core.errors import ServiceError, database_unavailable
+from engines import EngineFailure, EngineOverloaded
 from synthesis.audio import AudioEncoder
-from synthesis.engines import EngineFailure, EngineOverloaded
 from synthesis.services import SynthesisSetup, synthesis_setup
 from synthesis.streaming import (
     CONTEXT_ID,
@@ -46,9 +46,9 @@ from synthesis.streaming import (
 )
 from tenants.authentication import ApiKeyError, Principal, aauthenticate_token, bearer_token
 from tenants.limits import StreamLease, arate_limit_check, stream_lease_acquire
-from tenants.models import ApiKey
-from tenants.quotas import quota_check
+from tenants.models import KEY_REVOKED, ApiKey
 from tenants.services import tenant_access_group
+from usage.quotas import quota_check
 from usage.recorder import CANCELLED, CLIENT_DISCONNECTED, STREAM, UsageMeter
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class Utterance:
             while (text := await self.pieces.get()) is not None:
                 try:
                     plan = self.setup.plan(text)
-                except ApiError as exc:
+                except ServiceError as exc:
                     if exc.code == "empty_text":  # a piece of only punctuation or markup
                         continue
                     raise
@@ -286,12 +286,12 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
         except ApiKeyError as exc:
             await self._refuse(CLOSE_UNAUTHORIZED, exc.code, exc.message)
             return
-        except ApiError as exc:  # the database is away and the key was never seen
+        except ServiceError as exc:  # the database is away and the key was never seen
             await self._refuse(CLOSE_SERVER_ERROR, exc.code, exc.message)
             return
         try:
             lease = await stream_lease_acquire(principal.tenant)
-        except ApiError as exc:
+        except ServiceError as exc:
             await self._refuse(CLOSE_STREAM_LIMIT, exc.code, exc.message)
             return
         lease.keep_alive()
@@ -337,23 +337,18 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
             return
         try:
             api_key = await ApiKey.objects.select_related("tenant").aget(pk=self.principal.api_key.pk)
+            refusal = api_key.refusal()
         except ApiKey.DoesNotExist:
-            api_key = None
+            refusal = KEY_REVOKED  # deleted: as good as revoked
         except DatabaseError:
             return  # cannot tell now; the next change or the key's expiry will
-        if api_key is None or api_key.is_revoked:
-            code, message = "revoked_api_key", "This API key has been revoked."
-        elif api_key.is_expired():
-            code, message = "expired_api_key", "This API key has expired."
-        elif not api_key.tenant.is_active:
-            code, message = "tenant_inactive", "The tenant for this API key is deactivated."
-        else:
+        if refusal is None:
             self._watch_expiry(api_key)  # e.g. rotated: it now expires at the end of the grace period
             return
         self._closing = True
         for utterance in list(self.utterances.values()):
-            await self._end_utterance(utterance, 200, code)
-        await self._refuse(CLOSE_ACCESS_REVOKED, code, message)
+            await self._end_utterance(utterance, 200, refusal.code)
+        await self._refuse(CLOSE_ACCESS_REVOKED, refusal.code, refusal.message)
 
     # --- messages from the client ---
 
@@ -458,7 +453,7 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
         try:
             if problems:
                 detail = "; ".join(f"{name} {problem}" for name, problem in problems.items())
-                raise ApiError(400, "invalid_request", f"Bad start message: {detail}.")
+                raise ServiceError(400, "invalid_request", f"Bad start message: {detail}.")
             audio_format = message.get("format") or "pcm"
             meter.format = audio_format
             meter.voice_id = message.get("voice_id") or ""
@@ -466,13 +461,13 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
             if audio_format == TWILIO:
                 stream_sid = message.get("stream_sid")
                 if not stream_sid:
-                    raise ApiError(
+                    raise ServiceError(
                         400, "missing_stream_sid", 'format "twilio" needs the call\'s `stream_sid`.'
                     )
                 twilio = TwilioFramer(stream_sid)
             decision = await arate_limit_check(tenant)
             if decision is not None and not decision.allowed:
-                raise ApiError(
+                raise ServiceError(
                     429, "rate_limited", f"Over the limit; retry in {decision.headers()['Retry-After']} s."
                 )
             await quota_check(tenant)
@@ -498,7 +493,7 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
         return utterance
 
     @staticmethod
-    def _start_refused(meter: UsageMeter, context_id: str, exc: ApiError) -> NoReturn:
+    def _start_refused(meter: UsageMeter, context_id: str, exc: ServiceError) -> NoReturn:
         """A refused utterance is still a request: it leaves its usage row."""
         meter.finish(exc.status_code, exc.code)
         raise ProtocolError(exc.code, exc.message, context_id) from exc
@@ -597,15 +592,15 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
         await self.send(text_data=json.dumps({"type": kind, "context_id": context_id, **fields}))
 
 
-def _as_api_error(exc: Exception) -> ApiError:
+def _as_api_error(exc: Exception) -> ServiceError:
     """The error a client sees for an exception, with its stable code."""
-    if isinstance(exc, ApiError):
+    if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, EngineOverloaded):
-        return ApiError(503, "engine_overloaded", str(exc))
+        return ServiceError(503, "engine_overloaded", str(exc))
     if isinstance(exc, EngineFailure):
-        return ApiError(500, "engine_error", f"The speech engine failed: {exc}")
-    return ApiError(500, "internal_error", "The server failed to speak this; the error is logged.")
+        return ServiceError(500, "engine_error", f"The speech engine failed: {exc}")
+    return ServiceError(500, "internal_error", "The server failed to speak this; the error is logged.")
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:

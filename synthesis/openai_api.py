@@ -23,15 +23,15 @@ from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 from django.http.response import HttpResponseBase
 
-from callwaiting_tts.async_views import async_api_view
-from callwaiting_tts.errors import ApiError
-from callwaiting_tts.middleware import REQUEST_ID_HEADER, request_id_for
-from synthesis.engines import get_engine
+from api.views import async_api_view
+from core.errors import ServiceError
+from core.request_ids import REQUEST_ID_HEADER, request_id_for
+from engines import get_engine
 from synthesis.services import SynthesisResult, synthesis_plan
 from synthesis.views import audio_response, json_object_body, stream_body_closing
 from tenants.authentication import Principal
 from tenants.limits import StreamLease
-from tenants.quotas import quota_check
+from usage.quotas import quota_check
 from usage.recorder import AUDIO_SPEECH, usage_meter_of
 
 OPENAI_VOICES = frozenset(
@@ -69,8 +69,8 @@ _ERROR_TYPES = {
 }
 
 
-def openai_error_response(request: HttpRequest, error: ApiError) -> HttpResponseBase:
-    """An ApiError in OpenAI's shape, so OpenAI SDKs raise their usual exceptions."""
+def openai_error_response(request: HttpRequest, error: ServiceError) -> HttpResponseBase:
+    """An ServiceError in OpenAI's shape, so OpenAI SDKs raise their usual exceptions."""
     details = error.details if isinstance(error.details, dict) else {}
     kind = "insufficient_quota" if error.code == "quota_exceeded" else _ERROR_TYPES.get(error.status_code)
     body = {
@@ -89,8 +89,8 @@ def openai_error_response(request: HttpRequest, error: ApiError) -> HttpResponse
     return response
 
 
-def _invalid(param: str, message: str, code: str = "invalid_request") -> ApiError:
-    return ApiError(400, code, message, details={param: [message]})
+def _invalid(param: str, message: str, code: str = "invalid_request") -> ServiceError:
+    return ServiceError(400, code, message, details={param: [message]})
 
 
 def _parse(request: HttpRequest) -> dict[str, Any]:

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from callwaiting_tts.errors import ApiError
+from core.errors import ServiceError
+from engines import BuiltinVoice, SpeechEngine, SpeechJob, get_engine
+from engines.text import Segment, prepare_text
 from synthesis.audio import AudioEncoder, OutputSpec
-from synthesis.engines import BuiltinVoice, SpeechEngine, SpeechJob, get_engine
-from synthesis.text import Segment, prepare_text
 from tenants.models import Tenant
 from voices.services import tenant_voice_find, voice_conditioning
 
@@ -81,7 +81,7 @@ async def voice_resolve(*, engine: SpeechEngine, tenant: Tenant, voice_id: str |
         )
     own = await tenant_voice_find(tenant=tenant, voice_id=voice_id)
     if own is None:
-        raise ApiError(
+        raise ServiceError(
             404, "voice_not_found", f"No voice {voice_id!r}; GET /v1/voices lists the available voices."
         )
     conditioning = await voice_conditioning(engine=engine, voice=own)
@@ -105,7 +105,7 @@ class SynthesisSetup:
     speed: float
 
     def plan(self, text: str) -> SynthesisPlan:
-        """The plan for one text; raises ApiError for text that cannot be spoken."""
+        """The plan for one text; raises ServiceError for text that cannot be spoken."""
         return self.plan_segments(prepare_text(text, max_chars=settings.MAX_TEXT_CHARS))
 
     def plan_segments(self, segments: list[Segment]) -> SynthesisPlan:
@@ -134,15 +134,15 @@ async def synthesis_setup(
     sample_rate: int | None = None,
     speed: float = 1.0,
 ) -> SynthesisSetup:
-    """Check the voice and output settings before any engine work; raises ApiError."""
+    """Check the voice and output settings before any engine work; raises ServiceError."""
     spec = OutputSpec.parse(audio_format, sample_rate)
     if not MIN_SPEED <= speed <= MAX_SPEED:
-        raise ApiError(400, "invalid_speed", f"speed must be between {MIN_SPEED} and {MAX_SPEED}.")
+        raise ServiceError(400, "invalid_speed", f"speed must be between {MIN_SPEED} and {MAX_SPEED}.")
     engine = get_engine()
     voice = await voice_resolve(engine=engine, tenant=tenant, voice_id=voice_id)
     language = (language or voice.language).lower()
     if engine.languages and language not in engine.languages:
-        raise ApiError(
+        raise ServiceError(
             400,
             "unsupported_language",
             f"The {engine.name} engine speaks {', '.join(engine.languages)}; got {language!r}.",
@@ -160,7 +160,7 @@ async def synthesis_plan(
     sample_rate: int | None = None,
     speed: float = 1.0,
 ) -> SynthesisPlan:
-    """Validate a request completely before any engine work starts; raises ApiError."""
+    """Validate a request completely before any engine work starts; raises ServiceError."""
     # The text first: it is the commonest mistake, and checking it costs no lookup.
     segments = prepare_text(text, max_chars=settings.MAX_TEXT_CHARS)
     setup = await synthesis_setup(

@@ -29,7 +29,7 @@ from django.db import IntegrityError
 from django.utils import timezone
 from django.utils.crypto import constant_time_compare
 
-from callwaiting_tts.errors import ApiError
+from core.errors import ServiceError
 from synthesis.audio import AudioFormat
 from synthesis.models import IdempotencyRecord, PhraseAudio
 from synthesis.services import SynthesisPlan, SynthesisResult, synthesis_audio
@@ -140,11 +140,11 @@ def signed_url(name: str) -> tuple[str, datetime]:
 
 def verify_local_signature(name: str, expires: str, signature: str) -> None:
     if not STORED_NAME.match(name) or not expires.isdigit():
-        raise ApiError(403, "invalid_signature", "This audio link is not valid.")
+        raise ServiceError(403, "invalid_signature", "This audio link is not valid.")
     if not constant_time_compare(local_url_signature(name, int(expires)), signature):
-        raise ApiError(403, "invalid_signature", "This audio link is not valid.")
+        raise ServiceError(403, "invalid_signature", "This audio link is not valid.")
     if int(expires) < time.time():
-        raise ApiError(403, "link_expired", "This audio link has expired; ask for a new one.")
+        raise ServiceError(403, "link_expired", "This audio link has expired; ask for a new one.")
 
 
 def stored_audio_body(*, stored: StoredAudio, request_id: str) -> dict[str, Any]:
@@ -173,7 +173,7 @@ async def idempotent_replay(
     if record is None or record.created_at < timezone.now() - timedelta(seconds=settings.IDEMPOTENCY_SECONDS):
         return None
     if record.request_hash != fingerprint:
-        raise ApiError(
+        raise ServiceError(
             409, "idempotency_key_reused", "This Idempotency-Key was used with a different request body."
         )
     return dict(record.response)

@@ -19,10 +19,11 @@ from django.core.files.storage import default_storage
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.utils.http import http_date
 
-from callwaiting_tts.async_views import async_api_view
-from callwaiting_tts.errors import ApiError, api_error_response, error_response, validation_message
-from callwaiting_tts.middleware import request_id_for
-from synthesis.engines import EngineFailure, EngineOverloaded
+from api.errors import error_response, service_error_response, validation_message
+from api.views import async_api_view
+from core.errors import ServiceError
+from core.request_ids import request_id_for
+from engines import EngineFailure, EngineOverloaded
 from synthesis.models import PhraseAudio
 from synthesis.services import SynthesisPlan, SynthesisResult, synthesis_audio, synthesis_plan
 from synthesis.stored_audio import (
@@ -36,7 +37,7 @@ from synthesis.stored_audio import (
 from synthesis.streaming import stream_stats
 from tenants.authentication import Principal
 from tenants.limits import StreamLease, stream_lease_acquire
-from tenants.quotas import quota_check
+from usage.quotas import quota_check
 from usage.recorder import SYNTHESIZE, SYNTHESIZE_URL, TWIML_PLAY, usage_meter_of
 
 # The request body, checked by hand: this runs on every request of the hot
@@ -59,11 +60,11 @@ def json_object_body(request: HttpRequest) -> dict[str, Any]:
     try:
         payload = json.loads(request.body or b"null")
     except RequestDataTooBig:
-        raise ApiError(413, "request_too_large", "The request body is too large.") from None
+        raise ServiceError(413, "request_too_large", "The request body is too large.") from None
     except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "malformed_json", "The request body is not valid JSON.") from None
+        raise ServiceError(400, "malformed_json", "The request body is not valid JSON.") from None
     if not isinstance(payload, dict):
-        raise ApiError(400, "malformed_json", "The request body must be a JSON object.")
+        raise ServiceError(400, "malformed_json", "The request body must be a JSON object.")
     return payload
 
 
@@ -83,7 +84,7 @@ def _parse_body(request: HttpRequest) -> dict[str, Any]:
         else:
             fields[name] = value
     if problems:
-        raise ApiError(400, "invalid_request", validation_message(problems), details=problems)
+        raise ServiceError(400, "invalid_request", validation_message(problems), details=problems)
     return fields
 
 
@@ -105,10 +106,12 @@ async def stream_body_closing(
             await lease.release()
 
 
-def _engine_error(exc: EngineOverloaded | EngineFailure) -> ApiError:
+def _engine_error(exc: EngineOverloaded | EngineFailure) -> ServiceError:
     if isinstance(exc, EngineOverloaded):
-        return ApiError(503, "engine_overloaded", str(exc), headers={"Retry-After": str(exc.retry_after_s)})
-    return ApiError(500, "engine_error", f"The speech engine failed: {exc}")
+        return ServiceError(
+            503, "engine_overloaded", str(exc), headers={"Retry-After": str(exc.retry_after_s)}
+        )
+    return ServiceError(500, "engine_error", f"The speech engine failed: {exc}")
 
 
 async def _plan(request: HttpRequest, fields: dict[str, Any], principal: Principal) -> SynthesisPlan:
@@ -212,7 +215,7 @@ async def _stored_audio_answer(request: HttpRequest, principal: Principal, endpo
     fields = _parse_body(request)
     idempotency_key = request.headers.get("Idempotency-Key", "").strip()
     if len(idempotency_key) > 255:
-        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key is at most 255 characters.")
+        raise ServiceError(400, "invalid_idempotency_key", "Idempotency-Key is at most 255 characters.")
     fingerprint = request_fingerprint(fields)
     if idempotency_key and (
         replay := await idempotent_replay(
@@ -267,8 +270,8 @@ async def audio_download(request: HttpRequest, name: str) -> HttpResponseBase:
         return error_response(request, 405, "method_not_allowed", "Use GET.", headers={"Allow": "GET, HEAD"})
     try:
         verify_local_signature(name, request.GET.get("expires", ""), request.GET.get("signature", ""))
-    except ApiError as exc:
-        return api_error_response(request, exc)
+    except ServiceError as exc:
+        return service_error_response(request, exc)
     phrase = await PhraseAudio.objects.filter(storage_name=name).afirst()
     if phrase is None or not await sync_to_async(default_storage.exists, thread_sensitive=False)(name):
         return error_response(request, 404, "not_found", "This audio no longer exists.")

@@ -9,11 +9,11 @@ from __future__ import annotations
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ActionForm
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
-from tenants.models import ApiKey, QuotaUsage, Tenant
+from tenants.models import ApiKey, QuotaUsage, Tenant, usable_keys_q
 from tenants.services import (
     IssuedKey,
     api_key_issue,
@@ -95,10 +95,7 @@ class TenantAdmin(admin.ModelAdmin[Tenant]):
     actions = ["issue_key", "rotate_keys", "deactivate", "activate"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Tenant]:
-        now = timezone.now()
-        usable = Q(api_keys__revoked_at__isnull=True) & (
-            Q(api_keys__expires_at__isnull=True) | Q(api_keys__expires_at__gt=now)
-        )
+        usable = usable_keys_q(timezone.now(), via="api_keys__")
         return super().get_queryset(request).annotate(usable_key_count=Count("api_keys", filter=usable))
 
     @admin.display(description="Usable keys", ordering="usable_key_count")

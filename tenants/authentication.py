@@ -28,7 +28,7 @@ from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 
-from callwaiting_tts.errors import ApiError
+from core.errors import ServiceError
 from tenants import keys
 from tenants.limits import RateDecision, arate_limit_check, rate_limit_check
 from tenants.models import ApiKey, Tenant
@@ -41,7 +41,7 @@ LAST_USED_RESOLUTION = timedelta(seconds=60)
 WWW_AUTHENTICATE_REALM = 'Bearer realm="callwaiting-tts"'
 
 
-class ApiKeyError(ApiError, exceptions.AuthenticationFailed):
+class ApiKeyError(ServiceError, exceptions.AuthenticationFailed):
     def __init__(self, code: str, message: str) -> None:
         challenge = WWW_AUTHENTICATE_REALM
         if code != "missing_api_key":
@@ -74,12 +74,8 @@ def _parse(token: str) -> keys.ParsedKey:
 def _verify(api_key: ApiKey | None, parsed: keys.ParsedKey) -> Principal:
     if api_key is None or not keys.secret_matches(parsed.secret, api_key.secret_hash):
         raise ApiKeyError("invalid_api_key", "The API key is not valid.")
-    if api_key.is_revoked:
-        raise ApiKeyError("revoked_api_key", "This API key has been revoked.")
-    if api_key.is_expired():
-        raise ApiKeyError("expired_api_key", "This API key has expired; use the tenant's current key.")
-    if not api_key.tenant.is_active:
-        raise ApiKeyError("tenant_inactive", "The tenant for this API key is deactivated.")
+    if (refusal := api_key.refusal()) is not None:
+        raise ApiKeyError(refusal.code, refusal.message)
     return Principal(tenant=api_key.tenant, api_key=api_key)
 
 
@@ -152,7 +148,7 @@ def _database_unavailable(token: str, exc: DatabaseError) -> Principal:
     if stale := principal_cache.get_stale(token):
         logger.warning("Database unavailable; trusting an earlier verification of key %s.", token[:12])
         return stale
-    raise ApiError(
+    raise ServiceError(
         503,
         "database_unavailable",
         "The service cannot verify API keys right now; retry shortly.",
@@ -199,7 +195,7 @@ def _apply_rate_limit(request: HttpRequest, decision: RateDecision | None) -> No
         return
     request.rate_limit = decision  # type: ignore[attr-defined]
     if not decision.allowed:
-        raise ApiError(
+        raise ServiceError(
             429,
             "rate_limited",
             f"Over the limit of {decision.limit} requests per {decision.window_s} s; "

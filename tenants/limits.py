@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from django.conf import settings
 from redis.exceptions import NoScriptError
 
-from callwaiting_tts.errors import ApiError
-from callwaiting_tts.redis import REDIS_ERRORS, RedisUnavailable, async_redis, breaker, sync_redis
+from core.errors import ServiceError
+from core.redis import REDIS_ERRORS, RedisUnavailable, async_redis, breaker, sync_redis
 from tenants.models import Tenant
 
 WINDOWS = (("minute", 60_000), ("hour", 3_600_000))
@@ -293,7 +293,7 @@ async def stream_lease_acquire(tenant: Tenant) -> StreamLease:
     """A lease on one of the tenant's concurrent streams, or 429 stream_limit. 0 means no cap."""
     cap = tenant.max_concurrent_streams
     lease_id = uuid.uuid4().hex
-    refused = ApiError(
+    refused = ServiceError(
         429,
         "stream_limit",
         f"This tenant already has {cap} open stream(s), its limit; close one first.",

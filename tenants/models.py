@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
-from typing import ClassVar
+from typing import ClassVar, TypedDict, cast
 
 from django.db import models
-from django.db.models import Q, QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
+from django_stubs_ext import WithAnnotations
 
 
 class Permission(models.TextChoices):
@@ -15,6 +17,29 @@ class Permission(models.TextChoices):
 
 def _no_permissions() -> list[str]:
     return []
+
+
+def usable_keys_q(at: datetime, via: str = "") -> Q:
+    """Keys that are neither revoked nor expired at `at` (whatever their tenant's state);
+    `via` is the lookup path from another model, e.g. "api_keys__" from Tenant."""
+    return Q(**{f"{via}revoked_at__isnull": True}) & (
+        Q(**{f"{via}expires_at__isnull": True}) | Q(**{f"{via}expires_at__gt": at})
+    )
+
+
+class UsableKeyCount(TypedDict):
+    usable_key_count: int
+
+
+class TenantQuerySet(QuerySet["Tenant"]):
+    def with_usable_key_count(
+        self, at: datetime | None = None
+    ) -> QuerySet[WithAnnotations[Tenant, UsableKeyCount]]:
+        """Each tenant with `usable_key_count`: its keys that are neither revoked nor expired."""
+        usable = usable_keys_q(at or timezone.now(), via="api_keys__")
+        # cast: the plugin names the annotation with an anonymous TypedDict of the same shape.
+        annotated = self.annotate(usable_key_count=Count("api_keys", filter=usable))
+        return cast("QuerySet[WithAnnotations[Tenant, UsableKeyCount]]", annotated)
 
 
 class Tenant(models.Model):
@@ -35,6 +60,8 @@ class Tenant(models.Model):
     is_authenticated: ClassVar[bool] = True
     is_anonymous: ClassVar[bool] = False
 
+    objects = TenantQuerySet.as_manager()
+
     class Meta:
         ordering = ["name"]
 
@@ -47,8 +74,20 @@ class Tenant(models.Model):
 
 class ApiKeyQuerySet(QuerySet["ApiKey"]):
     def usable(self, at: datetime | None = None) -> ApiKeyQuerySet:
-        at = at or timezone.now()
-        return self.filter(revoked_at__isnull=True).filter(Q(expires_at__isnull=True) | Q(expires_at__gt=at))
+        return self.filter(usable_keys_q(at or timezone.now()))
+
+
+@dataclass(frozen=True)
+class KeyRefusal:
+    """Why a key that matches its secret is refused: a stable code and a sentence."""
+
+    code: str
+    message: str
+
+
+KEY_REVOKED = KeyRefusal("revoked_api_key", "This API key has been revoked.")
+KEY_EXPIRED = KeyRefusal("expired_api_key", "This API key has expired; use the tenant's current key.")
+TENANT_INACTIVE = KeyRefusal("tenant_inactive", "The tenant for this API key is deactivated.")
 
 
 class ApiKey(models.Model):
@@ -82,6 +121,17 @@ class ApiKey(models.Model):
     @property
     def is_revoked(self) -> bool:
         return self.revoked_at is not None
+
+    def refusal(self, at: datetime | None = None) -> KeyRefusal | None:
+        """Why this key may not be used now, or None: the one rule for authentication
+        and for open streams re-checking their key."""
+        if self.is_revoked:
+            return KEY_REVOKED
+        if self.is_expired(at):
+            return KEY_EXPIRED
+        if not self.tenant.is_active:
+            return TENANT_INACTIVE
+        return None
 
 
 class QuotaUsage(models.Model):

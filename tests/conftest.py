@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
-from synthesis.engines.xtts import XttsEngine
+from engines.xtts import XttsEngine
 from tenants.models import Tenant
 from tenants.services import IssuedKey, tenant_create
 

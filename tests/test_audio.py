@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from callwaiting_tts.errors import ApiError
+from core.errors import ServiceError
 from synthesis.audio import SAMPLE_RATES, AudioEncoder, AudioFormat, OutputSpec
 
 
@@ -108,6 +108,6 @@ def test_streaming_encoders_emit_audio_per_chunk_not_only_at_the_end(audio_forma
     ],
 )
 def test_bad_format_or_rate_is_a_400(audio_format: str, rate: int | None, code: str) -> None:
-    with pytest.raises(ApiError) as raised:
+    with pytest.raises(ServiceError) as raised:
         OutputSpec.parse(audio_format, rate)
     assert (raised.value.status_code, raised.value.code) == (400, code)

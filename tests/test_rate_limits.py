@@ -13,7 +13,7 @@ import pytest
 from django.conf import settings
 from rest_framework.test import APIClient
 
-from callwaiting_tts.errors import ApiError
+from core.errors import ServiceError
 from tenants import keys
 from tenants.models import Tenant
 from tests.conftest import ServiceEnv, TenantFactory, bearer, committed_tenant
@@ -233,7 +233,7 @@ def test_synthesis_past_the_monthly_quota_is_refused(
     api_client: APIClient, make_tenant: TenantFactory
 ) -> None:
     from tenants.models import QuotaUsage
-    from tenants.quotas import current_month
+    from usage.quotas import current_month
     from usage.recorder import usage_flush
 
     tenant, issued = make_tenant(quota_minutes=1, rate_limit_minute=0, rate_limit_hour=0)
@@ -266,7 +266,7 @@ def test_the_quota_check_reads_through_a_short_cache(settings: Any, make_tenant:
     import asyncio
 
     from tenants.models import QuotaUsage
-    from tenants.quotas import current_month, quota_check, quota_note_local, quota_used_seconds
+    from usage.quotas import current_month, quota_check, quota_note_local, quota_used_seconds
 
     settings.QUOTA_CACHE_SECONDS = 0.5
     tenant, _issued = make_tenant(quota_minutes=1)
@@ -279,7 +279,7 @@ def test_the_quota_check_reads_through_a_short_cache(settings: Any, make_tenant:
         await QuotaUsage.objects.acreate(tenant=tenant, month=current_month(), audio_seconds=60.0)
         await quota_check(tenant)  # another process's usage: not seen yet...
         await asyncio.sleep(0.6)
-        with pytest.raises(ApiError, match="used up"):  # ...but within the cache time
+        with pytest.raises(ServiceError, match="used up"):  # ...but within the cache time
             await quota_check(tenant)
 
     asyncio.run(scenario())
@@ -337,7 +337,7 @@ def test_with_redis_stopped_the_service_still_answers_and_quotas_hold(
     outage_tenant: tuple[Tenant, str],
 ) -> None:
     from tenants.models import QuotaUsage
-    from tenants.quotas import current_month
+    from usage.quotas import current_month
 
     redis_process, redis_url = own_redis
     tenant, key = outage_tenant

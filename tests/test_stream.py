@@ -572,7 +572,7 @@ def test_nested_json_before_authentication_is_an_error_event_and_auth_still_work
 FAILING_STAGES = {
     # where the exception is raised: (object, attribute, after how many successful calls)
     "plan": ("synthesis.services.SynthesisSetup", "plan", 0),
-    "engine before the first chunk": ("synthesis.engines.piper.PiperEngine", "stream", 0),
+    "engine before the first chunk": ("engines.piper.PiperEngine", "stream", 0),
     "encoder mid-stream": ("synthesis.audio.AudioEncoder", "push", 1),
     "encoder at the end": ("synthesis.audio.AudioEncoder", "finish", 0),
     "send mid-stream": ("synthesis.consumers.StreamConsumer", "send", 1),

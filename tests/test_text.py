@@ -2,12 +2,12 @@ from __future__ import annotations
 
 import pytest
 
-from callwaiting_tts.errors import ApiError
-from synthesis.text import Pause, Speech, prepare_text, split_for_streaming, strip_control_characters
+from core.errors import ServiceError
+from engines.text import Pause, Speech, prepare_text, split_for_streaming, strip_control_characters
 
 
 def code_of(text: str, max_chars: int = 5000) -> str:
-    with pytest.raises(ApiError) as raised:
+    with pytest.raises(ServiceError) as raised:
         prepare_text(text, max_chars=max_chars)
     return raised.value.code
 
@@ -18,7 +18,7 @@ def test_empty_or_invisible_text_is_refused(text: str) -> None:
 
 
 def test_text_over_the_limit_is_refused_with_the_limit_in_the_message() -> None:
-    with pytest.raises(ApiError) as raised:
+    with pytest.raises(ServiceError) as raised:
         prepare_text("a" * 101, max_chars=100)
     assert raised.value.status_code == 413
     assert raised.value.code == "text_too_long"
@@ -105,14 +105,14 @@ def nested_ssml(depth: int) -> str:
 
 
 def test_ssml_nested_up_to_the_limit_is_spoken() -> None:
-    from synthesis.text import MAX_SSML_DEPTH
+    from engines.text import MAX_SSML_DEPTH
 
     assert prepare_text(nested_ssml(MAX_SSML_DEPTH), max_chars=5000) == [Speech("Deep inside.")]
 
 
 @pytest.mark.parametrize("depth", [33, 300, 1200])
 def test_ssml_nested_deeper_than_the_limit_is_a_400_not_a_crash(depth: int) -> None:
-    with pytest.raises(ApiError) as raised:
+    with pytest.raises(ServiceError) as raised:
         prepare_text(nested_ssml(depth), max_chars=50_000)
     assert (raised.value.status_code, raised.value.code) == (400, "invalid_ssml")
     assert "nest" in raised.value.message

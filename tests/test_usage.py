@@ -21,10 +21,10 @@ from django.test import Client
 from rest_framework.test import APIClient
 
 from tenants.models import QuotaUsage, Tenant
-from tenants.quotas import current_month
 from tests.conftest import TenantFactory, bearer
 from tests.servers import ROOT
 from usage.models import UsageLog
+from usage.quotas import current_month
 from usage.recorder import UsageMeter, usage_flush, usage_records_write
 from usage.spool import UsageRecord, UsageSpool
 

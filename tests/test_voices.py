@@ -16,8 +16,8 @@ from asgiref.sync import sync_to_async
 from django.core.files.storage import default_storage
 from django.test import AsyncClient
 
-import synthesis.engines
-from synthesis.engines.xtts import XttsEngine
+import engines
+from engines.xtts import XttsEngine
 from tenants.models import Tenant
 from tenants.services import IssuedKey, tenant_create
 from tests.conftest import loaded_tiny_xtts
@@ -47,7 +47,7 @@ def xtts_engine(xtts_checkpoint: Path) -> Iterator[XttsEngine]:
 @pytest.fixture
 def engine(xtts_engine: XttsEngine, monkeypatch: pytest.MonkeyPatch) -> XttsEngine:
     """The process's engine is XTTS for this test."""
-    monkeypatch.setattr(synthesis.engines, "_engine", xtts_engine)
+    monkeypatch.setattr(engines, "_engine", xtts_engine)
     conditioning_cache.clear()
     return xtts_engine
 
@@ -342,7 +342,7 @@ async def test_conditioning_is_computed_once_and_again_only_for_a_new_model(
     # The process now runs a different model: the stored latents are stale.
     assert retrained_engine.model_identity != engine.model_identity
     retrained_computations = count_conditioning(retrained_engine, monkeypatch)
-    monkeypatch.setattr(synthesis.engines, "_engine", retrained_engine)
+    monkeypatch.setattr(engines, "_engine", retrained_engine)
     assert (await client.post("/v1/synthesize", body, content_type="application/json")).status_code == 200
     assert len(retrained_computations) == 1
     voice = await Voice.objects.aget(tenant=tenant, voice_id="desk")

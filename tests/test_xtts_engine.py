@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from synthesis.engines import EngineConfigurationError, EngineOverloaded, SpeechJob
-from synthesis.engines.xtts import XttsEngine
-from synthesis.text import Pause, Speech, prepare_text
+from engines import EngineConfigurationError, EngineOverloaded, SpeechJob
+from engines.text import Pause, Speech, prepare_text
+from engines.xtts import XttsEngine
 from tests.conftest import loaded_tiny_xtts
 from tests.waiting import async_wait_until
 

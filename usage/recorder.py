@@ -25,10 +25,10 @@ from django.conf import settings
 from django.db import DatabaseError, IntegrityError, close_old_connections, transaction
 from django.http import HttpRequest
 
-from callwaiting_tts.metrics import synthesis_observed
+from core.metrics import synthesis_observed
 from tenants.models import Tenant
-from tenants.quotas import current_month, quota_counters_add, quota_note_local
 from usage.models import UsageLog
+from usage.quotas import current_month, quota_counters_add, quota_note_local
 from usage.spool import UsageRecord, UsageSpool
 
 logger = logging.getLogger(__name__)

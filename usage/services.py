@@ -14,8 +14,8 @@ from django.db.models import Aggregate, Count, F, FloatField, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 
 from tenants.models import QuotaUsage, Tenant
-from tenants.quotas import current_month
 from usage.models import UsageLog
+from usage.quotas import current_month
 from usage.recorder import CANCELLED, CLIENT_DISCONNECTED
 
 GroupBy = Literal["day", "voice", "endpoint"]

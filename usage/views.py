@@ -14,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from tenants.authentication import request_tenant
-from tenants.quotas import current_month
+from usage.quotas import current_month
 from usage.services import GROUP_FIELDS, UsageQuery, usage_summary
 
 MAX_PERIOD = timedelta(days=400)

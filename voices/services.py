@@ -23,8 +23,8 @@ from django.core.files.storage import default_storage
 from django.db import IntegrityError
 from django.utils.text import slugify
 
-from callwaiting_tts.errors import ApiError
-from synthesis.engines import CloningNotSupported, SpeechEngine
+from core.errors import ServiceError
+from engines import CloningNotSupported, SpeechEngine
 from tenants.models import Tenant
 from voices.models import Voice
 
@@ -53,12 +53,12 @@ def reference_audio_decode(data: bytes) -> ReferenceAudio:
     claim any size), and decoding stops as soon as the limit is passed.
     """
     if not data:
-        raise ApiError(400, "invalid_audio", "The uploaded file is empty.")
+        raise ServiceError(400, "invalid_audio", "The uploaded file is empty.")
     try:
         with soundfile.SoundFile(io.BytesIO(data)) as audio_file:
             rate, channels = audio_file.samplerate, audio_file.channels
             if not 1 <= channels <= _MAX_CHANNELS or not 4000 <= rate <= 192_000:
-                raise ApiError(
+                raise ServiceError(
                     400, "invalid_audio", f"Unsupported audio layout: {channels} channels at {rate} Hz."
                 )
             limit = int((MAX_REFERENCE_SECONDS + 1) * rate)
@@ -70,18 +70,18 @@ def reference_audio_decode(data: bytes) -> ReferenceAudio:
                 if decoded > limit:
                     break
     except soundfile.LibsndfileError:
-        raise ApiError(
+        raise ServiceError(
             400, "invalid_audio", "The file is not audio we can decode (WAV, FLAC, Ogg or MP3)."
         ) from None
     seconds = decoded / rate
     if seconds < MIN_REFERENCE_SECONDS:
-        raise ApiError(
+        raise ServiceError(
             422,
             "audio_too_short",
             f"The reference is {seconds:.1f} s; at least {MIN_REFERENCE_SECONDS:.0f} s.",
         )
     if seconds > MAX_REFERENCE_SECONDS:
-        raise ApiError(422, "audio_too_long", f"The reference is over {MAX_REFERENCE_SECONDS:.0f} s.")
+        raise ServiceError(422, "audio_too_long", f"The reference is over {MAX_REFERENCE_SECONDS:.0f} s.")
     mono = np.concatenate(blocks).astype(np.float32)
     if rate != REFERENCE_SAMPLE_RATE:
         mono = soxr.resample(mono, rate, REFERENCE_SAMPLE_RATE).astype(np.float32)
@@ -132,24 +132,24 @@ async def voice_create(
     voice_id: str | None,
 ) -> Voice:
     if not engine.supports_cloning:
-        raise ApiError(
+        raise ServiceError(
             422,
             "cloning_not_supported",
             f"The {engine.name} engine cannot clone voices; the service needs XTTS.",
         )
     language = language.lower()
     if engine.languages and language not in engine.languages:
-        raise ApiError(400, "unsupported_language", f"The engine speaks {', '.join(engine.languages)}.")
+        raise ServiceError(400, "unsupported_language", f"The engine speaks {', '.join(engine.languages)}.")
     voice_id = voice_id or slugify(name)[:48] or f"voice-{uuid.uuid4().hex[:8]}"
     if engine.find_builtin_voice(voice_id) is not None:
-        raise ApiError(409, "voice_exists", f"{voice_id!r} is a built-in voice; choose another voice_id.")
+        raise ServiceError(409, "voice_exists", f"{voice_id!r} is a built-in voice; choose another voice_id.")
     if await Voice.objects.filter(tenant=tenant, voice_id=voice_id).aexists():
-        raise ApiError(409, "voice_exists", f"You already have a voice {voice_id!r}.")
+        raise ServiceError(409, "voice_exists", f"You already have a voice {voice_id!r}.")
     reference = await sync_to_async(reference_audio_decode, thread_sensitive=False)(audio)
     try:
         conditioning = await engine.compute_conditioning(reference.samples, REFERENCE_SAMPLE_RATE)
     except CloningNotSupported as exc:
-        raise ApiError(422, "cloning_not_supported", str(exc)) from None
+        raise ServiceError(422, "cloning_not_supported", str(exc)) from None
     key = await sync_to_async(default_storage.save, thread_sensitive=False)(
         storage_key(tenant), ContentFile(reference.wav_bytes())
     )
@@ -166,7 +166,7 @@ async def voice_create(
         )
     except IntegrityError:
         await sync_to_async(default_storage.delete, thread_sensitive=False)(key)
-        raise ApiError(409, "voice_exists", f"You already have a voice {voice_id!r}.") from None
+        raise ServiceError(409, "voice_exists", f"You already have a voice {voice_id!r}.") from None
     except BaseException:
         await sync_to_async(default_storage.delete, thread_sensitive=False)(key)
         raise
@@ -179,7 +179,7 @@ async def voice_delete(*, tenant: Tenant, voice_id: str) -> None:
         await Voice.objects.filter(tenant=tenant, voice_id=voice_id).only("id", "reference_audio").afirst()
     )
     if voice is None:
-        raise ApiError(404, "voice_not_found", f"No voice {voice_id!r}.")
+        raise ServiceError(404, "voice_not_found", f"No voice {voice_id!r}.")
     await Voice.objects.filter(pk=voice.pk).adelete()
     await sync_to_async(default_storage.delete, thread_sensitive=False)(str(voice.reference_audio.name))
 
@@ -207,7 +207,7 @@ async def voice_conditioning(*, engine: SpeechEngine, voice: Voice) -> bytes:
     if voice.conditioning_model == engine.model_identity:
         stored = await Voice.objects.filter(pk=voice.pk).values_list("conditioning", flat=True).afirst()
         if stored is None:
-            raise ApiError(404, "voice_not_found", f"No voice {voice.voice_id!r}.")
+            raise ServiceError(404, "voice_not_found", f"No voice {voice.voice_id!r}.")
         conditioning = bytes(stored)
     else:
         conditioning = await _recompute(engine=engine, voice=voice)
@@ -218,7 +218,7 @@ async def voice_conditioning(*, engine: SpeechEngine, voice: Voice) -> bytes:
 
 async def _recompute(*, engine: SpeechEngine, voice: Voice) -> bytes:
     if not engine.supports_cloning:
-        raise ApiError(409, "voice_unavailable", f"The {engine.name} engine cannot speak cloned voices.")
+        raise ServiceError(409, "voice_unavailable", f"The {engine.name} engine cannot speak cloned voices.")
 
     def read_reference() -> bytes:
         with default_storage.open(str(voice.reference_audio.name), "rb") as handle:

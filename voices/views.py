@@ -13,9 +13,9 @@ from rest_framework.decorators import api_view
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from callwaiting_tts.async_views import async_api_view
-from callwaiting_tts.errors import ApiError
-from synthesis.engines import get_engine
+from api.views import async_api_view
+from core.errors import ServiceError
+from engines import get_engine
 from tenants.authentication import Principal, request_tenant
 from tenants.models import Permission
 from voices.models import Voice
@@ -64,19 +64,19 @@ def voice_list(request: Request) -> Response:
 @async_api_view("POST")
 async def voice_upload(request: HttpRequest, principal: Principal) -> HttpResponseBase:
     if not principal.tenant.has_permission(Permission.UPLOAD):
-        raise ApiError(403, "permission_denied", "This tenant may not upload voices.")
+        raise ServiceError(403, "permission_denied", "This tenant may not upload voices.")
     cap = settings.VOICE_UPLOAD_MAX_BYTES
     # Refuse an oversized body from its declared length, before reading it.
     declared = int(request.META.get("CONTENT_LENGTH") or 0)
     if declared > cap + _MULTIPART_ALLOWANCE:
-        raise ApiError(413, "upload_too_large", f"The upload is over the {cap} byte limit.")
+        raise ServiceError(413, "upload_too_large", f"The upload is over the {cap} byte limit.")
     if not (request.content_type or "").startswith("multipart/form-data"):
-        raise ApiError(400, "invalid_request", "Send multipart/form-data with file, name and language.")
+        raise ServiceError(400, "invalid_request", "Send multipart/form-data with file, name and language.")
     upload = request.FILES.get("file")
     if upload is None:
         raise serializers.ValidationError({"file": ["This field is required."]})
     if upload.size is not None and upload.size > cap:
-        raise ApiError(413, "upload_too_large", f"The file is over the {cap} byte limit.")
+        raise ServiceError(413, "upload_too_large", f"The file is over the {cap} byte limit.")
     fields = VoiceUploadInputSerializer(data=request.POST.dict())
     fields.is_valid(raise_exception=True)
     voice = await voice_create(

@@ -12,7 +12,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from callwaiting_tts.errors import ApiError
+from core.errors import ServiceError
 from synthesis.services import synthesis_plan
 from synthesis.stored_audio import stored_audio_for
 from tenants.models import Tenant
@@ -68,7 +68,7 @@ class Command(BaseCommand):
                     speed=options["speed"],
                 )
                 result = await stored_audio_for(tenant=tenant, plan=plan)
-            except ApiError as exc:
+            except ServiceError as exc:
                 failed += 1
                 self.stderr.write(f"skipped {prompt[:40]!r}: {exc.message}")
                 continue

@@ -23,7 +23,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
-from synthesis.engines.base import EngineFailure, EngineOverloaded
+from engines.base import EngineFailure, EngineOverloaded
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

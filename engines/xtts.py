@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from synthesis.engines.base import (
+from engines.base import (
     BuiltinVoice,
     EngineConfigurationError,
     EngineFailure,
@@ -26,8 +26,8 @@ from synthesis.engines.base import (
     silence_chunk,
     voice_slug,
 )
-from synthesis.engines.scheduler import ChunkScheduler
-from synthesis.text import Pause
+from engines.scheduler import ChunkScheduler
+from engines.text import Pause
 
 logger = logging.getLogger(__name__)
 XTTS_SAMPLE_RATE = 24000

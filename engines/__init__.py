@@ -6,7 +6,7 @@ import threading
 
 from django.conf import settings
 
-from synthesis.engines.base import (
+from engines.base import (
     BuiltinVoice,
     CloningNotSupported,
     EngineConfigurationError,
@@ -37,7 +37,7 @@ def build_engine() -> SpeechEngine:
     if choice == "auto":
         choice = "xtts" if settings.XTTS_MODEL_PATH else "piper"
     if choice == "xtts":
-        from synthesis.engines.xtts import XttsEngine
+        from engines.xtts import XttsEngine
 
         return XttsEngine(
             checkpoint_dir=settings.XTTS_MODEL_PATH,
@@ -48,7 +48,7 @@ def build_engine() -> SpeechEngine:
             max_audio_tokens=settings.XTTS_MAX_AUDIO_TOKENS,
             deterministic=settings.XTTS_DETERMINISTIC,
         )
-    from synthesis.engines.piper import PiperEngine
+    from engines.piper import PiperEngine
 
     return PiperEngine(
         workers=settings.PIPER_WORKERS,

@@ -20,7 +20,7 @@ from xml.etree.ElementTree import Element
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
-from callwaiting_tts.errors import ApiError
+from core.errors import ServiceError
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def _merge_short(clauses: list[str]) -> list[str]:
 def _parse_duration(value: str) -> float:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s)\s*", value)
     if not match:
-        raise ApiError(400, "invalid_ssml", f'<break time="{value}"> must look like "500ms" or "1.5s".')
+        raise ServiceError(400, "invalid_ssml", f'<break time="{value}"> must look like "500ms" or "1.5s".')
     amount = float(match.group(1))
     return min(amount / 1000 if match.group(2) == "ms" else amount, MAX_BREAK_SECONDS)
 
@@ -108,7 +108,7 @@ def _parse_rate(value: str) -> float:
         return _RATE_WORDS[value]
     match = re.fullmatch(r"(\d+(?:\.\d+)?)%", value)
     if not match:
-        raise ApiError(
+        raise ServiceError(
             400, "invalid_ssml", f'<prosody rate="{value}"> must be a word like "slow" or a percentage.'
         )
     return min(max(float(match.group(1)) / 100, 0.25), 4.0)
@@ -145,7 +145,9 @@ class _SsmlWalker:
         self._depth += 1
         try:
             if self._depth > MAX_SSML_DEPTH:
-                raise ApiError(400, "invalid_ssml", f"SSML may nest elements at most {MAX_SSML_DEPTH} deep.")
+                raise ServiceError(
+                    400, "invalid_ssml", f"SSML may nest elements at most {MAX_SSML_DEPTH} deep."
+                )
             self._walk(element)
         finally:
             self._depth -= 1
@@ -191,20 +193,20 @@ def parse_ssml(document: str) -> list[Segment]:
     try:
         root = SafeET.fromstring(document)
     except DefusedXmlException:
-        raise ApiError(400, "invalid_ssml", "SSML may not declare entities or DTDs.") from None
+        raise ServiceError(400, "invalid_ssml", "SSML may not declare entities or DTDs.") from None
     except SafeET.ParseError as exc:
-        raise ApiError(400, "invalid_ssml", f"The SSML is not well-formed XML: {exc}.") from None
+        raise ServiceError(400, "invalid_ssml", f"The SSML is not well-formed XML: {exc}.") from None
     if _local_name(root.tag) != "speak":
-        raise ApiError(400, "invalid_ssml", "SSML must have <speak> as its root element.")
+        raise ServiceError(400, "invalid_ssml", "SSML must have <speak> as its root element.")
     walker = _SsmlWalker()
     walker.walk(root)
     return walker.finish()
 
 
 def prepare_text(raw: str, *, max_chars: int) -> list[Segment]:
-    """Validate and split a request's text; raises ApiError with a stable code."""
+    """Validate and split a request's text; raises ServiceError with a stable code."""
     if len(raw) > max_chars:
-        raise ApiError(
+        raise ServiceError(
             413,
             "text_too_long",
             f"The text has {len(raw)} characters; the limit is {max_chars}.",
@@ -212,7 +214,7 @@ def prepare_text(raw: str, *, max_chars: int) -> list[Segment]:
         )
     text = strip_control_characters(raw)
     if not text.strip():
-        raise ApiError(400, "empty_text", "The text is empty.")
+        raise ServiceError(400, "empty_text", "The text is empty.")
     stripped = text.strip()
     is_ssml = stripped.startswith(("<speak", "<?xml"))
     parsed = parse_ssml(stripped) if is_ssml else [Speech(normalise_whitespace(text))]
@@ -223,5 +225,5 @@ def prepare_text(raw: str, *, max_chars: int) -> list[Segment]:
         else:
             segments.append(segment)
     if not any(isinstance(segment, Speech) for segment in segments):
-        raise ApiError(400, "empty_text", "The text has nothing to say.")
+        raise ServiceError(400, "empty_text", "The text has nothing to say.")
     return segments

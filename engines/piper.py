@@ -18,14 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from synthesis.engines.base import (
+from engines.base import (
     BuiltinVoice,
     EngineConfigurationError,
     SpeechEngine,
     SpeechJob,
     silence_chunk,
 )
-from synthesis.text import Pause
+from engines.text import Pause
 
 
 class PiperEngine(SpeechEngine):

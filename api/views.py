@@ -1,7 +1,7 @@
 """The one wrapper every plain async API view uses (DRF has no async views).
 
 It authenticates first (so an unauthenticated caller learns nothing, not even
-which methods exist), answers other methods with 405, turns ApiError and
+which methods exist), answers other methods with 405, turns ServiceError and
 validation errors into the project's error shape, and, for the synthesis
 endpoints, meters the request: one usage row however it ends.
 """
@@ -19,23 +19,18 @@ from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import serializers
 
-from callwaiting_tts.errors import (
-    ApiError,
-    api_error_response,
-    database_unavailable,
-    error_code_of,
-    validation_message,
-)
-from callwaiting_tts.middleware import request_id_for
+from api.errors import error_code_of, service_error_response, validation_message
+from core.errors import ServiceError, database_unavailable
+from core.request_ids import request_id_for
 from tenants.authentication import Principal, aauthenticate_request
 from usage.recorder import CLIENT_DISCONNECTED, STATUS_CLIENT_CLOSED, UsageMeter, metered_stream
 
 AsyncApiView = Callable[..., Awaitable[HttpResponseBase]]
-ErrorRenderer = Callable[[HttpRequest, ApiError], HttpResponseBase]
+ErrorRenderer = Callable[[HttpRequest, ServiceError], HttpResponseBase]
 
 
 def async_api_view(
-    *methods: str, usage_endpoint: str | None = None, render_error: ErrorRenderer = api_error_response
+    *methods: str, usage_endpoint: str | None = None, render_error: ErrorRenderer = service_error_response
 ) -> Callable[[AsyncApiView], Callable[..., HttpResponseBase]]:
     """`usage_endpoint` names the endpoint in usage rows; views fill in the
     request's meter (`usage_meter_of(request)`) as they learn what it asks for.
@@ -47,17 +42,19 @@ def async_api_view(
             try:
                 principal: Principal = await aauthenticate_request(request)
                 if request.method not in allowed:
-                    raise ApiError(
+                    raise ServiceError(
                         405,
                         "method_not_allowed",
                         f"Use {', '.join(sorted(allowed))}.",
                         headers={"Allow": ", ".join(sorted(allowed))},
                     )
                 return await view(request, principal, *args, **kwargs)
-            except ApiError as exc:
+            except ServiceError as exc:
                 return render_error(request, exc)
             except serializers.ValidationError as exc:
-                error = ApiError(400, "invalid_request", validation_message(exc.detail), details=exc.detail)
+                error = ServiceError(
+                    400, "invalid_request", validation_message(exc.detail), details=exc.detail
+                )
                 return render_error(request, error)
             except DatabaseError:
                 return render_error(request, database_unavailable())

@@ -28,7 +28,7 @@ from django.conf import settings
 from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import F
 
-from callwaiting_tts.errors import ApiError
+from core.errors import ServiceError
 from tenants.models import QuotaUsage, Tenant
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ async def quota_check(tenant: Tenant) -> None:
         return
     if await quota_used_seconds(tenant) >= tenant.quota_minutes * 60:
         now = datetime.now(UTC)
-        raise ApiError(
+        raise ServiceError(
             429,
             "quota_exceeded",
             f"This month's {tenant.quota_minutes} minutes of audio are used up; it renews on the 1st (UTC).",

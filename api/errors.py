@@ -3,7 +3,7 @@
     {"error": {"code": "<stable_code>", "message": "<human text>", "request_id": "..."}}
 
 `code` is part of the API contract: clients branch on it, so codes are never
-renamed. Field-level validation problems add `"details": {field: [messages]}`.
+renamed (core.errors). Field-level validation problems add `"details": {field: [messages]}`.
 """
 
 from __future__ import annotations
@@ -17,27 +17,8 @@ from django.http.response import HttpResponseBase
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 
-from callwaiting_tts.middleware import REQUEST_ID_HEADER, request_id_for
-
-
-class ApiError(exceptions.APIException):
-    """An error with a stable code, raised anywhere below a view."""
-
-    def __init__(
-        self,
-        status_code: int,
-        code: str,
-        message: str,
-        *,
-        headers: Mapping[str, str] | None = None,
-        details: Any = None,
-    ) -> None:
-        super().__init__(detail=message, code=code)
-        self.status_code = status_code
-        self.code = code
-        self.message = message
-        self.headers = dict(headers or {})
-        self.details = details
+from core.errors import ServiceError, database_unavailable
+from core.request_ids import REQUEST_ID_HEADER, request_id_for
 
 
 def error_body(request: HttpRequest | None, code: str, message: str, details: Any = None) -> dict[str, Any]:
@@ -74,16 +55,7 @@ def error_code_of(response: HttpResponseBase) -> str | None:
     return None if response.status_code < 400 else f"http_{response.status_code}"
 
 
-def database_unavailable() -> ApiError:
-    return ApiError(
-        503,
-        "database_unavailable",
-        "The database is briefly unavailable; retry shortly.",
-        headers={"Retry-After": "5"},
-    )
-
-
-def api_error_response(request: HttpRequest, error: ApiError) -> JsonResponse:
+def service_error_response(request: HttpRequest, error: ServiceError) -> JsonResponse:
     return error_response(
         request, error.status_code, error.code, error.message, headers=error.headers, details=error.details
     )
@@ -124,14 +96,14 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         exc = exceptions.NotFound()
     if isinstance(exc, DatabaseError):
         exc = database_unavailable()
-    if not isinstance(exc, exceptions.APIException):
+    if not isinstance(exc, exceptions.APIException | ServiceError):
         return None  # a real bug: let Django's 500 handler (JSON, below) answer
 
     headers: dict[str, str] = {}
     if auth_header := getattr(exc, "auth_header", None):
         headers["WWW-Authenticate"] = auth_header
     details: Any = None
-    if isinstance(exc, ApiError):
+    if isinstance(exc, ServiceError):
         code, message, details = exc.code, exc.message, exc.details
         headers.update(exc.headers)
     else:

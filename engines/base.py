@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from django.core.exceptions import ImproperlyConfigured
 
-from synthesis.text import Segment
+from engines.text import Segment
 
 
 class EngineConfigurationError(ImproperlyConfigured):

@@ -1,0 +1,1 @@
+"""The HTTP edge: the async view decorator and the one JSON error shape."""
