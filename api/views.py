@@ -1,7 +1,7 @@
 """The one wrapper every plain async API view uses (DRF has no async views).
 
 It authenticates first (so an unauthenticated caller learns nothing, not even
-which methods exist), answers other methods with 405, turns ServiceError and
+which methods exist), then throttles, answers other methods with 405, turns ServiceError and
 validation errors into the project's error shape, and, for the synthesis
 endpoints, meters the request: one usage row however it ends.
 """
@@ -23,6 +23,7 @@ from api.errors import error_code_of, service_error_response, validation_message
 from core.errors import ServiceError, database_unavailable
 from core.request_ids import request_id_for
 from tenants.authentication import Principal, aauthenticate_request
+from tenants.limits import athrottle_request
 from usage.recorder import CLIENT_DISCONNECTED, STATUS_CLIENT_CLOSED, UsageMeter, metered_stream
 
 AsyncApiView = Callable[..., Awaitable[HttpResponseBase]]
@@ -41,6 +42,7 @@ def async_api_view(
         async def answer(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             try:
                 principal: Principal = await aauthenticate_request(request)
+                await athrottle_request(request, principal.tenant)
                 if request.method not in allowed:
                     raise ServiceError(
                         405,

@@ -43,7 +43,7 @@ async def http_app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
 # after one warm-up synthesis, for its lazy initialisation).
 engine_warm_up(get_engine())
 
-from synthesis.consumers import StreamConsumer  # noqa: E402
+from synthesis.stream.consumer import StreamConsumer  # noqa: E402
 
 websocket_urlpatterns: list[URLPattern] = [
     path("v1/stream", StreamConsumer.as_asgi(), name="stream"),

@@ -15,7 +15,7 @@ from rest_framework.response import Response
 
 from core.redis import breaker, redis_configured
 from engines import loaded_engine
-from synthesis.streaming import stream_stats
+from synthesis.stream.stats import stream_stats
 from usage.recorder import usage_flusher, usage_spool
 
 PROCESS_STARTED = time.monotonic()

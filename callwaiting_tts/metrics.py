@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
 from api.errors import error_response
 from engines import loaded_engine
-from synthesis.streaming import stream_stats
+from synthesis.stream.stats import stream_stats
 from usage.recorder import usage_spool
 
 

@@ -23,7 +23,7 @@ DRAIN_POLL_SECONDS = 0.2
 
 def _work_in_flight() -> int:
     from engines import loaded_engine
-    from synthesis.streaming import stream_stats
+    from synthesis.stream.stats import stream_stats
 
     engine = loaded_engine()
     jobs = int(engine.info()["active_jobs"]) if engine is not None else 0

@@ -27,11 +27,11 @@ from api.views import async_api_view
 from core.errors import ServiceError
 from core.request_ids import REQUEST_ID_HEADER, request_id_for
 from engines import get_engine
-from synthesis.services import SynthesisResult, synthesis_plan
+from synthesis.admission import SynthesisRequest, synthesis_admit
+from synthesis.services import SynthesisResult
 from synthesis.views import audio_response, json_object_body, stream_body_closing
 from tenants.authentication import Principal
 from tenants.limits import StreamLease
-from usage.quotas import quota_check
 from usage.recorder import AUDIO_SPEECH, usage_meter_of
 
 OPENAI_VOICES = frozenset(
@@ -93,7 +93,8 @@ def _invalid(param: str, message: str, code: str = "invalid_request") -> Service
     return ServiceError(400, code, message, details={param: [message]})
 
 
-def _parse(request: HttpRequest) -> dict[str, Any]:
+def _parse(request: HttpRequest) -> tuple[SynthesisRequest, str]:
+    """OpenAI's request body as ours, and its `stream_format` ("audio" or "sse")."""
     body = json_object_body(request)
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise _invalid("model", "`model` is required (any OpenAI speech model name works).")
@@ -123,13 +124,15 @@ def _parse(request: HttpRequest) -> dict[str, Any]:
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise _invalid("instructions", "`instructions` must be a string.")
-    return {
-        "input": text,
-        "voice": voice,
-        "response_format": response_format,
-        "speed": float(speed),
-        "stream_format": stream_format,
-    }
+    wanted = SynthesisRequest(
+        text=text,
+        voice_id=voice_for(voice),
+        audio_format=response_format,
+        sample_rate=SAMPLE_RATE,
+        speed=float(speed),
+        streaming=True,  # OpenAI's endpoint always streams its body
+    )
+    return wanted, stream_format
 
 
 def voice_for(name: str) -> str | None:
@@ -160,27 +163,14 @@ def _sse(event: dict[str, Any]) -> bytes:
 
 @async_api_view("POST", usage_endpoint=AUDIO_SPEECH, render_error=openai_error_response)
 async def audio_speech(request: HttpRequest, principal: Principal) -> HttpResponseBase:
-    fields = _parse(request)
+    wanted, stream_format = _parse(request)
+    text = wanted.text or ""
     meter = usage_meter_of(request)
-    if meter is not None:
-        meter.input_chars = len(fields["input"])
-        meter.format = fields["response_format"]
-        meter.streaming = True
-    plan = await synthesis_plan(
-        tenant=principal.tenant,
-        text=fields["input"],
-        voice_id=voice_for(fields["voice"]),
-        audio_format=fields["response_format"],
-        sample_rate=SAMPLE_RATE,
-        speed=fields["speed"],
-    )
-    if meter is not None:
-        meter.voice_id = plan.voice_id
-    await quota_check(principal.tenant)
-    if fields["stream_format"] == "audio":
-        return await audio_response(request, principal, plan, streaming=True)
+    admission = await synthesis_admit(tenant=principal.tenant, request=wanted, meter=meter, lease=True)
+    if stream_format == "audio":
+        return await audio_response(request, admission)
 
-    input_chars = len(fields["input"])
+    input_chars = len(text)
 
     async def events(
         first: bytes, rest: AsyncIterator[bytes], lease: StreamLease, result: SynthesisResult
@@ -191,6 +181,4 @@ async def audio_speech(request: HttpRequest, principal: Principal) -> HttpRespon
             yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(audio).decode("ascii")})
         yield _sse({"type": "speech.audio.done", "usage": _usage(input_chars, result.audio_seconds)})
 
-    return await audio_response(
-        request, principal, plan, streaming=True, stream_body=events, content_type="text/event-stream"
-    )
+    return await audio_response(request, admission, stream_body=events, content_type="text/event-stream")

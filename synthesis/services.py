@@ -174,25 +174,33 @@ async def synthesis_plan(
     return setup.plan_segments(segments)
 
 
-async def synthesis_audio(
-    plan: SynthesisPlan, result: SynthesisResult, *, streaming: bool
-) -> AsyncIterator[bytes]:
-    """Encoded audio as the engine makes it (streaming), or the whole file as one piece.
-
-    Closing this iterator (a client that went away) closes the engine's stream,
-    which stops its work for this request.
-    """
-    encoder = AudioEncoder(plan.spec, plan.engine.sample_rate, streaming=streaming)
+async def encoded_audio(plan: SynthesisPlan, encoder: AudioEncoder) -> AsyncIterator[bytes]:
+    """The plan's audio through `encoder`, as the engine makes it: the one engine -> encoder
+    loop, for HTTP and WebSocket alike. It does not finish the encoder (a WebSocket utterance
+    runs several plans through one). Closing this iterator (a client that went away) closes
+    the engine's stream, which stops its work for this request."""
     engine_stream = plan.engine.stream(plan.job)
     try:
         async for chunk in engine_stream:
-            data = encoder.push(chunk)
-            result.audio_seconds = encoder.duration_s
-            if data:
+            if data := encoder.push(chunk):
                 yield data
-        data = encoder.finish()
-        result.audio_seconds = encoder.duration_s
-        if data:
-            yield data
     finally:
         await engine_stream.aclose()  # type: ignore[attr-defined]
+
+
+async def synthesis_audio(
+    plan: SynthesisPlan, result: SynthesisResult, *, streaming: bool
+) -> AsyncIterator[bytes]:
+    """Encoded audio as the engine makes it (streaming), or the whole file as one piece."""
+    encoder = AudioEncoder(plan.spec, plan.engine.sample_rate, streaming=streaming)
+    audio = encoded_audio(plan, encoder)
+    try:
+        async for data in audio:
+            result.audio_seconds = encoder.duration_s
+            yield data
+    finally:
+        await audio.aclose()  # type: ignore[attr-defined]
+    data = encoder.finish()
+    result.audio_seconds = encoder.duration_s
+    if data:
+        yield data

@@ -14,13 +14,13 @@ import json
 import re
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
 from asgiref.sync import sync_to_async
+from cachetools import LRUCache
 from django.conf import settings
 from django.core import signing
 from django.core.files.base import ContentFile
@@ -65,23 +65,19 @@ class _RecentPhrases:
     """
 
     def __init__(self, max_entries: int = 10_000) -> None:
-        self._entries: OrderedDict[tuple[uuid.UUID, str], PhraseAudio] = OrderedDict()
-        self._max_entries = max_entries
+        self._entries: LRUCache[tuple[uuid.UUID, str], PhraseAudio] = LRUCache(maxsize=max_entries)
 
     def get(self, tenant: Tenant, cache_key: str) -> PhraseAudio | None:
         phrase = self._entries.get((tenant.id, cache_key))
         if phrase is None:
             return None
         if not _phrase_is_fresh(phrase):
-            del self._entries[(tenant.id, cache_key)]
+            self._entries.pop((tenant.id, cache_key), None)
             return None
-        self._entries.move_to_end((tenant.id, cache_key))
         return phrase
 
     def put(self, phrase: PhraseAudio) -> None:
         self._entries[(phrase.tenant_id, phrase.cache_key)] = phrase
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
 
 
 recent_phrases = _RecentPhrases()

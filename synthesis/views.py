@@ -7,6 +7,7 @@ one sync thread, and audio bytes go out as the engine produces them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,13 +20,13 @@ from django.core.files.storage import default_storage
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.utils.http import http_date
 
-from api.errors import error_response, service_error_response, validation_message
+from api.errors import error_response, service_error_response
 from api.views import async_api_view
 from core.errors import ServiceError
 from core.request_ids import request_id_for
-from engines import EngineFailure, EngineOverloaded
+from synthesis.admission import Admission, engine_error, native_request, synthesis_admit
 from synthesis.models import PhraseAudio
-from synthesis.services import SynthesisPlan, SynthesisResult, synthesis_audio, synthesis_plan
+from synthesis.services import SynthesisResult, synthesis_audio
 from synthesis.stored_audio import (
     idempotency_record,
     idempotent_replay,
@@ -34,25 +35,10 @@ from synthesis.stored_audio import (
     stored_audio_for,
     verify_local_signature,
 )
-from synthesis.streaming import stream_stats
+from synthesis.stream.stats import stream_stats
 from tenants.authentication import Principal
-from tenants.limits import StreamLease, stream_lease_acquire
-from usage.quotas import quota_check
+from tenants.limits import StreamLease
 from usage.recorder import SYNTHESIZE, SYNTHESIZE_URL, TWIML_PLAY, usage_meter_of
-
-# The request body, checked by hand: this runs on every request of the hot
-# path, where a DRF serializer costs more than everything else in the view.
-# (field, accepted types, default; None means required)
-_BODY_FIELDS: tuple[tuple[str, tuple[type, ...], Any], ...] = (
-    ("text", (str,), None),
-    ("voice_id", (str,), ""),
-    ("language", (str,), ""),
-    ("format", (str,), "wav"),
-    ("sample_rate", (int,), None),
-    ("speed", (int, float), 1.0),
-    ("streaming", (bool,), False),
-)
-_OPTIONAL_NULLABLE = {"sample_rate"}
 
 
 def json_object_body(request: HttpRequest) -> dict[str, Any]:
@@ -66,26 +52,6 @@ def json_object_body(request: HttpRequest) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise ServiceError(400, "malformed_json", "The request body must be a JSON object.")
     return payload
-
-
-def _parse_body(request: HttpRequest) -> dict[str, Any]:
-    payload = json_object_body(request)
-    fields: dict[str, Any] = {}
-    problems: dict[str, list[str]] = {}
-    for name, types, default in _BODY_FIELDS:
-        value = payload.get(name)
-        if value is None:
-            if default is None and name not in _OPTIONAL_NULLABLE:
-                problems[name] = ["This field is required."]
-            fields[name] = default
-        # bool is an int in Python; a number field must not take true/false.
-        elif not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            problems[name] = [f"Must be a {' or '.join(t.__name__ for t in types)}."]
-        else:
-            fields[name] = value
-    if problems:
-        raise ServiceError(400, "invalid_request", validation_message(problems), details=problems)
-    return fields
 
 
 async def stream_body_closing(
@@ -106,42 +72,13 @@ async def stream_body_closing(
             await lease.release()
 
 
-def _engine_error(exc: EngineOverloaded | EngineFailure) -> ServiceError:
-    if isinstance(exc, EngineOverloaded):
-        return ServiceError(
-            503, "engine_overloaded", str(exc), headers={"Retry-After": str(exc.retry_after_s)}
-        )
-    return ServiceError(500, "engine_error", f"The speech engine failed: {exc}")
-
-
-async def _plan(request: HttpRequest, fields: dict[str, Any], principal: Principal) -> SynthesisPlan:
-    meter = usage_meter_of(request)
-    if meter is not None:
-        meter.input_chars = len(fields["text"])
-        meter.format = fields["format"]
-        meter.voice_id = fields["voice_id"]
-        meter.streaming = fields["streaming"]
-    plan = await synthesis_plan(
-        tenant=principal.tenant,
-        text=fields["text"],
-        voice_id=fields["voice_id"] or None,
-        language=fields["language"] or None,
-        audio_format=fields["format"],
-        sample_rate=fields["sample_rate"],
-        speed=float(fields["speed"]),
-    )
-    if meter is not None:
-        meter.format = plan.spec.format.value
-        meter.voice_id = plan.voice_id
-    return plan
-
-
 @async_api_view("POST", usage_endpoint=SYNTHESIZE)
 async def synthesize(request: HttpRequest, principal: Principal) -> HttpResponseBase:
-    fields = _parse_body(request)
-    plan = await _plan(request, fields, principal)
-    await quota_check(principal.tenant)
-    return await audio_response(request, principal, plan, streaming=fields["streaming"])
+    wanted = native_request(json_object_body(request))
+    admission = await synthesis_admit(
+        tenant=principal.tenant, request=wanted, meter=usage_meter_of(request), lease=wanted.streaming
+    )
+    return await audio_response(request, admission)
 
 
 AudioBody = Callable[[bytes, AsyncIterator[bytes], StreamLease, SynthesisResult], AsyncIterator[bytes]]
@@ -149,22 +86,22 @@ AudioBody = Callable[[bytes, AsyncIterator[bytes], StreamLease, SynthesisResult]
 
 async def audio_response(
     request: HttpRequest,
-    principal: Principal,
-    plan: SynthesisPlan,
+    admission: Admission,
     *,
-    streaming: bool,
     stream_body: AudioBody | None = None,
     content_type: str | None = None,
 ) -> HttpResponseBase:
-    """Run the plan and answer its audio: streamed as it is made, or whole.
+    """Run an admitted plan and answer its audio: streamed as it is made (when the
+    admission holds a stream lease), or whole.
 
     `stream_body` wraps a streamed answer differently (OpenAI's SSE events); it
     then counts its own audio for usage.
     """
+    plan, lease = admission.plan, admission.lease
+    assert plan is not None  # HTTP requests carry their whole text
     result = SynthesisResult(spec=plan.spec)
-    lease = await stream_lease_acquire(principal.tenant) if streaming else None
-    audio = synthesis_audio(plan, result, streaming=streaming)
     try:
+        audio = synthesis_audio(plan, result, streaming=lease is not None)
         # Wait for the first audio before answering: refusals (overload) and
         # early engine failures still get a real status code, and the first
         # bytes go out with the headers.
@@ -172,8 +109,8 @@ async def audio_response(
     except BaseException as exc:
         if lease is not None:
             await lease.release()
-        if isinstance(exc, EngineOverloaded | EngineFailure):
-            raise _engine_error(exc) from exc
+        if isinstance(exc, Exception):
+            raise engine_error(exc) from exc
         raise
 
     headers = {"X-Audio-Format": plan.spec.format.value, "X-Sample-Rate": str(plan.spec.sample_rate)}
@@ -197,8 +134,8 @@ async def audio_response(
         try:
             async for data in audio:
                 parts.append(data)
-        except EngineFailure as exc:
-            raise _engine_error(exc) from exc
+        except Exception as exc:
+            raise engine_error(exc) from exc
         whole = b"".join(parts)
         if meter is not None:
             meter.audio_sent(len(whole), result.audio_seconds)
@@ -212,11 +149,11 @@ async def audio_response(
 
 async def _stored_audio_answer(request: HttpRequest, principal: Principal, endpoint: str) -> dict[str, Any]:
     """Synthesize-and-store (or find in the phrase cache), honouring an Idempotency-Key."""
-    fields = _parse_body(request)
+    wanted = native_request(json_object_body(request))
     idempotency_key = request.headers.get("Idempotency-Key", "").strip()
     if len(idempotency_key) > 255:
         raise ServiceError(400, "invalid_idempotency_key", "Idempotency-Key is at most 255 characters.")
-    fingerprint = request_fingerprint(fields)
+    fingerprint = request_fingerprint(dataclasses.asdict(wanted))
     if idempotency_key and (
         replay := await idempotent_replay(
             tenant=principal.tenant, endpoint=endpoint, key=idempotency_key, fingerprint=fingerprint
@@ -224,12 +161,13 @@ async def _stored_audio_answer(request: HttpRequest, principal: Principal, endpo
     ):
         _meter_stored_audio(request, replay["bytes"], replay["duration_s"], cached=True)
         return replay
-    plan = await _plan(request, fields, principal)
-    await quota_check(principal.tenant)
+    meter = usage_meter_of(request)
+    admission = await synthesis_admit(tenant=principal.tenant, request=wanted, meter=meter)
+    assert admission.plan is not None
     try:
-        stored = await stored_audio_for(tenant=principal.tenant, plan=plan)
-    except (EngineOverloaded, EngineFailure) as exc:
-        raise _engine_error(exc) from exc
+        stored = await stored_audio_for(tenant=principal.tenant, plan=admission.plan)
+    except Exception as exc:
+        raise engine_error(exc) from exc
     _meter_stored_audio(request, stored.phrase.size_bytes, stored.phrase.duration_s, cached=stored.cached)
     answer = stored_audio_body(stored=stored, request_id=request_id_for(request))
     if idempotency_key:

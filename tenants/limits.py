@@ -22,7 +22,10 @@ import uuid
 from dataclasses import dataclass
 
 from django.conf import settings
+from django.http import HttpRequest
 from redis.exceptions import NoScriptError
+from rest_framework.request import Request
+from rest_framework.throttling import BaseThrottle
 
 from core.errors import ServiceError
 from core.redis import REDIS_ERRORS, RedisUnavailable, async_redis, breaker, sync_redis
@@ -75,6 +78,18 @@ class RateDecision:
     remaining: int
     reset_s: float  # until that window's budget is whole again
     retry_after_s: float  # 0 when allowed
+
+    def refusal(self) -> ServiceError | None:
+        """The 429 for a request over the budget; None when it is allowed."""
+        if self.allowed:
+            return None
+        return ServiceError(
+            429,
+            "rate_limited",
+            f"Over the limit of {self.limit} requests per {self.window_s} s; "
+            f"retry in {self.headers()['Retry-After']} s.",
+            headers=self.headers(),
+        )
 
     def headers(self) -> dict[str, str]:
         """The common X-RateLimit-* set (see README), plus Retry-After on a refusal."""
@@ -322,3 +337,31 @@ async def stream_lease_acquire(tenant: Tenant) -> StreamLease:
     if not acquired:
         raise refused
     return StreamLease(tenant, lease_id, in_redis=True)
+
+
+# --- Throttling: its own step, after authentication --------------------------------------
+
+
+def _throttle(request: HttpRequest, decision: RateDecision | None) -> None:
+    """Remember the budget for the response headers (the middleware adds them);
+    refuse a request over it. A failed authentication never gets here: it spends nothing."""
+    if decision is None:
+        return
+    request.rate_limit = decision  # type: ignore[attr-defined]
+    if (refusal := decision.refusal()) is not None:
+        raise refusal
+
+
+async def athrottle_request(request: HttpRequest, tenant: Tenant) -> None:
+    """Throttling for the plain async views (api.views.async_api_view)."""
+    _throttle(request, await arate_limit_check(tenant))
+
+
+class TenantRateThrottle(BaseThrottle):
+    """Throttling for the DRF views (REST_FRAMEWORK's DEFAULT_THROTTLE_CLASSES): DRF runs
+    it after authentication and permissions, so only authenticated tenants reach it."""
+
+    def allow_request(self, request: Request, view: object) -> bool:
+        if isinstance(request.user, Tenant):
+            _throttle(request._request, rate_limit_check(request.user))
+        return True

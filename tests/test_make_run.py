@@ -12,14 +12,20 @@ import httpx
 from tests.servers import ROOT, base_env, daphne_server, manage
 
 
-def test_run_steps_give_a_server_that_answers_health_and_the_demo_key(tmp_path) -> None:
-    env = base_env(
+def embedded_env(tmp_path, **overrides: str) -> dict[str, str]:
+    """What `make run` runs with when nothing is configured: SQLite and local disk."""
+    return base_env(
         SECRET_KEY=secrets.token_urlsafe(50),
         DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
         STATIC_ROOT=str(tmp_path / "static"),
         MEDIA_ROOT=str(tmp_path / "media"),
         CWT_TEST_LOG_DIR=str(tmp_path),
+        **overrides,
     )
+
+
+def test_run_steps_give_a_server_that_answers_health_and_the_demo_key(tmp_path) -> None:
+    env = embedded_env(tmp_path)
     key_file = tmp_path / "demo_key"
     printed = manage("prepare", "--key-file", str(key_file), env=env)
     assert "Database: applied" in printed
@@ -62,13 +68,7 @@ def test_a_taken_port_ends_the_server_with_a_one_line_reason_and_a_failing_statu
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = base_env(
-            SECRET_KEY=secrets.token_urlsafe(50),
-            DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
-            MEDIA_ROOT=str(tmp_path / "media"),
-            HOST="127.0.0.1",
-            PORT=str(port),
-        )
+        env = embedded_env(tmp_path, HOST="127.0.0.1", PORT=str(port))
         result = subprocess.run(
             [sys.executable, "-m", "callwaiting_tts.serve"],
             cwd=ROOT,
@@ -83,13 +83,8 @@ def test_a_taken_port_ends_the_server_with_a_one_line_reason_and_a_failing_statu
     assert "Set PORT" in reason
 
 
-def test_prepare_collects_static_files_again_when_they_are_gone(tmp_path) -> None:
-    env = base_env(
-        SECRET_KEY=secrets.token_urlsafe(50),
-        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
-        STATIC_ROOT=str(tmp_path / "static"),
-        MEDIA_ROOT=str(tmp_path / "media"),
-    )
+def test_prepare_collects_static_files_again_when_they_change(tmp_path) -> None:
+    env = embedded_env(tmp_path)
     key_file = str(tmp_path / "demo_key")
     manage("prepare", "--key-file", key_file, env=env)
     (tmp_path / "static" / ".collected").write_text("a fingerprint of other files")

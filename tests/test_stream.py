@@ -56,7 +56,7 @@ class StreamClient:
             self.received.close_code = message.get("code")
             return "close", message.get("code")
         if message.get("bytes") is not None:
-            from synthesis.streaming import parse_labelled_frame
+            from synthesis.stream.protocol import parse_labelled_frame
 
             context_id, audio = parse_labelled_frame(message["bytes"])
             self.received.audio.setdefault(context_id, bytearray()).extend(audio)
@@ -550,7 +550,7 @@ def test_deactivating_the_tenant_closes_its_open_streams_4003(make_tenant: Tenan
 
 
 def _state() -> tuple[int, int]:
-    from synthesis.streaming import stream_stats
+    from synthesis.stream.stats import stream_stats
 
     return stream_stats.connections, stream_stats.utterances_active
 
@@ -575,7 +575,7 @@ FAILING_STAGES = {
     "engine before the first chunk": ("engines.piper.PiperEngine", "stream", 0),
     "encoder mid-stream": ("synthesis.audio.AudioEncoder", "push", 1),
     "encoder at the end": ("synthesis.audio.AudioEncoder", "finish", 0),
-    "send mid-stream": ("synthesis.consumers.StreamConsumer", "send", 1),
+    "send mid-stream": ("synthesis.stream.consumer.StreamConsumer", "send", 1),
 }
 
 

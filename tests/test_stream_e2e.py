@@ -15,7 +15,7 @@ from django.conf import settings
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from synthesis.streaming import MAX_FRAME_AUDIO_BYTES, parse_labelled_frame
+from synthesis.stream.protocol import MAX_FRAME_AUDIO_BYTES, parse_labelled_frame
 from tests.conftest import ServiceEnv, committed_tenant
 from tests.servers import daphne_server
 from tests.waiting import wait_until

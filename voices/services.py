@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import io
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import soundfile
 import soxr
 from asgiref.sync import sync_to_async
+from cachetools import LRUCache
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
@@ -97,20 +97,13 @@ class ConditioningCache:
     """Most recently used conditioning blobs, keyed by (voice, version, model). Event loop only."""
 
     def __init__(self, max_entries: int) -> None:
-        self._entries: OrderedDict[tuple[uuid.UUID, int, str], bytes] = OrderedDict()
-        self.max_entries = max_entries
+        self._entries: LRUCache[tuple[uuid.UUID, int, str], bytes] = LRUCache(maxsize=max_entries)
 
     def get(self, key: tuple[uuid.UUID, int, str]) -> bytes | None:
-        value = self._entries.get(key)
-        if value is not None:
-            self._entries.move_to_end(key)
-        return value
+        return self._entries.get(key)
 
     def put(self, key: tuple[uuid.UUID, int, str], value: bytes) -> None:
         self._entries[key] = value
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
 
     def clear(self) -> None:
         self._entries.clear()

@@ -1,0 +1,130 @@
+"""The stream protocol apart from the socket: close codes, protocol errors, message
+parsing, when incremental text is ready to speak, and how audio frames are labelled.
+docs/streaming.md is the client's description."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from django.conf import settings
+
+# Close codes (documented in docs/streaming.md).
+CLOSE_UNAUTHORIZED = 4001  # no key, a bad one, or none in time
+CLOSE_ACCESS_REVOKED = 4003  # the key was revoked or expired, or the tenant deactivated, while open
+CLOSE_IDLE = 4008  # nothing sent for WS_IDLE_SECONDS with nothing playing
+CLOSE_STREAM_LIMIT = 4029  # the tenant's concurrent streams are all in use
+CLOSE_SERVER_ERROR = 1011
+
+# A clause is ready once its closing punctuation is followed by whitespace (the
+# LLM has moved on: "3.5" or "e.g." mid-token is not an end), or at a newline.
+_CLAUSE_END = re.compile(r"""[.!?;:\u2026\u3002\uff01\uff1f]["')\]]*\s+|\n+""")
+# Text without any punctuation is still spoken once it is this long (cut at a
+# space), so a run-on LLM reply does not wait for its end.
+RUN_ON_CHARS = 200
+
+CONTEXT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
+
+# The most audio one WebSocket message carries. Daphne refuses to send a message over
+# 1 MiB; a quarter of that is about 2.7 s of 24 kHz PCM, and keeps one slow message
+# from holding up the others on the socket. A multiple of 4: 16-bit samples stay whole.
+MAX_FRAME_AUDIO_BYTES = 256 * 1024
+
+
+def ready_text(buffer: str, *, final: bool = False) -> tuple[str, str]:
+    """Split buffered text into (ready to speak, still waiting for more).
+
+    With `final` (flush or end) everything is ready.
+    """
+    if final:
+        return buffer, ""
+    last_end = 0
+    for match in _CLAUSE_END.finditer(buffer):
+        last_end = match.end()
+    if last_end:
+        return buffer[:last_end], buffer[last_end:]
+    if len(buffer) >= RUN_ON_CHARS:
+        cut = buffer.rfind(" ", 0, RUN_ON_CHARS)
+        if cut > 0:
+            return buffer[: cut + 1], buffer[cut + 1 :]
+    return "", buffer
+
+
+def labelled_frame(context_id: str, audio: bytes) -> bytes:
+    """A binary audio frame: one byte giving the context id's length, the id (ASCII), the audio."""
+    label = context_id.encode("ascii")
+    return bytes((len(label),)) + label + audio
+
+
+def frame_pieces(audio: bytes, limit: int = MAX_FRAME_AUDIO_BYTES) -> Iterator[bytes]:
+    """Audio cut into pieces of at most `limit` bytes, one per message."""
+    for start in range(0, len(audio), limit):
+        yield audio[start : start + limit]
+
+
+def parse_labelled_frame(frame: bytes) -> tuple[str, bytes]:
+    """The inverse of labelled_frame (for clients and tests)."""
+    length = frame[0]
+    return frame[1 : 1 + length].decode("ascii"), frame[1 + length :]
+
+
+class ProtocolError(Exception):
+    """A message the protocol does not allow: an `error` event; the connection stays.
+
+    `abort`: the error ends that context (e.g. its text grew too long).
+    """
+
+    def __init__(
+        self, code: str, message: str, context_id: str | None = None, *, abort: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.context_id = context_id
+        self.abort = abort
+
+
+def parse_message(text: str) -> dict[str, Any]:
+    """A client's text frame as a message, or the ProtocolError that says what is wrong."""
+    if len(text.encode()) > settings.WS_MAX_MESSAGE_BYTES:
+        raise ProtocolError(
+            "message_too_large",
+            f"A message is at most {settings.WS_MAX_MESSAGE_BYTES} bytes; it was ignored.",
+        )
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+        raise ProtocolError("malformed_json", "The message is not valid JSON.") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("malformed_message", "A message is a JSON object with a `type`.")
+    return message
+
+
+def context_id_of(message: dict[str, Any]) -> str:
+    context_id = message.get("context_id")
+    if not isinstance(context_id, str) or not CONTEXT_ID.match(context_id):
+        raise ProtocolError(
+            "invalid_context_id", "`context_id` is 1 to 64 letters, digits or ._:- characters."
+        )
+    return context_id
+
+
+def text_of(message: dict[str, Any], context_id: str) -> str:
+    text = message.get("text")
+    if not isinstance(text, str):
+        raise ProtocolError("invalid_message", "`text` must be a string.", context_id)
+    return text
+
+
+def header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def key_in_query_string(query_string: bytes) -> bool:
+    lowered = query_string.lower()
+    return any(marker in lowered for marker in (b"api_key", b"apikey", b"token", b"authorization", b"cwt_"))

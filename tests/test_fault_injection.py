@@ -1,0 +1,164 @@
+"""Fault injection on the HTTP synthesis entry points: a plain exception (a bug, not a
+refusal) raised at each stage of a request. Whatever the stage, the request ends with its
+error (a JSON error, or a body cut short once audio has gone out), exactly one usage row,
+its stream lease released and the counters back at zero. The WebSocket's own matrix is in
+tests/test_stream.py.
+
+Requests run in-process (Django's AsyncClient against the real views, Piper, Postgres,
+Redis), so that the stages can be patched; the same views serve Daphne.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from django.test import AsyncClient
+
+from engines import loaded_engine
+from synthesis.stream.stats import stream_stats
+from tenants.models import Tenant
+from tests.conftest import TenantFactory
+from usage.models import UsageLog
+from usage.recorder import usage_flush
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+TEXT = "The first sentence, with a clause. The second sentence goes on a while. And a third."
+
+# (route, body): every HTTP door to the engine.
+ENTRY_POINTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "synthesize streamed": ("/v1/synthesize", {"text": TEXT, "format": "pcm", "streaming": True}),
+    "synthesize whole": ("/v1/synthesize", {"text": TEXT, "format": "wav"}),
+    "synthesize-url": ("/v1/synthesize-url", {"text": TEXT, "format": "mp3"}),
+    "twiml/play": ("/v1/twiml/play", {"text": TEXT, "format": "mulaw"}),
+    "audio/speech": ("/v1/audio/speech", {"model": "tts-1", "input": TEXT, "voice": "alloy"}),
+}
+
+
+class Injected(RuntimeError):
+    pass
+
+
+def _raise_on_call(owner: Any, name: str, after: int) -> Callable[..., Any]:
+    original = getattr(owner, name)
+    calls = {"n": 0}
+
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] > after:
+            raise Injected(f"injected into {owner.__name__}.{name}")
+        return original(*args, **kwargs)
+
+    return patched
+
+
+def _engine_failing_after_first_chunk(owner: Any) -> Callable[..., Any]:
+    original = owner.stream
+
+    async def stream(self: Any, job: Any) -> AsyncIterator[Any]:
+        inner = original(self, job)
+        try:
+            yield await anext(inner)
+            raise Injected("injected into the engine mid-stream")
+        finally:
+            await inner.aclose()
+
+    return stream
+
+
+def _patch(monkeypatch: pytest.MonkeyPatch, stage: str) -> None:
+    piper = importlib.import_module("engines.piper").PiperEngine
+    audio = importlib.import_module("synthesis.audio").AudioEncoder
+    services = importlib.import_module("synthesis.services").SynthesisSetup
+    if stage == "parse":
+        for module in ("synthesis.views", "synthesis.openai_api"):
+            monkeypatch.setattr(f"{module}.json_object_body", _raise_on_call_function)
+    elif stage == "plan":
+        monkeypatch.setattr(services, "plan_segments", _raise_on_call(services, "plan_segments", 0))
+    elif stage == "engine before the first chunk":
+        monkeypatch.setattr(piper, "stream", _raise_on_call(piper, "stream", 0))
+    elif stage == "engine mid-stream":
+        monkeypatch.setattr(piper, "stream", _engine_failing_after_first_chunk(piper))
+    elif stage == "encoder":
+        monkeypatch.setattr(audio, "push", _raise_on_call(audio, "push", 1))
+    elif stage == "encoder at the end":
+        monkeypatch.setattr(audio, "finish", _raise_on_call(audio, "finish", 0))
+    else:
+        raise AssertionError(stage)
+
+
+def _raise_on_call_function(*args: Any, **kwargs: Any) -> Any:
+    raise Injected("injected into parsing")
+
+
+STAGES = [
+    "parse",
+    "plan",
+    "engine before the first chunk",
+    "engine mid-stream",
+    "encoder",
+    "encoder at the end",
+]
+
+
+async def _answer(client: AsyncClient, route: str, body: dict[str, Any], key: str) -> tuple[int, bytes, Any]:
+    """Status, the body as far as it came, and the response; a body cut short by an error
+    ends early (the server closes it), which a client sees as a truncated body."""
+    response = await client.post(
+        route, data=body, content_type="application/json", headers={"Authorization": f"Bearer {key}"}
+    )
+    if not getattr(response, "streaming", False):
+        return response.status_code, response.content, response
+    received = b""
+    try:
+        async for chunk in response.streaming_content:  # type: ignore[attr-defined]
+            received += chunk
+    except Injected:
+        pass  # the server's error ended the body mid-stream
+    return response.status_code, received, response
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("entry_point", list(ENTRY_POINTS))
+def test_an_exception_at_any_stage_ends_the_request_with_its_error_one_row_and_nothing_held(
+    make_tenant: TenantFactory, monkeypatch: pytest.MonkeyPatch, entry_point: str, stage: str
+) -> None:
+    tenant, issued = make_tenant(
+        rate_limit_minute=0, rate_limit_hour=0, quota_minutes=0, max_concurrent_streams=1
+    )
+    route, body = ENTRY_POINTS[entry_point]
+    client = AsyncClient(raise_request_exception=False)  # a bug answers 500, as in production
+
+    async def main() -> None:
+        _patch(monkeypatch, stage)
+        status, content, response = await _answer(client, route, body, issued.plaintext)
+        monkeypatch.undo()
+        request_id = response["X-Request-ID"]
+        assert request_id
+        if status != 200:
+            assert status >= 500, (status, content)
+            error = response.json()["error"]
+            assert error["code"] in {"internal_error", "engine_error"}, error
+        else:  # the headers went out with the first audio; the error cut the body short
+            assert stage in {"engine mid-stream", "encoder", "encoder at the end"}, stage
+            assert response["Content-Type"].startswith(("audio/", "text/event-stream"))
+        # Nothing is held: no stream counted, no engine job, and the tenant's only stream
+        # slot admits the next streamed request at once.
+        assert stream_stats.http_streams == 0
+        engine = loaded_engine()
+        assert engine is None or engine.info()["active_jobs"] == 0
+        again, _content, _response = await _answer(
+            client, "/v1/synthesize", {"text": "Next.", "streaming": True}, issued.plaintext
+        )
+        assert again == 200
+
+    asyncio.run(main())
+    usage_flush()
+    first = list(UsageLog.objects.filter(tenant=tenant).exclude(input_chars=len("Next.")))
+    assert len(first) == 1, first
+    assert first[0].status_code >= 500 or first[0].error_code is not None, first[0].__dict__
+    assert Tenant.objects.filter(pk=tenant.pk).exists()
