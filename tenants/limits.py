@@ -19,6 +19,7 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -137,15 +138,17 @@ def _decide(
     return best
 
 
-class _LocalGcra:
-    """The same algorithm in process memory, for when Redis is unavailable."""
+class LocalGcra:
+    """The same algorithm in process memory, for when Redis is unavailable.
+    `clock` gives seconds (wall time by default; tests pass a fake one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._tats: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._clock = clock
 
     def check(self, keys: list[str], windows: list[tuple[str, int, int]]) -> RateDecision:
-        now = time.time() * 1000
+        now = self._clock() * 1000
         with self._lock:
             allowed, retry_ms, tats = True, 0.0, []
             for key, (_name, limit, period) in zip(keys, windows, strict=True):
@@ -162,7 +165,7 @@ class _LocalGcra:
         return _decide(windows, allowed, math.ceil(retry_ms), now, tats)
 
 
-local_limiter = _LocalGcra()
+local_limiter = LocalGcra()
 
 
 @dataclass(frozen=True)
