@@ -10,7 +10,7 @@ in one fixed order:
 HTTP requests are rate limited by the view decorator before the body is read (every API
 route is), so they skip the first step here; a WebSocket utterance is a request of its own
 and takes it here. The usage meter learns what the request asked for in one place, and
-engine errors become their stable codes in one place (`engine_error`).
+every other error becomes its stable code in one place (`service_error_for`).
 
 Parsing is by hand: it runs on every request of the hot path, where a DRF serializer
 costs about 1 ms against about 50 us for this.
@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
+from django.db import DatabaseError
 
-from core.errors import ServiceError
+from core.errors import ServiceError, database_unavailable
 from engines import EngineFailure, EngineOverloaded
 from engines.text import Segment, prepare_text
 from synthesis.services import SynthesisPlan, SynthesisSetup, synthesis_setup
@@ -176,10 +177,14 @@ async def synthesis_admit(
     return Admission(setup=setup, plan=plan, lease=held)
 
 
-def engine_error(exc: Exception) -> ServiceError:
-    """The error a client sees for an exception that is not already a ServiceError."""
+def service_error_for(exc: Exception) -> ServiceError:
+    """The error a client sees for any exception raised while admitting or running a
+    synthesis: refusals keep their code, a database outage is a 503 to retry, engine errors
+    have their own codes, and anything else (a bug) is a logged 500."""
     if isinstance(exc, ServiceError):
         return exc
+    if isinstance(exc, DatabaseError):
+        return database_unavailable()
     if isinstance(exc, EngineOverloaded):
         return ServiceError(
             503, "engine_overloaded", str(exc), headers={"Retry-After": str(exc.retry_after_s)}

@@ -24,7 +24,7 @@ from api.errors import error_response, service_error_response
 from api.views import async_api_view
 from core.errors import ServiceError
 from core.request_ids import request_id_for
-from synthesis.admission import Admission, engine_error, native_request, synthesis_admit
+from synthesis.admission import Admission, native_request, service_error_for, synthesis_admit
 from synthesis.models import PhraseAudio
 from synthesis.services import SynthesisResult, synthesis_audio
 from synthesis.stored_audio import (
@@ -110,7 +110,7 @@ async def audio_response(
         if lease is not None:
             await lease.release()
         if isinstance(exc, Exception):
-            raise engine_error(exc) from exc
+            raise service_error_for(exc) from exc
         raise
 
     headers = {"X-Audio-Format": plan.spec.format.value, "X-Sample-Rate": str(plan.spec.sample_rate)}
@@ -135,7 +135,7 @@ async def audio_response(
             async for data in audio:
                 parts.append(data)
         except Exception as exc:
-            raise engine_error(exc) from exc
+            raise service_error_for(exc) from exc
         whole = b"".join(parts)
         if meter is not None:
             meter.audio_sent(len(whole), result.audio_seconds)
@@ -167,7 +167,7 @@ async def _stored_audio_answer(request: HttpRequest, principal: Principal, endpo
     try:
         stored = await stored_audio_for(tenant=principal.tenant, plan=admission.plan)
     except Exception as exc:
-        raise engine_error(exc) from exc
+        raise service_error_for(exc) from exc
     _meter_stored_audio(request, stored.phrase.size_bytes, stored.phrase.duration_s, cached=stored.cached)
     answer = stored_audio_body(stored=stored, request_id=request_id_for(request))
     if idempotency_key:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from django.db import OperationalError
 from django.test import AsyncClient
 
 from engines import loaded_engine
@@ -75,10 +76,14 @@ def _patch(monkeypatch: pytest.MonkeyPatch, stage: str) -> None:
     audio = importlib.import_module("synthesis.audio").AudioEncoder
     services = importlib.import_module("synthesis.services").SynthesisSetup
     if stage == "parse":
-        for module in ("synthesis.views", "synthesis.openai_api"):
-            monkeypatch.setattr(f"{module}.json_object_body", _raise_on_call_function)
+        # Both imported before either is patched: openai_api binds views' function at import.
+        modules = [importlib.import_module(name) for name in ("synthesis.views", "synthesis.openai_api")]
+        for module in modules:
+            monkeypatch.setattr(module, "json_object_body", _raise_on_call_function)
     elif stage == "plan":
         monkeypatch.setattr(services, "plan_segments", _raise_on_call(services, "plan_segments", 0))
+    elif stage == "database":
+        monkeypatch.setattr(services, "plan_segments", _raise_database_error)
     elif stage == "engine before the first chunk":
         monkeypatch.setattr(piper, "stream", _raise_on_call(piper, "stream", 0))
     elif stage == "engine mid-stream":
@@ -95,9 +100,14 @@ def _raise_on_call_function(*args: Any, **kwargs: Any) -> Any:
     raise Injected("injected into parsing")
 
 
+def _raise_database_error(*args: Any, **kwargs: Any) -> Any:
+    raise OperationalError("injected: the database went away")
+
+
 STAGES = [
     "parse",
     "plan",
+    "database",
     "engine before the first chunk",
     "engine mid-stream",
     "encoder",
@@ -140,9 +150,12 @@ def test_an_exception_at_any_stage_ends_the_request_with_its_error_one_row_and_n
         request_id = response["X-Request-ID"]
         assert request_id
         if status != 200:
-            assert status >= 500, (status, content)
             error = response.json()["error"]
-            assert error["code"] in {"internal_error", "engine_error"}, error
+            if stage == "database":  # an outage is a 503 to retry, not a bug
+                assert (status, error["code"]) == (503, "database_unavailable"), error
+            else:
+                assert status >= 500, (status, content)
+                assert error["code"] in {"internal_error", "engine_error"}, error
         else:  # the headers went out with the first audio; the error cut the body short
             assert stage in {"engine mid-stream", "encoder", "encoder at the end"}, stage
             assert response["Content-Type"].startswith(("audio/", "text/event-stream"))

@@ -25,11 +25,10 @@ from typing import Any, NoReturn
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
-from django.db import DatabaseError
 from django.utils import timezone
 
-from core.errors import ServiceError, database_unavailable
-from synthesis.admission import engine_error, synthesis_admit, utterance_request
+from core.errors import ServiceError
+from synthesis.admission import service_error_for, synthesis_admit, utterance_request
 from synthesis.stream.access import access_recheck
 from synthesis.stream.flow import TransportFlow
 from synthesis.stream.protocol import (
@@ -278,11 +277,9 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
                 twilio = TwilioFramer(stream_sid)
             wanted = utterance_request(message, twilio=twilio is not None)
             admission = await synthesis_admit(tenant=tenant, request=wanted, meter=meter, rate_limit=True)
-        except DatabaseError:
-            self._start_refused(meter, context_id, database_unavailable())
         except Exception as exc:
-            error = engine_error(exc)
-            if error.status_code >= 500 and error.code != "engine_overloaded":
+            error = service_error_for(exc)
+            if error.code in ("internal_error", "engine_error"):  # a fault, not a refusal
                 logger.exception("Starting utterance %s failed", meter.request_id)
             self._start_refused(meter, context_id, error)
         if twilio is not None:

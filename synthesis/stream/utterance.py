@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from django.conf import settings
 
 from core.errors import ServiceError
-from synthesis.admission import engine_error
+from synthesis.admission import service_error_for
 from synthesis.audio import AudioEncoder
 from synthesis.services import SynthesisSetup, encoded_audio
 from synthesis.stream.flow import TransportFlow
@@ -103,8 +103,8 @@ class Utterance:
         except Exception as exc:
             # Whatever failed (text, engine, encoder, the transport), the utterance ends
             # here with its error event and usage row; the connection stays.
-            error = engine_error(exc)
-            if error.status_code >= 500 and error.code != "engine_overloaded":
+            error = service_error_for(exc)
+            if error.code in ("internal_error", "engine_error"):  # a fault, not a refusal
                 logger.exception("Utterance %s failed", self.request_id)
             await self.owner.utterance_failed(self, error.status_code, error.code, error.message)
         else:
