@@ -13,7 +13,7 @@ from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
-from tenants.models import ApiKey, QuotaUsage, Tenant, usable_keys_q
+from tenants.models import ApiKey, Tenant, usable_keys_q
 from tenants.services import (
     IssuedKey,
     api_key_issue,
@@ -61,20 +61,6 @@ class ApiKeyInline(admin.TabularInline[ApiKey, Tenant]):
         return False  # keys are made by the tenant actions, which show the plaintext once
 
 
-class QuotaUsageInline(admin.TabularInline[QuotaUsage, Tenant]):
-    """Audio used per month, as the quota counts it (read-only: the service keeps it)."""
-
-    model = QuotaUsage
-    extra = 0
-    can_delete = False
-    fields = ["month", "audio_seconds"]
-    readonly_fields = ["month", "audio_seconds"]
-    ordering = ["-month"]
-
-    def has_add_permission(self, request: HttpRequest, obj: Tenant | None = None) -> bool:
-        return False
-
-
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin[Tenant]):
     list_display = [
@@ -90,7 +76,7 @@ class TenantAdmin(admin.ModelAdmin[Tenant]):
     list_filter = ["is_active"]
     search_fields = ["name", "id"]
     readonly_fields = ["id", "created_at"]
-    inlines = [ApiKeyInline, QuotaUsageInline]
+    inlines = [ApiKeyInline]  # usage/admin.py adds audio used per month
     action_form = TenantActionForm
     actions = ["issue_key", "rotate_keys", "deactivate", "activate"]
 

@@ -132,19 +132,3 @@ class ApiKey(models.Model):
         if not self.tenant.is_active:
             return TENANT_INACTIVE
         return None
-
-
-class QuotaUsage(models.Model):
-    """Seconds of audio a tenant has been sent in one calendar month (UTC)."""
-
-    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="quota_usage")
-    month = models.DateField(help_text="The first day of the month (UTC).")
-    audio_seconds = models.FloatField(default=0.0)
-
-    class Meta:
-        constraints = [
-            models.UniqueConstraint(fields=["tenant", "month"], name="quota_usage_unique_per_month")
-        ]
-
-    def __str__(self) -> str:
-        return f"{self.tenant} {self.month:%Y-%m}: {self.audio_seconds / 60:.1f} min"

@@ -141,7 +141,7 @@ def test_voices_are_listed_per_tenant_and_deleting_one_removes_its_audio(
 def test_the_tenant_page_shows_audio_used_per_month(admin_client: Client, tenant_and_key) -> None:
     from datetime import date
 
-    from tenants.models import QuotaUsage
+    from usage.models import QuotaUsage
 
     tenant, _ = tenant_and_key
     QuotaUsage.objects.create(tenant=tenant, month=date(2026, 11, 1), audio_seconds=754.5)

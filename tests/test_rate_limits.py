@@ -232,7 +232,7 @@ def test_a_killed_process_frees_its_streams_when_their_leases_expire(
 def test_synthesis_past_the_monthly_quota_is_refused(
     api_client: APIClient, make_tenant: TenantFactory
 ) -> None:
-    from tenants.models import QuotaUsage
+    from usage.models import QuotaUsage
     from usage.quotas import current_month
     from usage.recorder import usage_flush
 
@@ -265,7 +265,7 @@ def test_synthesis_past_the_monthly_quota_is_refused(
 def test_the_quota_check_reads_through_a_short_cache(settings: Any, make_tenant: TenantFactory) -> None:
     import asyncio
 
-    from tenants.models import QuotaUsage
+    from usage.models import QuotaUsage
     from usage.quotas import current_month, quota_check, quota_note_local, quota_used_seconds
 
     settings.QUOTA_CACHE_SECONDS = 0.5
@@ -288,7 +288,7 @@ def test_the_quota_check_reads_through_a_short_cache(settings: Any, make_tenant:
 def test_last_months_usage_does_not_count(make_tenant: TenantFactory, api_client: APIClient) -> None:
     from datetime import date
 
-    from tenants.models import QuotaUsage
+    from usage.models import QuotaUsage
 
     tenant, issued = make_tenant(quota_minutes=1, rate_limit_minute=0, rate_limit_hour=0)
     QuotaUsage.objects.create(tenant=tenant, month=date(2020, 1, 1), audio_seconds=10_000)
@@ -336,7 +336,7 @@ def test_with_redis_stopped_the_service_still_answers_and_quotas_hold(
     own_redis: tuple[subprocess.Popen[bytes], str],
     outage_tenant: tuple[Tenant, str],
 ) -> None:
-    from tenants.models import QuotaUsage
+    from usage.models import QuotaUsage
     from usage.quotas import current_month
 
     redis_process, redis_url = own_redis
@@ -376,7 +376,7 @@ def test_with_redis_stopped_the_service_still_answers_and_quotas_hold(
 def test_a_stream_cut_short_counts_only_the_audio_it_produced(
     service_env: ServiceEnv, one_stream_tenant: str
 ) -> None:
-    from tenants.models import QuotaUsage
+    from usage.models import QuotaUsage
 
     key = one_stream_tenant
     prefix = keys.parse_key(key).prefix  # type: ignore[union-attr]

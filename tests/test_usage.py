@@ -20,10 +20,10 @@ from django.db import OperationalError
 from django.test import Client
 from rest_framework.test import APIClient
 
-from tenants.models import QuotaUsage, Tenant
+from tenants.models import Tenant
 from tests.conftest import TenantFactory, bearer
 from tests.servers import ROOT
-from usage.models import UsageLog
+from usage.models import QuotaUsage, UsageLog
 from usage.quotas import current_month
 from usage.recorder import UsageMeter, usage_flush, usage_records_write
 from usage.spool import UsageRecord, UsageSpool

@@ -5,7 +5,24 @@ from __future__ import annotations
 from django.contrib import admin
 from django.http import HttpRequest
 
-from usage.models import UsageLog
+from tenants.admin import TenantAdmin
+from tenants.models import Tenant
+from usage.models import QuotaUsage, UsageLog
+
+
+class QuotaUsageInline(admin.TabularInline[QuotaUsage, Tenant]):
+    """Audio used per month, as the quota counts it (read-only: the service keeps it)."""
+
+    model = QuotaUsage
+    extra = 0
+    can_delete = False
+    fields = ["month", "audio_seconds"]
+    readonly_fields = ["month", "audio_seconds"]
+    ordering = ["-month"]
+
+
+# The tenant page shows its quota counters; tenants/ knows nothing of usage/ (layers).
+TenantAdmin.inlines = [*TenantAdmin.inlines, QuotaUsageInline]
 
 
 @admin.register(UsageLog)

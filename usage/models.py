@@ -49,3 +49,22 @@ class UsageLog(models.Model):
     @property
     def succeeded(self) -> bool:
         return self.error_code is None
+
+
+class QuotaUsage(models.Model):
+    """Seconds of audio a tenant has been sent in one calendar month (UTC)."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="quota_usage")
+    month = models.DateField(help_text="The first day of the month (UTC).")
+    audio_seconds = models.FloatField(default=0.0)
+
+    class Meta:
+        # The table keeps the name it had when the model lived in tenants/: moving the
+        # model moved no data (migrations usage.0002 and tenants.0003 change state only).
+        db_table = "tenants_quotausage"
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "month"], name="quota_usage_unique_per_month")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant} {self.month:%Y-%m}: {self.audio_seconds / 60:.1f} min"

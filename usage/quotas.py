@@ -29,7 +29,8 @@ from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import F
 
 from core.errors import ServiceError
-from tenants.models import QuotaUsage, Tenant
+from tenants.models import Tenant
+from usage.models import QuotaUsage
 
 logger = logging.getLogger(__name__)
 

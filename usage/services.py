@@ -13,8 +13,8 @@ from django.db import connection
 from django.db.models import Aggregate, Count, F, FloatField, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 
-from tenants.models import QuotaUsage, Tenant
-from usage.models import UsageLog
+from tenants.models import Tenant
+from usage.models import QuotaUsage, UsageLog
 from usage.quotas import current_month
 from usage.recorder import CANCELLED, CLIENT_DISCONNECTED
 
