@@ -7,7 +7,6 @@ one sync thread, and audio bytes go out as the engine produces them.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -147,13 +146,29 @@ async def audio_response(
     return response
 
 
+# The fields an Idempotency-Key's request is recognised by, with their defaults: the same
+# as they have always been, so that a retry keeps matching the request it repeats.
+_FINGERPRINTED = (
+    ("text", None),
+    ("voice_id", ""),
+    ("language", ""),
+    ("format", "wav"),
+    ("sample_rate", None),
+    ("speed", 1.0),
+    ("streaming", False),
+)
+
+
 async def _stored_audio_answer(request: HttpRequest, principal: Principal, endpoint: str) -> dict[str, Any]:
     """Synthesize-and-store (or find in the phrase cache), honouring an Idempotency-Key."""
-    wanted = native_request(json_object_body(request))
+    payload = json_object_body(request)
+    wanted = native_request(payload)
     idempotency_key = request.headers.get("Idempotency-Key", "").strip()
     if len(idempotency_key) > 255:
         raise ServiceError(400, "invalid_idempotency_key", "Idempotency-Key is at most 255 characters.")
-    fingerprint = request_fingerprint(dataclasses.asdict(wanted))
+    fingerprint = request_fingerprint(
+        {name: default if payload.get(name) is None else payload[name] for name, default in _FINGERPRINTED}
+    )
     if idempotency_key and (
         replay := await idempotent_replay(
             tenant=principal.tenant, endpoint=endpoint, key=idempotency_key, fingerprint=fingerprint
