@@ -97,9 +97,9 @@ async def audio_response(
     then counts its own audio for usage.
     """
     plan, lease = admission.plan, admission.lease
-    assert plan is not None  # HTTP requests carry their whole text
-    result = SynthesisResult(spec=plan.spec)
     try:
+        assert plan is not None  # HTTP requests carry their whole text
+        result = SynthesisResult(spec=plan.spec)
         audio = synthesis_audio(plan, result, streaming=lease is not None)
         # Wait for the first audio before answering: refusals (overload) and
         # early engine failures still get a real status code, and the first
