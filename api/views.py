@@ -9,6 +9,7 @@ endpoints, meters the request: one usage row however it ends.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any
@@ -25,6 +26,10 @@ from core.request_ids import request_id_for
 from tenants.authentication import Principal, aauthenticate_request
 from tenants.limits import athrottle_request
 from usage.recorder import CLIENT_DISCONNECTED, STATUS_CLIENT_CLOSED, UsageMeter, metered_stream
+
+logger = logging.getLogger(__name__)
+
+INTERNAL_ERROR = ServiceError(500, "internal_error", "Something went wrong on our side; it has been logged.")
 
 AsyncApiView = Callable[..., Awaitable[HttpResponseBase]]
 ErrorRenderer = Callable[[HttpRequest, ServiceError], HttpResponseBase]
@@ -60,6 +65,11 @@ def async_api_view(
                 return render_error(request, error)
             except DatabaseError:
                 return render_error(request, database_unavailable())
+            except Exception:
+                # A bug: logged (Sentry's logging integration sends it on) and answered in
+                # the route's own error shape, so that e.g. OpenAI's SDKs raise their usual error.
+                logger.exception("Unhandled error in %s %s", request.method, request.path)
+                return render_error(request, INTERNAL_ERROR)
 
         @csrf_exempt
         @wraps(view)

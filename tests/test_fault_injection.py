@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from engines import loaded_engine
 from synthesis.stream.stats import stream_stats
 from tenants.models import Tenant
 from tests.conftest import TenantFactory
+from tests.waiting import async_wait_until
 from usage.models import UsageLog
 from usage.recorder import usage_flush
 
@@ -156,6 +158,8 @@ def test_an_exception_at_any_stage_ends_the_request_with_its_error_one_row_and_n
             else:
                 assert status >= 500, (status, content)
                 assert error["code"] in {"internal_error", "engine_error"}, error
+            if route == "/v1/audio/speech":  # OpenAI's error shape, whatever failed
+                assert set(error) == {"message", "type", "param", "code"}, error
         else:  # the headers went out with the first audio; the error cut the body short
             assert stage in {"engine mid-stream", "encoder", "encoder at the end"}, stage
             assert response["Content-Type"].startswith(("audio/", "text/event-stream"))
@@ -175,3 +179,51 @@ def test_an_exception_at_any_stage_ends_the_request_with_its_error_one_row_and_n
     assert len(first) == 1, first
     assert first[0].status_code >= 500 or first[0].error_code is not None, first[0].__dict__
     assert Tenant.objects.filter(pk=tenant.pk).exists()
+
+
+@pytest.mark.parametrize("entry_point", ["synthesize streamed", "audio/speech"])
+def test_a_client_gone_mid_body_ends_the_request_with_one_row_and_nothing_held(
+    make_tenant: TenantFactory, entry_point: str
+) -> None:
+    """The send stage: the client stops reading after the first audio and goes away."""
+    tenant, issued = make_tenant(
+        rate_limit_minute=0, rate_limit_hour=0, quota_minutes=0, max_concurrent_streams=1
+    )
+    route, body = ENTRY_POINTS[entry_point]
+    client = AsyncClient(raise_request_exception=False)
+
+    async def main() -> None:
+        response = await client.post(
+            route,
+            data={**body, "input": TEXT * 10} if "input" in body else {**body, "text": TEXT * 10},
+            content_type="application/json",
+            headers={"Authorization": f"Bearer {issued.plaintext}"},
+        )
+        assert response.status_code == 200
+        first_audio = asyncio.Event()
+
+        async def read() -> None:
+            async for _chunk in response.streaming_content:  # type: ignore[attr-defined]
+                first_audio.set()
+
+        # What the ASGI handler does when the client disconnects: cancel the task sending the body.
+        reader = asyncio.create_task(read())
+        await asyncio.wait_for(first_audio.wait(), 30)
+        reader.cancel()
+        with suppress(asyncio.CancelledError):
+            await reader
+        assert stream_stats.http_streams == 0
+        engine = loaded_engine()
+        await async_wait_until(
+            lambda: engine is None or engine.info()["active_jobs"] == 0, what="the engine job to stop"
+        )
+        again, _content, _response = await _answer(
+            client, "/v1/synthesize", {"text": "Next.", "streaming": True}, issued.plaintext
+        )
+        assert again == 200
+
+    asyncio.run(main())
+    usage_flush()
+    [row] = UsageLog.objects.filter(tenant=tenant).exclude(input_chars=len("Next."))
+    assert row.error_code == "client_disconnected"
+    assert row.audio_bytes > 0
