@@ -1,4 +1,5 @@
-"""What the benchmarks share: a Daphne of our own on loopback, and percentiles."""
+"""What the benchmarks share: a Daphne of our own on loopback (through the tests' support
+package, so that both start servers one way), and percentiles."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.servers import ROOT, manage, wait_until_healthy
 
 
 def setup_django() -> None:
@@ -51,33 +52,26 @@ def start_server(
         "ENGINE_MAX_ACTIVE_JOBS": "1000",
         **extra_env,
     }
-    manage = [sys.executable, str(ROOT / "manage.py")]
-    subprocess.run([*manage, "migrate", "-v0"], env=env, check=True, cwd=ROOT)
+    manage("migrate", "-v0", env=env)
     # 0: no limit. The benchmarks measure the service, not a tenant's budget.
     unlimited = ["--rate-limit-minute", "0", "--rate-limit-hour", "0", "--max-concurrent-streams", "0"]
     key = ""
     if make_tenant:  # a second server on the same database reuses the first one's tenant
-        key = subprocess.run(
-            [*manage, "create_tenant", "bench", *unlimited, "--quota-minutes", str(quota_minutes)],
-            env=env,
-            check=True,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    log = (workdir / "daphne.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "callwaiting_tts.serve"], env=env, cwd=ROOT, stdout=log, stderr=log
-    )
+        key = manage(
+            "create_tenant", "bench", *unlimited, "--quota-minutes", str(quota_minutes), env=env
+        ).strip()
+    log_path = workdir / "daphne.log"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "callwaiting_tts.serve"], env=env, cwd=ROOT, stdout=log, stderr=log
+        )
     base_url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{base_url}/v1/health").status_code == 200:
-                return server, base_url, key
-        except httpx.TransportError:
-            time.sleep(0.1)
-    server.kill()
-    raise SystemExit(f"Daphne did not start; see {workdir / 'daphne.log'}")
+    try:
+        wait_until_healthy(server, base_url, log_path, timeout_s=30)
+    except AssertionError as failed:
+        server.kill()
+        raise SystemExit(str(failed)) from None
+    return server, base_url, key
 
 
 async def http_first_byte(client: httpx.AsyncClient, text: str) -> float:

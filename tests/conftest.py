@@ -1,19 +1,16 @@
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from rest_framework.test import APIClient
 
-from engines.xtts import XttsEngine
 from tenants.models import Tenant
 from tenants.services import IssuedKey, tenant_create
-
-TenantFactory = Callable[..., tuple[Tenant, IssuedKey]]
+from tests.support.servers import ServiceEnv, base_env
+from tests.support.tenants import TenantFactory, committed_tenant
 
 
 @pytest.fixture
@@ -36,10 +33,6 @@ def api_client() -> APIClient:
     return APIClient()
 
 
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
 @pytest.fixture(scope="session")
 def xtts_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real, randomly initialised tiny XTTS checkpoint, made once per test run."""
@@ -59,42 +52,12 @@ def test_database_url(django_db_setup: None) -> str:
     return f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
 
 
-@contextmanager
-def committed_tenant(django_db_blocker: Any, label: str, **fields: Any) -> Iterator[tuple[Tenant, IssuedKey]]:
-    """A tenant committed outside any test's transaction, so that servers in
-    subprocesses see it; deleted (with all it owns) afterwards."""
-    with django_db_blocker.unblock():
-        tenant, issued = tenant_create(name=f"{label}-{uuid.uuid4().hex[:8]}", **fields)
-    try:
-        yield tenant, issued
-    finally:
-        with django_db_blocker.unblock():
-            Tenant.objects.filter(pk=tenant.pk).delete()
-
-
 @pytest.fixture(scope="module")
 def module_tenant(django_db_blocker: Any, test_database_url: str) -> Iterator[tuple[Tenant, IssuedKey]]:
     # 0: unlimited; these tests are about other things than limits.
     limits = {"max_concurrent_streams": 100, "rate_limit_minute": 0, "rate_limit_hour": 0}
     with committed_tenant(django_db_blocker, "e2e", **limits) as tenant_and_key:
         yield tenant_and_key
-
-
-@contextmanager
-def loaded_tiny_xtts(checkpoint: Path, **options: Any) -> Iterator[XttsEngine]:
-    """The real XTTS engine on the tiny checkpoint: CPU, small chunks, greedy (repeatable) decoding."""
-    settings: dict[str, Any] = {
-        "device": "cpu",
-        "stream_chunk_size": 4,
-        "max_audio_tokens": 12,
-        "deterministic": True,
-    }
-    engine = XttsEngine(checkpoint_dir=str(checkpoint), **{**settings, **options})
-    engine.load()
-    try:
-        yield engine
-    finally:
-        engine.close()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -108,9 +71,6 @@ def close_connections_of_async_tests(django_db_setup: None) -> Iterator[None]:
     SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=10)
 
 
-ServiceEnv = Callable[..., dict[str, str]]
-
-
 @pytest.fixture(scope="session")
 def service_env(test_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> ServiceEnv:
     """Environment for a Daphne subprocess sharing this run's test database.
@@ -119,8 +79,6 @@ def service_env(test_database_url: str, tmp_path_factory: pytest.TempPathFactory
     media and log folders, and deterministic Piper (noise 0), unless overridden.
     """
     from django.conf import settings
-
-    from tests.servers import base_env
 
     def make(**overrides: str) -> dict[str, str]:
         return base_env(

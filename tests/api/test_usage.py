@@ -1,6 +1,6 @@
 """Usage metering: the spool, the writer, rows per request, GET /v1/usage, the admin.
 
-Requests here run in-process; tests/test_usage_e2e.py drives Daphne (the
+Requests here run in-process; tests/e2e/test_usage_e2e.py drives Daphne (the
 1,000-request load test and the database outage).
 """
 
@@ -21,8 +21,8 @@ from django.test import Client
 from rest_framework.test import APIClient
 
 from tenants.models import Tenant
-from tests.conftest import TenantFactory, bearer
-from tests.servers import ROOT
+from tests.support.servers import ROOT
+from tests.support.tenants import TenantFactory, bearer
 from usage.models import QuotaUsage, UsageLog
 from usage.quotas import current_month
 from usage.recorder import UsageMeter, usage_flush, usage_records_write

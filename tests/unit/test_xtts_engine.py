@@ -13,8 +13,8 @@ import pytest
 from engines import EngineConfigurationError, EngineOverloaded, SpeechJob
 from engines.text import Pause, Speech, prepare_text
 from engines.xtts import XttsEngine
-from tests.conftest import loaded_tiny_xtts
-from tests.waiting import async_wait_until
+from tests.support.waiting import async_wait_until
+from tests.support.xtts import loaded_tiny_xtts
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
 """WS /v1/stream in-process, with Channels' WebsocketCommunicator against the real
-ASGI application (Piper, Redis channel layer, Postgres). tests/test_stream_e2e.py
+ASGI application (Piper, Redis channel layer, Postgres). tests/e2e/test_stream_e2e.py
 drives it through Daphne."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from channels.testing import WebsocketCommunicator
 
 from tenants.models import Tenant
-from tests.conftest import TenantFactory
+from tests.support.tenants import TenantFactory
 from usage.models import UsageLog
 from usage.recorder import usage_flush
 

@@ -16,9 +16,9 @@ from django.conf import settings
 
 from synthesis.audio import OutputSpec
 from tenants.services import tenant_create
-from tests.conftest import ServiceEnv, committed_tenant
-from tests.servers import daphne_server, moto_s3_server, s3_client
-from tests.test_audio import decode
+from tests.support.audio import decode
+from tests.support.servers import ServiceEnv, daphne_server, moto_s3_server, s3_client
+from tests.support.tenants import committed_tenant
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 BUCKET = "phrases-test"

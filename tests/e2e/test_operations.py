@@ -20,8 +20,16 @@ from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
 from rest_framework.test import APIClient
 
-from tests.conftest import ServiceEnv, TenantFactory, bearer, committed_tenant
-from tests.servers import ROOT, daphne_process, daphne_server, free_port, manage, postgres_server
+from tests.support.servers import (
+    ROOT,
+    ServiceEnv,
+    daphne_process,
+    daphne_server,
+    free_port,
+    manage,
+    postgres_server,
+)
+from tests.support.tenants import TenantFactory, bearer, committed_tenant
 
 METRICS_TOKEN = "scrape-token-for-tests"
 

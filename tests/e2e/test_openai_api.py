@@ -15,8 +15,8 @@ import openai
 import pytest
 import soundfile
 
-from tests.conftest import ServiceEnv, bearer, committed_tenant
-from tests.servers import daphne_server
+from tests.support.servers import ServiceEnv, daphne_server
+from tests.support.tenants import bearer, committed_tenant
 from usage.models import UsageLog
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db]  # the servers share pytest's test database

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.servers import ROOT
 
 PRODUCTION_ENV = {
     "SECRET_KEY": secrets.token_urlsafe(50),

@@ -2,7 +2,7 @@
 refusal) raised at each stage of a request. Whatever the stage, the request ends with its
 error (a JSON error, or a body cut short once audio has gone out), exactly one usage row,
 its stream lease released and the counters back at zero. The WebSocket's own matrix is in
-tests/test_stream.py.
+tests/api/test_stream.py.
 
 Requests run in-process (Django's AsyncClient against the real views, Piper, Postgres,
 Redis), so that the stages can be patched; the same views serve Daphne.
@@ -23,8 +23,8 @@ from django.test import AsyncClient
 from engines import loaded_engine
 from synthesis.stream.stats import stream_stats
 from tenants.models import Tenant
-from tests.conftest import TenantFactory
-from tests.waiting import async_wait_until
+from tests.support.tenants import TenantFactory
+from tests.support.waiting import async_wait_until
 from usage.models import UsageLog
 from usage.recorder import usage_flush
 

@@ -15,8 +15,8 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import ServiceEnv, bearer, committed_tenant
-from tests.servers import daphne_server, manage, postgres_server
+from tests.support.servers import ServiceEnv, daphne_server, manage, postgres_server
+from tests.support.tenants import bearer, committed_tenant
 from usage.models import UsageLog
 
 PCM_RATE = 16000

@@ -9,7 +9,7 @@ import sys
 
 import httpx
 
-from tests.servers import ROOT, base_env, daphne_server, manage
+from tests.support.servers import ROOT, base_env, daphne_server, manage
 
 
 def embedded_env(tmp_path, **overrides: str) -> dict[str, str]:

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 
 from synthesis.audio import OutputSpec
-from tests.conftest import ServiceEnv
-from tests.servers import daphne_server
-from tests.test_audio import decode
+from tests.support.audio import decode
+from tests.support.servers import ServiceEnv, daphne_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 

@@ -11,7 +11,7 @@ import pytest
 
 from engines.base import EngineFailure, EngineOverloaded
 from engines.scheduler import ChunkScheduler, ScheduledJob
-from tests.waiting import async_wait_until
+from tests.support.waiting import async_wait_until
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import io
 import json
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from wsgiref.util import setup_testing_defaults
 from xml.etree import ElementTree
@@ -17,12 +16,11 @@ from twilio.twiml.voice_response import VoiceResponse
 
 from examples.twilio_webhook import app as webhook
 from synthesis.audio import OutputSpec
-from tests.conftest import ServiceEnv
-from tests.servers import daphne_server
-from tests.test_audio import decode
+from tests.support.audio import decode
+from tests.support.servers import ROOT, ServiceEnv, daphne_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db]
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = ROOT / "examples"
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from tenants import keys
 from tenants.authentication import ApiKeyError
 from tenants.models import ApiKey, Tenant
 from tenants.services import api_key_issue, api_key_revoke, api_key_rotate
-from tests.conftest import TenantFactory, bearer
+from tests.support.tenants import TenantFactory, bearer
 
 pytestmark = pytest.mark.django_db
 

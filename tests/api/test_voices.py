@@ -20,8 +20,8 @@ import engines
 from engines.xtts import XttsEngine
 from tenants.models import Tenant
 from tenants.services import IssuedKey, tenant_create
-from tests.conftest import loaded_tiny_xtts
-from tests.servers import moto_s3_server, s3_client
+from tests.support.servers import moto_s3_server, s3_client
+from tests.support.xtts import loaded_tiny_xtts
 from voices.models import Voice
 from voices.services import conditioning_cache
 

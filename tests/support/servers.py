@@ -7,14 +7,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+# An environment for a server subprocess (tests/conftest.py's `service_env` makes them).
+ServiceEnv = Callable[..., dict[str, str]]
 
 
 def free_port() -> int:
@@ -65,20 +68,7 @@ def daphne_process(
         )
     base_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"Daphne exited early:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{base_url}/v1/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"Daphne did not answer within {startup_timeout}s:\n{log_path.read_text()}"
-                )
-            time.sleep(0.1)
+        wait_until_healthy(process, base_url, log_path, timeout_s=startup_timeout)
         yield process, base_url
     finally:
         process.terminate()
@@ -87,6 +77,24 @@ def daphne_process(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def wait_until_healthy(
+    process: subprocess.Popen[bytes], base_url: str, log_path: Path, *, timeout_s: float = 60.0
+) -> None:
+    """Until the server answers /v1/health; fails with its log if it exits or takes too long."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"Daphne exited early:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{base_url}/v1/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Daphne did not answer within {timeout_s}s:\n{log_path.read_text()}")
+        time.sleep(0.1)
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from callwaiting_tts.urls import OWN_CREDENTIAL_URL_NAMES, PUBLIC_URL_NAMES
 from tenants import keys
 from tenants.models import Tenant
 from tenants.services import api_key_issue, api_key_revoke
-from tests.conftest import TenantFactory
+from tests.support.tenants import TenantFactory
 
 pytestmark = pytest.mark.django_db
 

@@ -16,9 +16,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from synthesis.stream.protocol import MAX_FRAME_AUDIO_BYTES, parse_labelled_frame
-from tests.conftest import ServiceEnv, committed_tenant
-from tests.servers import daphne_server
-from tests.waiting import wait_until
+from tests.support.servers import ServiceEnv, daphne_server
+from tests.support.tenants import committed_tenant
+from tests.support.waiting import wait_until
 from usage.models import UsageLog
 
 pytestmark = pytest.mark.slow

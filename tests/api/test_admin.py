@@ -8,7 +8,7 @@ from django.test import Client
 
 from tenants.authentication import ApiKeyError, authenticate_token
 from tenants.models import ApiKey, Tenant
-from tests.conftest import TenantFactory
+from tests.support.tenants import TenantFactory
 
 pytestmark = pytest.mark.django_db
 KEY_PATTERN = re.compile(r"cwt_[a-z0-9]{8}_[A-Za-z0-9]{32}")

@@ -18,10 +18,9 @@ import pytest
 import soundfile
 
 from synthesis.audio import SAMPLE_RATES, AudioFormat, OutputSpec
-from tests.conftest import ServiceEnv
-from tests.servers import daphne_server
-from tests.test_audio import decode
-from tests.waiting import wait_until
+from tests.support.audio import decode
+from tests.support.servers import ServiceEnv, daphne_server
+from tests.support.waiting import wait_until
 from usage.models import UsageLog
 
 # django_db makes pytest-django create the test database these servers share.

@@ -16,9 +16,9 @@ from rest_framework.test import APIClient
 from core.errors import ServiceError
 from tenants import keys
 from tenants.models import Tenant
-from tests.conftest import ServiceEnv, TenantFactory, bearer, committed_tenant
-from tests.servers import daphne_process, daphne_server, free_port
-from tests.waiting import wait_until
+from tests.support.servers import ServiceEnv, daphne_process, daphne_server, free_port
+from tests.support.tenants import TenantFactory, bearer, committed_tenant
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.django_db
 

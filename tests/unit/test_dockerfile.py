@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.servers import ROOT
+from tests.support.servers import ROOT
 
 
 def test_hadolint_passes() -> None:

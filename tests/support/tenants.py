@@ -1,0 +1,31 @@
+"""Tenants for tests: a factory's type, the auth header, and tenants committed outside any
+test's transaction for servers running in other processes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from tenants.models import Tenant
+from tenants.services import IssuedKey, tenant_create
+
+TenantFactory = Callable[..., tuple[Tenant, IssuedKey]]
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@contextmanager
+def committed_tenant(django_db_blocker: Any, label: str, **fields: Any) -> Iterator[tuple[Tenant, IssuedKey]]:
+    """A tenant committed outside any test's transaction, so that servers in
+    subprocesses see it; deleted (with all it owns) afterwards."""
+    with django_db_blocker.unblock():
+        tenant, issued = tenant_create(name=f"{label}-{uuid.uuid4().hex[:8]}", **fields)
+    try:
+        yield tenant, issued
+    finally:
+        with django_db_blocker.unblock():
+            Tenant.objects.filter(pk=tenant.pk).delete()

@@ -1,0 +1,27 @@
+"""The real XTTS engine on a tiny, randomly initialised checkpoint (no GPU here)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from engines.xtts import XttsEngine
+
+
+@contextmanager
+def loaded_tiny_xtts(checkpoint: Path, **options: Any) -> Iterator[XttsEngine]:
+    """The real XTTS engine on the tiny checkpoint: CPU, small chunks, greedy (repeatable) decoding."""
+    settings: dict[str, Any] = {
+        "device": "cpu",
+        "stream_chunk_size": 4,
+        "max_audio_tokens": 12,
+        "deterministic": True,
+    }
+    engine = XttsEngine(checkpoint_dir=str(checkpoint), **{**settings, **options})
+    engine.load()
+    try:
+        yield engine
+    finally:
+        engine.close()
