@@ -13,30 +13,32 @@ from engines.base import EngineFailure, EngineOverloaded
 from engines.scheduler import ChunkScheduler, ScheduledJob
 from tests.support.waiting import async_wait_until
 
+# Jobs of the stopped scheduler belong to an event loop that never runs: nothing is delivered.
+IDLE_LOOP = asyncio.new_event_loop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_idle_loop() -> Iterator[None]:
+    yield
+    IDLE_LOOP.close()
+
 
 @pytest.fixture
 def stopped() -> Iterator[ChunkScheduler]:
-    """A scheduler whose worker has stopped: `_pick` can be asked directly. Its jobs
-    belong to an event loop that never runs (nothing is delivered)."""
+    """A scheduler whose worker has stopped: `_pick` can be asked directly."""
     scheduler = ChunkScheduler("test", max_jobs=8, max_buffered=2)
     scheduler.stop()
-    scheduler.idle_loop = asyncio.new_event_loop()  # type: ignore[attr-defined]
     yield scheduler
-    scheduler.idle_loop.close()  # type: ignore[attr-defined]
+    scheduler._jobs.clear()
 
 
 def job(
     scheduler: ChunkScheduler, *, started: bool = False, served: int = -1, buffered: int = 0
 ) -> ScheduledJob:
-    made = ScheduledJob(scheduler, iter(()), stopped_loop(scheduler))
+    made = ScheduledJob(scheduler, iter(()), IDLE_LOOP)
     made.started, made.last_served, made.buffered = started, served, buffered
     scheduler._jobs.append(made)
     return made
-
-
-def stopped_loop(scheduler: ChunkScheduler) -> asyncio.AbstractEventLoop:
-    loop: asyncio.AbstractEventLoop = scheduler.idle_loop  # type: ignore[attr-defined]
-    return loop
 
 
 def test_a_request_waiting_for_its_first_chunk_goes_before_running_ones(stopped: ChunkScheduler) -> None:
@@ -70,7 +72,7 @@ def test_a_cancelled_request_is_dropped_and_its_iterator_closed(stopped: ChunkSc
         finally:
             closed.set()
 
-    cancelled = ScheduledJob(stopped, generator(), stopped_loop(stopped))
+    cancelled = ScheduledJob(stopped, generator(), IDLE_LOOP)
     next(cancelled.iterator)  # started, so closing runs its finally
     cancelled.cancelled = True
     stopped._jobs.append(cancelled)
