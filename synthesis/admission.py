@@ -18,6 +18,7 @@ costs about 1 ms against about 50 us for this.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,8 @@ from tenants.limits import StreamLease, arate_limit_check, stream_lease_acquire
 from tenants.models import Tenant
 from usage.quotas import quota_check
 from usage.recorder import UsageMeter
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,7 @@ def native_request(payload: Mapping[str, Any]) -> SynthesisRequest:
 def utterance_request(message: Mapping[str, Any], *, twilio: bool) -> SynthesisRequest:
     """A WebSocket `start` or `synthesize`; Twilio mode is 8 kHz mu-law whatever was asked."""
     if problems := field_problems(message, _UTTERANCE_FIELDS):
-        detail = "; ".join(f"{name} {' '.join(reasons).lower()}" for name, reasons in problems.items())
-        raise ServiceError(400, "invalid_request", f"Bad start message: {detail}", details=problems)
+        raise invalid_request(problems)
     return SynthesisRequest(
         text=None,
         voice_id=message.get("voice_id") or None,
@@ -177,10 +179,11 @@ async def synthesis_admit(
     return Admission(setup=setup, plan=plan, lease=held)
 
 
-def service_error_for(exc: Exception) -> ServiceError:
+def service_error_for(exc: Exception, *, request_id: str) -> ServiceError:
     """The error a client sees for any exception raised while admitting or running a
     synthesis: refusals keep their code, a database outage is a 503 to retry, engine errors
-    have their own codes, and anything else (a bug) is a logged 500."""
+    have their own codes, and anything else (a bug) is a 500. Faults (engine errors and
+    bugs) are logged here, so that no door can answer one without a trace."""
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, DatabaseError):
@@ -189,6 +192,7 @@ def service_error_for(exc: Exception) -> ServiceError:
         return ServiceError(
             503, "engine_overloaded", str(exc), headers={"Retry-After": str(exc.retry_after_s)}
         )
+    logger.error("Synthesis %s failed", request_id, exc_info=exc)
     if isinstance(exc, EngineFailure):
         return ServiceError(500, "engine_error", f"The speech engine failed: {exc}")
     return ServiceError(500, "internal_error", "Something went wrong on our side; it has been logged.")

@@ -150,30 +150,6 @@ async def synthesis_setup(
     return SynthesisSetup(engine=engine, spec=spec, voice=voice, language=language, speed=speed)
 
 
-async def synthesis_plan(
-    *,
-    tenant: Tenant,
-    text: str,
-    voice_id: str | None = None,
-    language: str | None = None,
-    audio_format: str | None = None,
-    sample_rate: int | None = None,
-    speed: float = 1.0,
-) -> SynthesisPlan:
-    """Validate a request completely before any engine work starts; raises ServiceError."""
-    # The text first: it is the commonest mistake, and checking it costs no lookup.
-    segments = prepare_text(text, max_chars=settings.MAX_TEXT_CHARS)
-    setup = await synthesis_setup(
-        tenant=tenant,
-        voice_id=voice_id,
-        language=language,
-        audio_format=audio_format,
-        sample_rate=sample_rate,
-        speed=speed,
-    )
-    return setup.plan_segments(segments)
-
-
 async def encoded_audio(plan: SynthesisPlan, encoder: AudioEncoder) -> AsyncIterator[bytes]:
     """The plan's audio through `encoder`, as the engine makes it: the one engine -> encoder
     loop, for HTTP and WebSocket alike. It does not finish the encoder (a WebSocket utterance

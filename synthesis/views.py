@@ -109,7 +109,7 @@ async def audio_response(
         if lease is not None:
             await lease.release()
         if isinstance(exc, Exception):
-            raise service_error_for(exc) from exc
+            raise service_error_for(exc, request_id=request_id_for(request)) from exc
         raise
 
     headers = {"X-Audio-Format": plan.spec.format.value, "X-Sample-Rate": str(plan.spec.sample_rate)}
@@ -134,7 +134,7 @@ async def audio_response(
             async for data in audio:
                 parts.append(data)
         except Exception as exc:
-            raise service_error_for(exc) from exc
+            raise service_error_for(exc, request_id=request_id_for(request)) from exc
         whole = b"".join(parts)
         if meter is not None:
             meter.audio_sent(len(whole), result.audio_seconds)
@@ -182,7 +182,7 @@ async def _stored_audio_answer(request: HttpRequest, principal: Principal, endpo
     try:
         stored = await stored_audio_for(tenant=principal.tenant, plan=admission.plan)
     except Exception as exc:
-        raise service_error_for(exc) from exc
+        raise service_error_for(exc, request_id=request_id_for(request)) from exc
     _meter_stored_audio(request, stored.phrase.size_bytes, stored.phrase.duration_s, cached=stored.cached)
     answer = stored_audio_body(stored=stored, request_id=request_id_for(request))
     if idempotency_key:

@@ -176,6 +176,10 @@ async def metered_stream(body: AsyncGenerator[bytes, None], meter: UsageMeter) -
     except BaseException as exc:
         # GeneratorExit or CancelledError: the client went away mid-stream.
         error_code = CLIENT_DISCONNECTED if not isinstance(exc, Exception) else "engine_error"
+        if isinstance(exc, Exception):
+            # The headers are gone: re-raising makes the server abort the body, so the client
+            # sees it cut short. This line is the trace that names the request.
+            logger.error("Stream %s failed mid-body", meter.request_id, exc_info=exc)
         raise
     finally:
         meter.finish(200, error_code)

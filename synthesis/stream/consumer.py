@@ -278,10 +278,7 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
             wanted = utterance_request(message, twilio=twilio is not None)
             admission = await synthesis_admit(tenant=tenant, request=wanted, meter=meter, rate_limit=True)
         except Exception as exc:
-            error = service_error_for(exc)
-            if error.code in ("internal_error", "engine_error"):  # a fault, not a refusal
-                logger.exception("Starting utterance %s failed", meter.request_id)
-            self._start_refused(meter, context_id, error)
+            self._start_refused(meter, context_id, service_error_for(exc, request_id=meter.request_id))
         if twilio is not None:
             meter.format = TWILIO
         utterance = Utterance(self, context_id, admission.setup, meter, twilio)

@@ -103,9 +103,7 @@ class Utterance:
         except Exception as exc:
             # Whatever failed (text, engine, encoder, the transport), the utterance ends
             # here with its error event and usage row; the connection stays.
-            error = service_error_for(exc)
-            if error.code in ("internal_error", "engine_error"):  # a fault, not a refusal
-                logger.exception("Utterance %s failed", self.request_id)
+            error = service_error_for(exc, request_id=self.request_id)
             await self.owner.utterance_failed(self, error.status_code, error.code, error.message)
         else:
             await self.owner.utterance_finished(self)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from typing import Any
@@ -137,7 +138,11 @@ async def _answer(client: AsyncClient, route: str, body: dict[str, Any], key: st
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("entry_point", list(ENTRY_POINTS))
 def test_an_exception_at_any_stage_ends_the_request_with_its_error_one_row_and_nothing_held(
-    make_tenant: TenantFactory, monkeypatch: pytest.MonkeyPatch, entry_point: str, stage: str
+    make_tenant: TenantFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    entry_point: str,
+    stage: str,
 ) -> None:
     tenant, issued = make_tenant(
         rate_limit_minute=0, rate_limit_hour=0, quota_minutes=0, max_concurrent_streams=1
@@ -173,7 +178,14 @@ def test_an_exception_at_any_stage_ends_the_request_with_its_error_one_row_and_n
         )
         assert again == 200
 
+    caplog.set_level(logging.ERROR)
     asyncio.run(main())
+    # A fault leaves a trace with its traceback, whichever door it came through; an outage
+    # is a 503 to retry, not a fault.
+    faults = [
+        record for record in caplog.records if record.exc_info and "injected" in str(record.exc_info[1])
+    ]
+    assert faults if stage != "database" else not faults, [r.getMessage() for r in caplog.records]
     usage_flush()
     first = list(UsageLog.objects.filter(tenant=tenant).exclude(input_chars=len("Next.")))
     assert len(first) == 1, first

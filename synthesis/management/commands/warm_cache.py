@@ -13,7 +13,7 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from core.errors import ServiceError
-from synthesis.services import synthesis_plan
+from synthesis.admission import SynthesisRequest, synthesis_admit
 from synthesis.stored_audio import stored_audio_for
 from tenants.models import Tenant
 from tenants.services import TenantNotFound, tenant_resolve
@@ -58,8 +58,7 @@ class Command(BaseCommand):
         stored = cached = failed = 0
         for prompt in tqdm(prompts, desc="warming", unit="prompt", file=sys.stderr):
             try:
-                plan = await synthesis_plan(
-                    tenant=tenant,
+                wanted = SynthesisRequest(
                     text=prompt,
                     voice_id=options["voice_id"],
                     language=options["language"],
@@ -67,7 +66,10 @@ class Command(BaseCommand):
                     sample_rate=options["sample_rate"],
                     speed=options["speed"],
                 )
-                result = await stored_audio_for(tenant=tenant, plan=plan)
+                # Admitted like any synthesis (checks and quota; no rate limit, no stream).
+                admission = await synthesis_admit(tenant=tenant, request=wanted, meter=None)
+                assert admission.plan is not None
+                result = await stored_audio_for(tenant=tenant, plan=admission.plan)
             except ServiceError as exc:
                 failed += 1
                 self.stderr.write(f"skipped {prompt[:40]!r}: {exc.message}")
