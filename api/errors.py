@@ -17,7 +17,7 @@ from django.http.response import HttpResponseBase
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 
-from core.errors import ServiceError, database_unavailable
+from core.errors import ServiceError, database_error
 from core.request_ids import REQUEST_ID_HEADER, request_id_for
 
 
@@ -95,7 +95,7 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     if isinstance(exc, DatabaseError):
-        exc = database_unavailable()
+        exc = database_error(exc)
     if not isinstance(exc, exceptions.APIException | ServiceError):
         return None  # a real bug: let Django's 500 handler (JSON, below) answer
 

@@ -21,7 +21,7 @@ from django.views.decorators.csrf import csrf_exempt
 from rest_framework import serializers
 
 from api.errors import error_code_of, service_error_response, validation_message
-from core.errors import ServiceError, database_unavailable
+from core.errors import ServiceError, database_error
 from core.request_ids import request_id_for
 from tenants.authentication import Principal, aauthenticate_request
 from tenants.limits import athrottle_request
@@ -63,8 +63,8 @@ def async_api_view(
                     400, "invalid_request", validation_message(exc.detail), details=exc.detail
                 )
                 return render_error(request, error)
-            except DatabaseError:
-                return render_error(request, database_unavailable())
+            except DatabaseError as exc:
+                return render_error(request, database_error(exc))
             except Exception:
                 # A bug: logged (Sentry's logging integration sends it on) and answered in
                 # the route's own error shape, so that e.g. OpenAI's SDKs raise their usual error.

@@ -19,6 +19,7 @@ from servestatic import ServeStaticASGI  # noqa: E402
 from callwaiting_tts.handlers import ApiASGIHandler  # noqa: E402
 from callwaiting_tts.lifecycle import engine_warm_up  # noqa: E402
 from engines import get_engine  # noqa: E402
+from usage.recorder import usage_flusher_start  # noqa: E402
 
 api_http_app = ApiASGIHandler()
 
@@ -42,6 +43,9 @@ async def http_app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
 # instead of failing the first request, and no request pays for the load (or,
 # after one warm-up synthesis, for its lazy initialisation).
 engine_warm_up(get_engine())
+# The usage writer starts with the process: rows a killed predecessor left (its spool, its
+# requests in flight) are written now, not when the first request here finishes.
+usage_flusher_start()
 
 from synthesis.stream.consumer import StreamConsumer  # noqa: E402
 

@@ -80,4 +80,7 @@ def usage_info() -> dict[str, Any]:
         "spooled_bytes": size,
         "database_unavailable": flusher is not None and flusher.outage_since is not None,
         "rows_written": 0 if flusher is None else flusher.rows_written,
+        # Records the database refused (see the dead-letter file in the spool): not lost,
+        # but not billed until someone looks.
+        "dead_letters": usage_spool().dead_letters(),
     }

@@ -249,6 +249,9 @@ QUOTA_CACHE_SECONDS = env_float("QUOTA_CACHE_SECONDS", 5.0, minimum=0.0)
 USAGE_SPOOL_DIR = Path(env_str("USAGE_SPOOL_DIR", str(BASE_DIR / "var" / "usage-spool")))
 USAGE_FLUSH_SECONDS = env_float("USAGE_FLUSH_SECONDS", 1.0, minimum=0.0)
 USAGE_FLUSH_BATCH = env_int("USAGE_FLUSH_BATCH", 500, minimum=1)
+# How often the snapshot of running requests (the rows a killed process still leaves) is
+# brought up to date: what a `kill -9` loses is at most this much of each request's count.
+USAGE_IN_FLIGHT_SECONDS = env_float("USAGE_IN_FLIGHT_SECONDS", 0.5, minimum=0.05)
 # Off only to measure what recording costs (bench/run.py): no rows, no billing.
 USAGE_RECORDS = env_bool("USAGE_RECORDS", True)
 # /v1/bench/bare, a view with no auth or anything else, for bench/run.py to compare with.

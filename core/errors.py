@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from django.db import DatabaseError, DataError
+
 
 class ServiceError(Exception):
     """A refusal or failure a client can act on: its status, its stable code, a sentence."""
@@ -39,3 +41,16 @@ def database_unavailable() -> ServiceError:
         "The database is briefly unavailable; retry shortly.",
         headers={"Retry-After": "5"},
     )
+
+
+def database_error(exc: DatabaseError) -> ServiceError:
+    """The error for a database exception: a value the database refuses to store (a NUL
+    byte, a lone surrogate, a number out of range) is the client's 400, never an outage;
+    anything else (connection lost, timeout) is the 503 to retry."""
+    if isinstance(exc, DataError):
+        return ServiceError(
+            400,
+            "invalid_request",
+            "A value in the request cannot be stored (control characters or out of range).",
+        )
+    return database_unavailable()

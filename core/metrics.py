@@ -40,6 +40,10 @@ SYNTHESIS_DURATION = Histogram(
 )
 AUDIO_SECONDS = Counter("cwt_audio_seconds", "Seconds of audio sent.", _labels("endpoint"))
 AUDIO_BYTES = Counter("cwt_audio_bytes", "Bytes of encoded audio sent.", _labels("endpoint"))
+USAGE_DEAD_LETTERS = Counter(
+    "cwt_usage_dead_letters",
+    "Usage records the database refused, moved to the dead-letter file (see /v1/health).",
+)
 LIMIT_REFUSALS = Counter("cwt_limit_refusals", "Requests refused by a tenant limit.", _labels("reason"))
 HTTP_REQUESTS = Counter(
     "cwt_http_requests", "API requests (under /v1), by route and status.", ["method", "route", "status"]

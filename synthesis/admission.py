@@ -26,7 +26,8 @@ from typing import Any
 from django.conf import settings
 from django.db import DatabaseError
 
-from core.errors import ServiceError, database_unavailable
+from core.errors import ServiceError, database_error
+from core.strings import control_characters_in
 from engines import EngineFailure, EngineOverloaded
 from engines.text import Segment, prepare_text
 from synthesis.services import SynthesisPlan, SynthesisSetup, synthesis_setup
@@ -94,6 +95,21 @@ def invalid_request(problems: dict[str, list[str]]) -> ServiceError:
     return ServiceError(400, "invalid_request", message, details=problems)
 
 
+# The request's identifier and enum fields, by their wire names: they are looked up in the
+# database and journaled in usage records, so a control character is refused here, for
+# every door, before either happens.
+_IDENTIFIER_FIELDS = (("voice_id", "voice_id"), ("language", "language"), ("audio_format", "format"))
+
+
+def identifier_problems(request: SynthesisRequest) -> dict[str, list[str]]:
+    problems: dict[str, list[str]] = {}
+    for attribute, wire_name in _IDENTIFIER_FIELDS:
+        value = getattr(request, attribute)
+        if isinstance(value, str) and control_characters_in(value):
+            problems[wire_name] = ["Must not contain control characters."]
+    return problems
+
+
 def native_request(payload: Mapping[str, Any]) -> SynthesisRequest:
     """The JSON body of /v1/synthesize, /v1/synthesize-url and /v1/twiml/play."""
     if problems := field_problems(payload, _NATIVE_FIELDS):
@@ -148,7 +164,10 @@ async def synthesis_admit(
     `rate_limit`: spend the tenant's request budget here (WebSocket utterances).
     `lease`: take one of the tenant's concurrent streams (streamed HTTP answers).
     """
+    if problems := identifier_problems(request):
+        raise invalid_request(problems)
     if meter is not None:
+        meter.tenant_id = tenant.id
         meter.input_chars = len(request.text or "")
         meter.format = request.audio_format or ""
         meter.voice_id = request.voice_id or ""
@@ -176,6 +195,8 @@ async def synthesis_admit(
     await quota_check(tenant)
     # Last: from here the caller owns the lease and releases it however the request ends.
     held = await stream_lease_acquire(tenant) if lease else None
+    if meter is not None:
+        meter.open()  # admitted: a row now follows whatever happens to this process
     return Admission(setup=setup, plan=plan, lease=held)
 
 
@@ -187,7 +208,7 @@ def service_error_for(exc: Exception, *, request_id: str) -> ServiceError:
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, DatabaseError):
-        return database_unavailable()
+        return database_error(exc)
     if isinstance(exc, EngineOverloaded):
         return ServiceError(
             503, "engine_overloaded", str(exc), headers={"Retry-After": str(exc.retry_after_s)}

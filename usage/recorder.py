@@ -22,10 +22,11 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, close_old_connections, transaction
+from django.db import DatabaseError, DataError, IntegrityError, close_old_connections, transaction
 from django.http import HttpRequest
 
-from core.metrics import synthesis_observed
+from core.metrics import USAGE_DEAD_LETTERS, synthesis_observed
+from core.strings import printable
 from tenants.models import Tenant
 from usage.models import UsageLog
 from usage.quotas import current_month, quota_counters_add, quota_note_local
@@ -62,6 +63,9 @@ CLIENT_DISCONNECTED = "client_disconnected"
 CANCELLED = "cancelled"
 # The status recorded when the client left before any response was sent.
 STATUS_CLIENT_CLOSED = 499
+# error_code of a request cut short by the server process: killed (its row is written by
+# the next process from the in-flight snapshot) or stopped past the shutdown grace.
+INTERRUPTED = "interrupted"
 
 
 @dataclass(eq=False)
@@ -97,12 +101,21 @@ class UsageMeter:
         elif self.audio_clock is not None:
             self.audio_seconds = self.audio_clock()
 
+    def open(self) -> None:
+        """Count this request as in flight: from now on a process killed under it still
+        leaves its row (the in-flight snapshot), until `finish` records how it ended."""
+        if self.tenant_id is not None and not self.finished:
+            with _in_flight_lock:
+                _in_flight[self.id] = self
+
     def finish(self, status_code: int, error_code: str | None = None) -> None:
         """Spool this request's record. Only the first call counts; a request
         without a tenant (failed authentication) has no one to bill and no row."""
         if self.finished or self.tenant_id is None:
             return
         self.finished = True
+        with _in_flight_lock:
+            _in_flight.pop(self.id, None)
         record = self.record(status_code, error_code)
         try:
             if settings.USAGE_RECORDS:
@@ -134,6 +147,10 @@ class UsageMeter:
             quota_note_local(self.tenant_id, self.audio_seconds)
         usage_flusher_start()
 
+    def interrupted_record(self) -> UsageRecord:
+        """The record of this request if the process ended now: what was sent so far."""
+        return self.record(200 if self.first_audio_at is not None else 503, INTERRUPTED)
+
     def record(self, status_code: int, error_code: str | None = None) -> UsageRecord:
         """The spooled form of this request's usage, as it stands now."""
         elapsed_ms = (time.perf_counter() - self.started) * 1000
@@ -141,7 +158,7 @@ class UsageMeter:
         return {
             "id": str(self.id),
             "tenant_id": str(self.tenant_id),  # finish() records only metered tenants
-            "request_id": self.request_id[:128],
+            "request_id": printable(self.request_id, limit=128),
             "endpoint": self.endpoint,
             "input_chars": self.input_chars,
             "audio_bytes": self.audio_bytes,
@@ -149,13 +166,23 @@ class UsageMeter:
             "latency_ms": None if first_ms is None else round(first_ms, 2),
             "total_ms": round(elapsed_ms, 2),
             "streaming": self.streaming,
-            "voice_id": self.voice_id[:64],
-            "format": self.format[:16],
+            "voice_id": printable(self.voice_id, limit=64),
+            "format": printable(self.format, limit=16),
             "cached": self.cached,
             "status_code": status_code,
-            "error_code": None if error_code is None else error_code[:64],
+            "error_code": None if error_code is None else printable(error_code, limit=64),
             "created_at": self.created_at.isoformat(),
         }
+
+
+# Requests admitted and not yet finished, by meter id (event loop writes, flusher reads).
+_in_flight: dict[uuid.UUID, UsageMeter] = {}
+_in_flight_lock = threading.Lock()
+
+
+def in_flight_meters() -> list[UsageMeter]:
+    with _in_flight_lock:
+        return list(_in_flight.values())
 
 
 def usage_meter_of(request: HttpRequest) -> UsageMeter | None:
@@ -212,10 +239,43 @@ def _row(record: UsageRecord) -> UsageLog:
     )
 
 
-def usage_records_write(records: list[UsageRecord]) -> int:
-    """Store spooled records as rows, once each, and add their new audio to the
-    quota counters in the same transaction (so the two never disagree).
-    Returns how many rows were new."""
+# A record the database refuses however often it is tried: a value it cannot store, a
+# reference it rejects, or a record that is not a usage record at all. Outages
+# (OperationalError, InterfaceError) are not here: those records wait in the spool.
+BAD_RECORD_ERRORS: tuple[type[Exception], ...] = (DataError, IntegrityError, ValueError, KeyError, TypeError)
+
+
+def usage_records_write(records: list[UsageRecord], *, spool: UsageSpool | None = None) -> int:
+    """Store spooled records as rows, once each, and add their new audio to the quota
+    counters in the same transaction (so the two never disagree). A batch the database
+    refuses is written record by record, and each record it still refuses goes to the
+    dead-letter file (of `spool`, or the process's), so one bad record never holds back
+    the others. Returns how many rows were new."""
+    try:
+        return _rows_write(records)
+    except BAD_RECORD_ERRORS as exc:
+        if len(records) == 1:
+            usage_dead_letter(records[0], exc, spool=spool)
+            return 0
+    written = 0
+    for record in records:
+        try:
+            written += _rows_write([record])
+        except BAD_RECORD_ERRORS as exc:
+            usage_dead_letter(record, exc, spool=spool)
+    return written
+
+
+def usage_dead_letter(record: UsageRecord, exc: Exception, *, spool: UsageSpool | None = None) -> None:
+    reason = f"{type(exc).__name__}: {exc}"[:500]
+    logger.error(
+        "Usage record %s refused by the database; moved to the dead letters: %s", record.get("id"), reason
+    )
+    USAGE_DEAD_LETTERS.inc()
+    (spool or usage_spool()).dead_letter(record, reason)
+
+
+def _rows_write(records: list[UsageRecord]) -> int:
     rows = [_row(record) for record in records]
     with transaction.atomic():
         known_tenants = set(
@@ -224,12 +284,16 @@ def usage_records_write(records: list[UsageRecord]) -> int:
         already_stored = set(
             UsageLog.objects.filter(id__in=[row.id for row in rows]).values_list("id", flat=True)
         )
-        new_rows = [row for row in rows if row.tenant_id in known_tenants and row.id not in already_stored]
+        new_rows: dict[uuid.UUID, UsageLog] = {}
+        for row in rows:
+            # The first record of an id wins: a request's real end before its in-flight snapshot.
+            if row.tenant_id in known_tenants and row.id not in already_stored and row.id not in new_rows:
+                new_rows[row.id] = row
         if orphans := sum(row.tenant_id not in known_tenants for row in rows):
             logger.warning("Dropped %d usage records of deleted tenants.", orphans)
-        UsageLog.objects.bulk_create(new_rows)
+        UsageLog.objects.bulk_create(new_rows.values())
         new_audio: dict[tuple[uuid.UUID, date], float] = defaultdict(float)
-        for row in new_rows:
+        for row in new_rows.values():
             if not row.cached and row.audio_seconds > 0:
                 new_audio[(row.tenant_id, current_month(row.created_at))] += row.audio_seconds
         quota_counters_add(new_audio)
@@ -237,11 +301,40 @@ def usage_records_write(records: list[UsageRecord]) -> int:
 
 
 def usage_flush() -> int:
-    """Write everything spooled so far, in this thread; raises DatabaseError if
-    the database is away (the records stay spooled)."""
+    """Write everything spooled so far, in this thread, then the requests that dead
+    processes left in flight (as `interrupted`); raises DatabaseError if the database is
+    away (the records stay spooled)."""
     spool = usage_spool()
     spool.seal()
-    return spool.drain(usage_records_write, batch_size=settings.USAGE_FLUSH_BATCH)
+    written = spool.drain(usage_records_write, batch_size=settings.USAGE_FLUSH_BATCH)
+    if spool.orphaned_in_flight(_interrupted_spool):
+        spool.seal()
+        written += spool.drain(usage_records_write, batch_size=settings.USAGE_FLUSH_BATCH)
+    return written
+
+
+def _interrupted_spool(records: list[UsageRecord]) -> None:
+    logger.warning(
+        "Recording %d request(s) left running by a process that died, as interrupted.", len(records)
+    )
+    spool = usage_spool()
+    for record in records:
+        spool.append(record)
+
+
+def usage_in_flight_snapshot() -> None:
+    """Replace this process's in-flight snapshot (the flusher calls it a few times a second)."""
+    usage_spool().in_flight_write([meter.interrupted_record() for meter in in_flight_meters()])
+
+
+def usage_in_flight_interrupt() -> int:
+    """At exit: record every request still running as interrupted (cut by a shutdown past
+    its grace period). Returns how many there were."""
+    meters = in_flight_meters()
+    for meter in meters:
+        record = meter.interrupted_record()
+        meter.finish(record["status_code"], INTERRUPTED)
+    return len(meters)
 
 
 # --- the flusher thread -----------------------------------------------------------
@@ -250,32 +343,48 @@ MAX_BACKOFF_SECONDS = 10.0
 
 
 class UsageFlusher(threading.Thread):
-    def __init__(self, interval: float) -> None:
+    """Writes the spool to the database every `interval` (backing off while it is away),
+    starting at once: what a killed process left is written at start-up, not on the first
+    request. Between flushes it keeps the in-flight snapshot current."""
+
+    def __init__(self, interval: float, in_flight_interval: float) -> None:
         super().__init__(name="usage-flusher", daemon=True)
         self.interval = interval
+        self.in_flight_interval = in_flight_interval
         self._stopping = threading.Event()
         self.outage_since: float | None = None
         self.rows_written = 0
 
     def run(self) -> None:
-        delay = self.interval
-        while not self._stopping.wait(delay):
-            delay = self.interval if self._flush_once() else min(max(delay, 1.0) * 2, MAX_BACKOFF_SECONDS)
+        backoff = self.interval
+        next_flush = time.monotonic()
+        while True:
+            if time.monotonic() >= next_flush:
+                if self._flush_once():
+                    backoff = self.interval
+                else:
+                    backoff = min(max(backoff, 1.0) * 2, MAX_BACKOFF_SECONDS)
+                next_flush = time.monotonic() + backoff
+            self._snapshot_once()
+            pause = min(self.in_flight_interval, max(0.0, next_flush - time.monotonic()))
+            if self._stopping.wait(pause):
+                break
         self._flush_once()  # the last records of a process shutting down
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
         self.join(timeout)
 
+    def _snapshot_once(self) -> None:
+        try:
+            usage_in_flight_snapshot()
+        except Exception:
+            logger.exception("Could not write the in-flight usage snapshot; will retry.")
+
     def _flush_once(self) -> bool:
         try:
             close_old_connections()
             self.rows_written += usage_flush()
-        except IntegrityError:
-            # A tenant deleted between the writer's check and its insert: the
-            # next attempt drops that tenant's records.
-            logger.info("A tenant was deleted while its usage rows were written; retrying.")
-            return False
         except DatabaseError as exc:
             if self.outage_since is None:
                 self.outage_since = time.monotonic()
@@ -310,11 +419,20 @@ def usage_flusher_start() -> UsageFlusher | None:
         return None
     with _flusher_lock:
         if _flusher is None or not _flusher.is_alive():
-            _flusher = UsageFlusher(settings.USAGE_FLUSH_SECONDS)
+            _flusher = UsageFlusher(settings.USAGE_FLUSH_SECONDS, settings.USAGE_IN_FLIGHT_SECONDS)
             _flusher.start()
-            # A server stopping normally (SIGTERM) writes its last records first.
-            atexit.register(_flusher.stop)
+            atexit.register(_at_exit, _flusher)
     return _flusher
+
+
+def _at_exit(flusher: UsageFlusher) -> None:
+    """A server stopping (SIGTERM): requests the shutdown cut past its grace period get
+    their rows, then the last records are written (or stay spooled for the next process),
+    and nothing is left in flight."""
+    if cut := usage_in_flight_interrupt():
+        logger.warning("Recorded %d request(s) cut by the shutdown as interrupted.", cut)
+    flusher.stop()
+    usage_spool().in_flight_clear()
 
 
 def usage_flusher() -> UsageFlusher | None:

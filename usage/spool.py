@@ -22,6 +22,18 @@ Files and locks, so that several server processes can share one directory:
 
 A record may reach the database twice (a drainer that dies after writing but
 before deleting the file); the writer skips ids already stored.
+
+Requests still running are not in the journal yet: each process keeps a snapshot of
+them, with what each has sent so far, in its *in-flight* file (`inflight-<owner>.json`,
+replaced whole a few times a second while it changes), beside a lock file it holds for
+its whole life. A process killed with `kill -9` leaves both behind, unlocked; the next
+drainer turns that snapshot into `interrupted` records (`orphaned_in_flight`), after the
+dead process's journal files are drained, so that a request that did finish keeps its
+real record (the writer keeps the first record of an id).
+
+A record the database refuses (not an outage: a value it cannot store) is moved to the
+dead-letter file `dead/letters.jsonl` by the writer, so it never blocks the records
+behind it, in this process or the next.
 """
 
 from __future__ import annotations
@@ -50,6 +62,8 @@ class UsageSpool:
         self._lock = threading.Lock()
         self._active_fd: int | None = None
         self._active_records = 0
+        self._in_flight_lock_fd: int | None = None
+        self._in_flight_written = b""
 
     # --- writing (any thread, usually the event loop) ---
 
@@ -79,6 +93,87 @@ class UsageSpool:
                 os.close(self._active_fd)
                 self._active_fd = None
                 self._active_records = 0
+
+    # --- requests in flight (the flusher thread) ---
+
+    def in_flight_write(self, records: list[UsageRecord]) -> None:
+        """Replace this process's snapshot of its running requests (atomically: a reader
+        sees the old snapshot or the new one, never half of one)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self._in_flight_lock_fd is None:
+            lock_fd = os.open(self._in_flight_path(self._owner, ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            self._in_flight_lock_fd = lock_fd
+        data = json.dumps(records, separators=(",", ":")).encode()
+        if data == self._in_flight_written:
+            return  # unchanged (nothing running, typically): no write at all
+        path = self._in_flight_path(self._owner, ".json")
+        temporary = path.with_name(f".{path.name}.new")
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+        self._in_flight_written = data
+
+    def in_flight_clear(self) -> None:
+        """This process has no requests in flight any more (a clean exit)."""
+        self._in_flight_path(self._owner, ".json").unlink(missing_ok=True)
+        self._in_flight_written = b""
+        if self._in_flight_lock_fd is not None:
+            self._in_flight_path(self._owner, ".lock").unlink(missing_ok=True)
+            os.close(self._in_flight_lock_fd)
+            self._in_flight_lock_fd = None
+
+    def orphaned_in_flight(self, recover: Callable[[list[UsageRecord]], object]) -> int:
+        """Give `recover` the snapshot of each dead process whose journal files are all
+        drained, then delete it. Returns how many records were recovered."""
+        recovered = 0
+        for lock_path in sorted(self.directory.glob("inflight-*.lock")):
+            owner = lock_path.name.removeprefix("inflight-").removesuffix(".lock")
+            if owner == self._owner or any(path.name.startswith(f"{owner}-") for path in self._files()):
+                continue  # ours, or its journal still waits: its finished records come first
+            with self._locked(lock_path) as fd:
+                if fd is None:
+                    continue  # alive (or being recovered by another process)
+                snapshot = self._in_flight_path(owner, ".json")
+                try:
+                    records = json.loads(snapshot.read_bytes())
+                except FileNotFoundError:
+                    records = []
+                except ValueError:
+                    logger.warning("Skipping an unreadable in-flight snapshot: %s", snapshot.name)
+                    records = []
+                records = [record for record in records if isinstance(record, dict)]
+                if records:
+                    recover(records)
+                snapshot.unlink(missing_ok=True)
+                lock_path.unlink(missing_ok=True)
+                recovered += len(records)
+        return recovered
+
+    def _in_flight_path(self, owner: str, suffix: str) -> Path:
+        return self.directory / f"inflight-{owner}{suffix}"
+
+    # --- records the database refuses ---
+
+    @property
+    def dead_letter_path(self) -> Path:
+        return self.directory / "dead" / "letters.jsonl"
+
+    def dead_letter(self, record: UsageRecord, reason: str) -> None:
+        self.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"reason": reason, "record": record}, separators=(",", ":"), default=str) + "\n"
+        fd = os.open(self.dead_letter_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def dead_letters(self) -> int:
+        """How many records the database refused, kept for someone to look at."""
+        try:
+            with self.dead_letter_path.open("rb") as handle:
+                return sum(1 for line in handle if line.strip())
+        except FileNotFoundError:
+            return 0
 
     # --- draining (the flusher thread, or a test) ---
 

@@ -91,9 +91,30 @@ def test_records_of_a_deleted_tenant_are_dropped_without_blocking_the_rest(
     assert spool.pending() == (0, 0)
 
 
+def test_a_record_the_database_refuses_goes_to_the_dead_letters_and_its_batch_is_written(
+    make_tenant: TenantFactory, tmp_path: Path
+) -> None:
+    tenant, _ = make_tenant(**UNLIMITED)
+    spool = UsageSpool(tmp_path)
+    refused = _record(tenant.id)
+    refused["voice_id"] = "a\x00b"  # Postgres stores no NUL
+    not_a_record = {"id": "not a uuid"}
+    for record in (_record(tenant.id), refused, not_a_record, _record(tenant.id)):
+        spool.append(record)
+    assert usage_flush_of(spool) == 4  # all read and done with: two rows, two dead letters
+    assert UsageLog.objects.filter(tenant=tenant).count() == 2
+    assert spool.pending() == (0, 0)
+    assert spool.dead_letters() == 2
+    # A new process on the same spool is not held up by them either.
+    next_process = UsageSpool(tmp_path)
+    next_process.append(_record(tenant.id))
+    assert usage_flush_of(next_process) == 1
+    assert UsageLog.objects.filter(tenant=tenant).count() == 3
+
+
 def usage_flush_of(spool: UsageSpool) -> int:
     spool.seal()
-    return spool.drain(usage_records_write)
+    return spool.drain(lambda records: usage_records_write(records, spool=spool))
 
 
 def test_a_torn_last_line_is_skipped_and_the_rest_is_written(
