@@ -97,7 +97,8 @@ class ApiKey(models.Model):
     response that created it (see tenants.keys).
     """
 
-    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
+    # PROTECT: a tenant is deactivated, never deleted with the record of its keys.
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="api_keys")
     prefix = models.CharField(max_length=16, unique=True, editable=False)
     secret_hash = models.CharField(max_length=64, editable=False)
     name = models.CharField(max_length=100, blank=True)

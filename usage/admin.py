@@ -1,4 +1,4 @@
-"""Usage rows in the admin: read-only, filterable per tenant, endpoint, outcome and date."""
+"""Usage rows in the admin: read-only and undeletable, filterable per tenant, endpoint, outcome and date."""
 
 from __future__ import annotations
 
@@ -49,9 +49,13 @@ class UsageLogAdmin(admin.ModelAdmin[UsageLog]):
     search_fields = ("request_id",)
     show_full_result_count = False  # a count(*) over millions of rows on every page is slow
 
-    # Usage is a record of what happened: it is never edited by hand.
+    # Usage is a record of what happened (the audit trail and the bill): it is never edited
+    # or deleted by hand. Without delete permission Django offers no bulk delete either.
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: UsageLog | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: UsageLog | None = None) -> bool:
         return False

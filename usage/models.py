@@ -16,7 +16,8 @@ class UsageLog(models.Model):
     # Made when the request starts, so a row buffered through an outage and
     # written twice is recognised as the same row.
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="usage_logs")
+    # PROTECT: usage is the audit trail and the bill; no deletion may take it along.
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="usage_logs")
     # The X-Request-ID of the response (the client's own id when it sent a
     # plain one), or the utterance's id on the WebSocket. Indexed, not unique:
     # a client may repeat its ids, and a repeat must not drop a billable row.

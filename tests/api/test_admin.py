@@ -1,26 +1,46 @@
 from __future__ import annotations
 
 import re
+import uuid
 
 import pytest
 from django.contrib.messages import get_messages
+from django.contrib.sessions.models import Session
+from django.db.models import ProtectedError
 from django.test import Client
+from django.utils import timezone
 
 from tenants.authentication import ApiKeyError, authenticate_token
 from tenants.models import ApiKey, Tenant
+from tenants.services import api_key_revoke
 from tests.support.tenants import TenantFactory
+from usage.models import UsageLog
 
 pytestmark = pytest.mark.django_db
 KEY_PATTERN = re.compile(r"cwt_[a-z0-9]{8}_[A-Za-z0-9]{32}")
 
 
 def shown_keys(response) -> list[str]:
-    return [
-        key for message in get_messages(response.wsgi_request) for key in KEY_PATTERN.findall(str(message))
-    ]
+    """The keys on the page that answered the action, each also checked to be kept nowhere else."""
+    keys = KEY_PATTERN.findall(response.content.decode())
+    for key in keys:
+        assert_kept_out_of_cookies_and_session(response, key)
+    return keys
 
 
-def add_form(name: str) -> dict[str, str]:
+def assert_kept_out_of_cookies_and_session(response, secret: str) -> None:
+    assert "no-store" in response["Cache-Control"]
+    for cookie in response.cookies.values():
+        assert secret not in cookie.OutputString()
+    for cookie in response.client.cookies.values():
+        assert secret not in cookie.value
+    assert not [m for m in get_messages(response.wsgi_request) if secret in str(m)]
+    for session in Session.objects.all():
+        assert secret not in str(session.get_decoded())
+        assert secret not in session.session_data
+
+
+def add_form(name: str) -> dict[str, str | list[str]]:
     return {
         "name": name,
         "is_active": "on",
@@ -28,7 +48,7 @@ def add_form(name: str) -> dict[str, str]:
         "rate_limit_minute": "60",
         "rate_limit_hour": "1000",
         "max_concurrent_streams": "2",
-        "permissions": '["upload"]',
+        "permissions": ["upload"],
         "api_keys-TOTAL_FORMS": "0",
         "api_keys-INITIAL_FORMS": "0",
         "api_keys-MIN_NUM_FORMS": "0",
@@ -41,10 +61,11 @@ def add_form(name: str) -> dict[str, str]:
 
 
 def test_creating_a_tenant_in_the_admin_shows_its_first_key_once(admin_client: Client) -> None:
-    response = admin_client.post("/admin/tenants/tenant/add/", add_form("acme"), follow=True)
-    assert response.status_code == 200
+    response = admin_client.post("/admin/tenants/tenant/add/", add_form("acme"))
+    assert response.status_code == 200  # the page itself, not a redirect to a page with a message
     (key,) = shown_keys(response)
     assert authenticate_token(key).tenant.name == "acme"
+    assert "copy" in response.content.decode().lower()
 
     tenant = Tenant.objects.get(name="acme")
     page = admin_client.get(f"/admin/tenants/tenant/{tenant.pk}/change/").content.decode()
@@ -59,9 +80,9 @@ def test_rotating_from_the_admin_keeps_old_keys_for_the_chosen_grace(
     response = admin_client.post(
         "/admin/tenants/tenant/",
         {"action": "rotate_keys", "_selected_action": [str(tenant.pk)], "grace_seconds": "3600"},
-        follow=True,
     )
     (new,) = shown_keys(response)
+    assert "after 1 hour" in response.content.decode()
     assert authenticate_token(new).tenant == tenant
     assert authenticate_token(old.plaintext).tenant == tenant
     old.api_key.refresh_from_db()
@@ -75,19 +96,111 @@ def test_rotating_from_the_admin_keeps_old_keys_for_the_chosen_grace(
         authenticate_token(new)
 
 
-def test_revoking_from_the_admin_stops_the_key(admin_client: Client, tenant_and_key) -> None:
-    _tenant, issued = tenant_and_key
-    admin_client.post(
-        "/admin/tenants/apikey/", {"action": "revoke", "_selected_action": [str(issued.api_key.pk)]}
+def test_issuing_keys_for_several_tenants_shows_each_once_and_stores_none(
+    admin_client: Client, make_tenant: TenantFactory
+) -> None:
+    tenants = [make_tenant("one")[0], make_tenant("two")[0]]
+    response = admin_client.post(
+        "/admin/tenants/tenant/",
+        {"action": "issue_key", "_selected_action": [str(tenant.pk) for tenant in tenants]},
     )
+    keys = shown_keys(response)
+    assert sorted(authenticate_token(key).tenant.name for key in keys) == ["one", "two"]
+    # The next pages (where a message would be shown) hold none of them.
+    for path in ["/admin/tenants/tenant/", "/admin/tenants/apikey/", "/admin/"]:
+        page = admin_client.get(path).content.decode()
+        assert not [key for key in keys if key in page]
+
+
+def test_revoking_from_the_admin_asks_first_then_stops_the_key(admin_client: Client, tenant_and_key) -> None:
+    _tenant, issued = tenant_and_key
+    selected = {"action": "revoke", "_selected_action": [str(issued.api_key.pk)]}
+    confirmation = admin_client.post("/admin/tenants/apikey/", selected)
+    assert confirmation.status_code == 200
+    page = confirmation.content.decode()
+    assert str(issued.api_key) in page
+    assert 'name="post" value="yes"' in page
+    assert authenticate_token(issued.plaintext).tenant == issued.api_key.tenant  # not yet
+
+    response = admin_client.post("/admin/tenants/apikey/", {**selected, "post": "yes"})
+    assert response.status_code == 302
     with pytest.raises(ApiKeyError, match="revoked"):
         authenticate_token(issued.plaintext)
 
 
 def test_keys_cannot_be_added_or_deleted_directly_in_the_admin(admin_client: Client, tenant_and_key) -> None:
     _tenant, issued = tenant_and_key
+    api_key_revoke(api_key=issued.api_key)
     assert admin_client.get("/admin/tenants/apikey/add/").status_code == 403
     assert admin_client.get(f"/admin/tenants/apikey/{issued.api_key.pk}/delete/").status_code == 403
+    admin_client.post(
+        "/admin/tenants/apikey/",
+        {"action": "delete_selected", "_selected_action": [str(issued.api_key.pk)], "post": "yes"},
+    )
+    assert ApiKey.objects.filter(pk=issued.api_key.pk).exists()
+
+
+def test_a_tenant_cannot_be_deleted_in_the_admin_nor_with_its_history(
+    admin_client: Client, tenant_and_key
+) -> None:
+    tenant, _issued = tenant_and_key
+    assert admin_client.get(f"/admin/tenants/tenant/{tenant.pk}/delete/").status_code == 403
+    assert "delete_selected" not in admin_client.get("/admin/tenants/tenant/").content.decode()
+    admin_client.post(
+        "/admin/tenants/tenant/",
+        {"action": "delete_selected", "_selected_action": [str(tenant.pk)], "post": "yes"},
+    )
+    assert Tenant.objects.filter(pk=tenant.pk).exists()
+    # Nor in code: its keys protect it (and its usage rows, below).
+    with pytest.raises(ProtectedError):
+        tenant.delete()
+
+
+def test_usage_rows_cannot_be_deleted_in_the_admin_nor_by_deleting_their_tenant(
+    admin_client: Client, make_tenant: TenantFactory
+) -> None:
+    tenant, _issued = make_tenant("metered")
+    row = UsageLog.objects.create(
+        tenant=tenant,
+        request_id=uuid.uuid4().hex,
+        endpoint="synthesize",
+        total_ms=12.0,
+        status_code=200,
+        created_at=timezone.now(),
+    )
+    assert admin_client.get(f"/admin/usage/usagelog/{row.pk}/delete/").status_code == 403
+    assert "delete_selected" not in admin_client.get("/admin/usage/usagelog/").content.decode()
+    admin_client.post(
+        "/admin/usage/usagelog/",
+        {"action": "delete_selected", "_selected_action": [str(row.pk)], "post": "yes"},
+    )
+    assert UsageLog.objects.filter(pk=row.pk).exists()
+    ApiKey.objects.filter(tenant=tenant).delete()  # only the usage row holds the tenant now
+    with pytest.raises(ProtectedError):
+        tenant.delete()
+
+
+def test_tenant_permissions_are_checkboxes_saved_as_the_list_of_names(
+    admin_client: Client, tenant_and_key
+) -> None:
+    tenant, _issued = tenant_and_key
+    url = f"/admin/tenants/tenant/{tenant.pk}/change/"
+    page = admin_client.get(url).content.decode()
+    assert re.search(r'<input type="checkbox" name="permissions" value="upload"', page)
+    assert not re.search(r'<textarea[^>]*name="permissions"', page)
+
+    form = {**add_form("acme"), "api_keys-TOTAL_FORMS": "1", "api_keys-INITIAL_FORMS": "1"}
+    form["api_keys-0-id"] = str(tenant.api_keys.get().pk)
+    form["api_keys-0-tenant"] = str(tenant.pk)
+    assert admin_client.post(url, form).status_code == 302
+    tenant.refresh_from_db()
+    assert tenant.permissions == ["upload"]
+    assert tenant.has_permission("upload")
+
+    del form["permissions"]  # every box unticked
+    assert admin_client.post(url, form).status_code == 302
+    tenant.refresh_from_db()
+    assert tenant.permissions == []
 
 
 def test_deactivating_a_tenant_in_the_admin_stops_its_keys(

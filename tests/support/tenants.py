@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from tenants.models import Tenant
+from tenants.models import ApiKey, Tenant
 from tenants.services import IssuedKey, tenant_create
+from usage.models import UsageLog
 
 TenantFactory = Callable[..., tuple[Tenant, IssuedKey]]
 
@@ -28,4 +29,8 @@ def committed_tenant(django_db_blocker: Any, label: str, **fields: Any) -> Itera
         yield tenant, issued
     finally:
         with django_db_blocker.unblock():
+            # Keys and usage rows protect their tenant (the service never deletes history):
+            # a test's own rows go first.
+            UsageLog.objects.filter(tenant=tenant).delete()
+            ApiKey.objects.filter(tenant=tenant).delete()
             Tenant.objects.filter(pk=tenant.pk).delete()
