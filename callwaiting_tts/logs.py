@@ -1,13 +1,16 @@
 """Log formatting: plain lines for people, or JSON lines (LOG_FORMAT=json) for log pipelines.
 
 Every record carries the request id (RequestIdLogFilter). Request logs add
-counts and ids as `extra` fields; no log line carries a tenant's text.
+counts and ids as `extra` fields; no log line carries a tenant's text, and none
+carries a secret from a URL (SecretRedactingFilter): a signed audio link's
+signature, or a key a client put in a query string, is written as REDACTED.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +18,47 @@ from core.request_ids import current_request_id
 
 # What every LogRecord has; anything else on a record came in through `extra`.
 _STANDARD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
+
+
+# A query parameter whose name says it holds a secret: a signed link's `signature`
+# (ours) or `X-Amz-Signature`/`X-Amz-Credential`/`X-Amz-Security-Token` (S3's),
+# and `key`, `api_key`, `xi-api-key`, `token`, `access_token`, `sig`, ... Broad on
+# purpose: blanking a harmless parameter costs nothing.
+_SECRET_QUERY_PARAMETER = re.compile(
+    r"(?P<name>[?&;][\w.%-]*(?:key|token|sig|secret|passw|credential|auth)[\w.%-]*=)[^&;#\s\"'<>\\]*",
+    re.IGNORECASE,
+)
+REDACTED = "REDACTED"
+
+
+def redact_secrets(text: str) -> str:
+    """`text` with the value of every secret-bearing query parameter in it replaced."""
+    return _SECRET_QUERY_PARAMETER.sub(rf"\g<name>{REDACTED}", text)
+
+
+class SecretRedactingFilter(logging.Filter):
+    """On the root handlers: every line, whoever logs it (Django, Daphne, ours), is redacted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_secrets(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        for key, value in list(record.__dict__.items()):
+            if key in _STANDARD_ATTRIBUTES or value is None or isinstance(value, bool | int | float):
+                continue
+            if isinstance(value, dict | list | tuple):
+                # Redaction never touches a quote, so the JSON stays JSON.
+                value = json.loads(redact_secrets(json.dumps(value, default=str)))
+            else:
+                # An object in `extra` (Django's log_response passes the request) is
+                # written as its str(), query string and all: redact that instead.
+                value = redact_secrets(str(value))
+            setattr(record, key, value)
+        if record.exc_info and not record.exc_text:
+            # Formatters reuse exc_text, so a traceback is written as redacted here.
+            record.exc_text = redact_secrets(logging.Formatter().formatException(record.exc_info))
+        return True
 
 
 class RequestIdLogFilter(logging.Filter):
@@ -38,5 +82,5 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD_ATTRIBUTES and not key.startswith("_"):
                 entry[key] = value
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

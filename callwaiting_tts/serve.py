@@ -33,41 +33,27 @@ def _work_in_flight() -> int:
 def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "callwaiting_tts.settings")
     # daphne.server installs Twisted's asyncio reactor when imported: before anything takes the default one.
+    import daphne.server  # noqa: F401
     import django
-    from daphne.server import Server
 
     django.setup()
-    from daphne.access import AccessLogGenerator
     from django.conf import settings
     from twisted.internet import reactor as twisted_reactor
 
     reactor: Any = twisted_reactor  # typed by Twisted as a bare module attribute
 
     from callwaiting_tts.asgi import application
+    from callwaiting_tts.http_server import RedactingAccessLog, ServiceServer
     from callwaiting_tts.lifecycle import lifecycle
 
-    class GracefulServer(Server):  # type: ignore[misc]  # daphne ships no types
-        ports: list[Any]
-        listen_failure: str | None = None
-
-        def listen_success(self, port: Any) -> None:
-            self.ports.append(port)
-            super().listen_success(port)
-
-        def listen_error(self, failure: Any) -> None:
-            # Daphne logs this and stops the reactor, and the process would exit 0.
-            self.listen_failure = failure.getErrorMessage()
-            super().listen_error(failure)
-
     # JSON logs come from the service's own request log; Daphne's access lines are plain text.
-    access_log = AccessLogGenerator(sys.stdout) if settings.LOG_FORMAT == "plain" else None
-    server = GracefulServer(
+    access_log = RedactingAccessLog(sys.stdout) if settings.LOG_FORMAT == "plain" else None
+    server = ServiceServer(
         application=application,
         endpoints=[f"tcp:port={settings.PORT}:interface={settings.HOST}"],
         signal_handlers=False,
         action_logger=access_log,
     )
-    server.ports = []
 
     def drain() -> None:
         if lifecycle.draining:

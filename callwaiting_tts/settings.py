@@ -236,6 +236,8 @@ PIPER_NOISE_W_SCALE = _piper_noise_w if _piper_noise_w >= 0 else None
 ENGINE_MAX_ACTIVE_JOBS = env_int("ENGINE_MAX_ACTIVE_JOBS", 32, minimum=1)
 MAX_TEXT_CHARS = env_int("MAX_TEXT_CHARS", 5000, minimum=1)
 VOICE_UPLOAD_MAX_BYTES = env_int("VOICE_UPLOAD_MAX_BYTES", 10 * 1024 * 1024, minimum=1024)
+# An upload's whole multipart body: the audio, its framing and the text fields.
+VOICE_UPLOAD_MAX_BODY_BYTES = VOICE_UPLOAD_MAX_BYTES + 64 * 1024
 VOICE_CACHE_ENTRIES = env_int("VOICE_CACHE_ENTRIES", 256, minimum=1)
 
 # --- Auth, API, errors ---------------------------------------------------------
@@ -243,6 +245,13 @@ VOICE_CACHE_ENTRIES = env_int("VOICE_CACHE_ENTRIES", 256, minimum=1)
 # How long a verified API key is trusted without a database lookup; also the
 # longest a revocation or deactivation takes to reach a running process.
 API_KEY_CACHE_SECONDS = env_float("API_KEY_CACHE_SECONDS", 5.0, minimum=0.0)
+# The largest request body the server reads on any route but the voice upload
+# (VOICE_UPLOAD_MAX_BODY_BYTES there, for a caller sending a key). A larger one is
+# answered 413 from its headers, before it is read (callwaiting_tts/http_server.py).
+REQUEST_BODY_MAX_BYTES = env_int("REQUEST_BODY_MAX_BYTES", 1024 * 1024, minimum=64 * 1024)
+# Django's limit on a body it reads into memory: the same, so that it holds under
+# any ASGI server (and the tests' clients) too.
+DATA_UPLOAD_MAX_MEMORY_SIZE = REQUEST_BODY_MAX_BYTES
 RATE_LIMITS_ENABLED = env_bool("RATE_LIMITS_ENABLED", True)
 QUOTA_CACHE_SECONDS = env_float("QUOTA_CACHE_SECONDS", 5.0, minimum=0.0)
 # Usage rows: each finished request appends a record to a local spool, and a
@@ -371,13 +380,20 @@ LOG_FORMAT = env_choice("LOG_FORMAT", "plain", ("plain", "json"))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"request_id": {"()": "callwaiting_tts.logs.RequestIdLogFilter"}},
+    "filters": {
+        "request_id": {"()": "callwaiting_tts.logs.RequestIdLogFilter"},
+        "redact_secrets": {"()": "callwaiting_tts.logs.SecretRedactingFilter"},
+    },
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
         "json": {"()": "callwaiting_tts.logs.JsonFormatter"},
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["request_id"]},
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["request_id", "redact_secrets"],
+        },
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     # django-axes says four INFO lines on every admin login; its failures and lockouts are WARNINGs.

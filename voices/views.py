@@ -21,9 +21,6 @@ from tenants.models import Permission
 from voices.models import Voice
 from voices.services import voice_create, voice_delete
 
-# Multipart framing and the text fields, on top of the audio itself.
-_MULTIPART_ALLOWANCE = 64 * 1024
-
 
 class VoiceOutputSerializer(serializers.Serializer[Any]):
     voice_id = serializers.CharField()
@@ -66,9 +63,10 @@ async def voice_upload(request: HttpRequest, principal: Principal) -> HttpRespon
     if not principal.tenant.has_permission(Permission.UPLOAD):
         raise ServiceError(403, "permission_denied", "This tenant may not upload voices.")
     cap = settings.VOICE_UPLOAD_MAX_BYTES
-    # Refuse an oversized body from its declared length, before reading it.
+    # Refuse an oversized body from its declared length, before reading it (the
+    # server does so too, before authentication: callwaiting_tts/http_server.py).
     declared = int(request.META.get("CONTENT_LENGTH") or 0)
-    if declared > cap + _MULTIPART_ALLOWANCE:
+    if declared > settings.VOICE_UPLOAD_MAX_BODY_BYTES:
         raise ServiceError(413, "upload_too_large", f"The upload is over the {cap} byte limit.")
     if not (request.content_type or "").startswith("multipart/form-data"):
         raise ServiceError(400, "invalid_request", "Send multipart/form-data with file, name and language.")

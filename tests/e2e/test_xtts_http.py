@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,10 +11,12 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import soundfile
 
 from synthesis.audio import OutputSpec
 from tests.support.audio import decode
 from tests.support.servers import ServiceEnv, daphne_server
+from tests.support.tenants import bearer, committed_tenant
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 
@@ -88,3 +91,29 @@ def test_twenty_simultaneous_http_requests_each_get_their_own_audio(xtts_client:
         assert response.content == alone[index], f"request {index} got other audio"
     assert len(set(alone)) > 1
     assert all(np.frombuffer(audio, dtype="<i2").any() for audio in alone)
+
+
+@pytest.fixture(scope="module")
+def uploader_key(django_db_blocker: Any, test_database_url: str) -> Iterator[str]:
+    with committed_tenant(django_db_blocker, "xtts-uploader", permissions=["upload"]) as (_tenant, issued):
+        yield issued.plaintext
+
+
+def test_a_voice_upload_larger_than_the_server_body_limit_is_accepted(
+    xtts_client: httpx.Client, uploader_key: str
+) -> None:
+    # 10 s of 16-bit stereo at 44.1 kHz: 1.8 MB, over REQUEST_BODY_MAX_BYTES (1 MiB),
+    # which every route but the upload holds request bodies to.
+    t = np.arange(441000) / 44100
+    tone = (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.stack([tone, tone], axis=1), 44100, format="WAV", subtype="PCM_16")
+    assert buffer.tell() > 1024 * 1024
+    response = xtts_client.post(
+        "/v1/voices/upload",
+        files={"file": ("reference.wav", buffer.getvalue(), "audio/wav")},
+        data={"name": "Large Reference", "language": "en"},
+        headers=bearer(uploader_key),
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["voice_id"] == "large-reference"
