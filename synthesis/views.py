@@ -120,6 +120,7 @@ async def audio_response(
         lease.keep_alive()
         if meter is not None:
             meter.audio_clock = lambda: result.audio_seconds
+            meter.cut_short = lambda: result.cut_short
             meter.counts_own_audio = stream_body is not None
         body = (
             stream_body_closing(first, audio, lease)
