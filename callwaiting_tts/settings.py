@@ -235,6 +235,12 @@ _piper_noise_w = env_float("PIPER_NOISE_W_SCALE", -1.0)
 PIPER_NOISE_W_SCALE = _piper_noise_w if _piper_noise_w >= 0 else None
 ENGINE_MAX_ACTIVE_JOBS = env_int("ENGINE_MAX_ACTIVE_JOBS", 32, minimum=1)
 MAX_TEXT_CHARS = env_int("MAX_TEXT_CHARS", 5000, minimum=1)
+# Output bounded by input (engines/text.py): a few kilobytes must not ask for hours of audio.
+MAX_AUDIO_SECONDS_PER_REQUEST = env_float("MAX_AUDIO_SECONDS_PER_REQUEST", 600.0, minimum=1.0)
+SSML_MAX_BREAK_SECONDS = env_float("SSML_MAX_BREAK_SECONDS", 10.0, minimum=0.0)  # one <break>, cut to it
+SSML_MAX_BREAK_SECONDS_TOTAL = env_float("SSML_MAX_BREAK_SECONDS_TOTAL", 30.0, minimum=0.0)
+SSML_MAX_DEPTH = env_int("SSML_MAX_DEPTH", 32, minimum=1, maximum=200)  # the SSML walker recurses
+JSON_MAX_DEPTH = env_int("JSON_MAX_DEPTH", 32, minimum=2, maximum=200)  # request bodies, WS messages
 VOICE_UPLOAD_MAX_BYTES = env_int("VOICE_UPLOAD_MAX_BYTES", 10 * 1024 * 1024, minimum=1024)
 # An upload's whole multipart body: the audio, its framing and the text fields.
 VOICE_UPLOAD_MAX_BODY_BYTES = VOICE_UPLOAD_MAX_BYTES + 64 * 1024
@@ -324,7 +330,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_THROTTLE_CLASSES": ["tenants.limits.TenantRateThrottle"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["api.parsers.BoundedJSONParser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "api.errors.api_exception_handler",
     "UNAUTHENTICATED_USER": None,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from django.core.exceptions import ImproperlyConfigured
 
-from engines.text import Segment
+from engines.text import Segment, Speech, effective_rate
 
 
 class EngineConfigurationError(ImproperlyConfigured):
@@ -50,6 +50,10 @@ class SpeechJob:
     conditioning: bytes | None = None
     language: str = "en"
     speed: float = 1.0
+
+    def rate_of(self, segment: Speech) -> float:
+        """The speed an engine speaks `segment` at: held to the range of `speed`."""
+        return effective_rate(self.speed, segment.rate)
 
 
 def voice_slug(name: str) -> str:

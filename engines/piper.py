@@ -113,7 +113,7 @@ class PiperEngine(SpeechEngine):
                 if isinstance(segment, Pause):
                     yield silence_chunk(segment.seconds, self.sample_rate)
                     continue
-                length_scale = base_length_scale / (job.speed * segment.rate)
+                length_scale = base_length_scale / job.rate_of(segment)
                 sentences = await loop.run_in_executor(self._pool, self._phonemize, segment.text)
                 for phonemes in sentences:
                     if phonemes:

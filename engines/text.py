@@ -8,6 +8,12 @@ SSML subset: <speak>, <p>, <s>, <break time="500ms|1.5s" strength="...">,
 <sub alias="...">, <prosody rate="x-slow|slow|medium|fast|x-fast|NN%">. Other
 tags are dropped and their text kept. Parsed with defusedxml: no entity
 expansion, no external entities.
+
+Output is bounded by input (`SsmlLimits`, `OutputBudget`): a break is at most so long, a
+request's breaks add up to at most so long, nested prosody rates multiply only within the
+range of `speed` (and the engine clamps speed times rate to that range too), and a
+request's estimated audio is at most so long. A few kilobytes of text can then no longer
+ask for hours of audio.
 """
 
 from __future__ import annotations
@@ -21,6 +27,20 @@ import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
 from core.errors import ServiceError
+
+# Defaults of the SSML limits (settings SSML_MAX_DEPTH, SSML_MAX_BREAK_SECONDS).
+MAX_BREAK_SECONDS = 10.0
+# Real SSML nests a handful of elements deep; the walker recurses per level, so a
+# document nested hundreds deep would exhaust the stack instead of being refused.
+MAX_SSML_DEPTH = 32
+# The range of a request's `speed`, and of speed times any SSML prosody rate.
+MIN_RATE = 0.25
+MAX_RATE = 4.0
+# Faster than our voices speak at speed 1 (Piper's voice reads English prose at about 19
+# characters a second, digits at about 4), so that the estimate of a text's audio errs
+# short: a request is not refused for audio it would not have made; the encoder's count of
+# what is made is the backstop.
+ESTIMATE_CHARS_PER_SECOND = 25.0
 
 
 @dataclass(frozen=True)
@@ -36,7 +56,71 @@ class Pause:
 
 Segment = Speech | Pause
 
-MAX_BREAK_SECONDS = 10.0
+
+@dataclass(frozen=True)
+class SsmlLimits:
+    max_depth: int = MAX_SSML_DEPTH
+    # A longer <break> is cut to this (as SSML processors do with what they cannot honour).
+    max_break_seconds: float = MAX_BREAK_SECONDS
+
+
+DEFAULT_SSML_LIMITS = SsmlLimits()
+
+
+def effective_rate(speed: float, rate: float) -> float:
+    """How fast a segment is spoken: the request's speed times its SSML rate, held to the
+    range `speed` itself has (nested <prosody> would otherwise multiply without bound)."""
+    return min(max(speed * rate, MIN_RATE), MAX_RATE)
+
+
+def break_seconds(segments: list[Segment]) -> float:
+    return sum(segment.seconds for segment in segments if isinstance(segment, Pause))
+
+
+def estimated_audio_seconds(segments: list[Segment], speed: float) -> float:
+    """A short estimate of the audio segments make at `speed` (see ESTIMATE_CHARS_PER_SECOND)."""
+    seconds = 0.0
+    for segment in segments:
+        if isinstance(segment, Pause):
+            seconds += segment.seconds
+        else:
+            seconds += len(segment.text) / ESTIMATE_CHARS_PER_SECOND / effective_rate(speed, segment.rate)
+    return seconds
+
+
+@dataclass
+class OutputBudget:
+    """What one request may make: its breaks in all, and its audio by estimate. A request
+    spends it once with its whole text; a WebSocket utterance piece by piece, as its text
+    arrives. Refusals are 400s before the audio of the piece that overdraws is made."""
+
+    speed: float
+    max_audio_seconds: float
+    max_break_seconds_total: float
+    spent_audio_seconds: float = 0.0
+    spent_break_seconds: float = 0.0
+
+    def spend(self, segments: list[Segment]) -> None:
+        self.spent_break_seconds += break_seconds(segments)
+        if self.spent_break_seconds > self.max_break_seconds_total:
+            raise ServiceError(
+                400,
+                "ssml_break_too_long",
+                f"The SSML breaks add up to {self.spent_break_seconds:g} s; "
+                f"the limit is {self.max_break_seconds_total:g} s per request.",
+                details={"limit": self.max_break_seconds_total},
+            )
+        self.spent_audio_seconds += estimated_audio_seconds(segments, self.speed)
+        if self.spent_audio_seconds > self.max_audio_seconds:
+            raise ServiceError(
+                400,
+                "audio_too_long",
+                f"This would make at least {self.spent_audio_seconds:.0f} s of audio; "
+                f"the limit is {self.max_audio_seconds:g} s per request.",
+                details={"limit": self.max_audio_seconds},
+            )
+
+
 _BREAK_STRENGTHS = {"none": 0.0, "x-weak": 0.1, "weak": 0.25, "medium": 0.4, "strong": 0.75, "x-strong": 1.2}
 _RATE_WORDS = {"x-slow": 0.5, "slow": 0.75, "medium": 1.0, "default": 1.0, "fast": 1.25, "x-fast": 1.75}
 
@@ -94,12 +178,12 @@ def _merge_short(clauses: list[str]) -> list[str]:
     return merged
 
 
-def _parse_duration(value: str) -> float:
+def _parse_duration(value: str, max_seconds: float) -> float:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s)\s*", value)
     if not match:
         raise ServiceError(400, "invalid_ssml", f'<break time="{value}"> must look like "500ms" or "1.5s".')
     amount = float(match.group(1))
-    return min(amount / 1000 if match.group(2) == "ms" else amount, MAX_BREAK_SECONDS)
+    return min(amount / 1000 if match.group(2) == "ms" else amount, max_seconds)
 
 
 def _parse_rate(value: str) -> float:
@@ -111,20 +195,16 @@ def _parse_rate(value: str) -> float:
         raise ServiceError(
             400, "invalid_ssml", f'<prosody rate="{value}"> must be a word like "slow" or a percentage.'
         )
-    return min(max(float(match.group(1)) / 100, 0.25), 4.0)
+    return min(max(float(match.group(1)) / 100, MIN_RATE), MAX_RATE)
 
 
 def _local_name(tag: str) -> str:
     return tag.rsplit("}", 1)[-1].lower()
 
 
-# Real SSML nests a handful of elements deep; the walker recurses per level, so a
-# document nested hundreds deep would exhaust the stack instead of being refused.
-MAX_SSML_DEPTH = 32
-
-
 class _SsmlWalker:
-    def __init__(self) -> None:
+    def __init__(self, limits: SsmlLimits) -> None:
+        self.limits = limits
         self.segments: list[Segment] = []
         self._text: list[str] = []
         self._rate = 1.0
@@ -144,9 +224,9 @@ class _SsmlWalker:
     def walk(self, element: Element) -> None:
         self._depth += 1
         try:
-            if self._depth > MAX_SSML_DEPTH:
+            if self._depth > self.limits.max_depth:
                 raise ServiceError(
-                    400, "invalid_ssml", f"SSML may nest elements at most {MAX_SSML_DEPTH} deep."
+                    400, "invalid_ssml", f"SSML may nest elements at most {self.limits.max_depth} deep."
                 )
             self._walk(element)
         finally:
@@ -157,7 +237,7 @@ class _SsmlWalker:
         if name == "break":
             strength = element.get("strength", "medium")
             self._pause(
-                _parse_duration(element.get("time", ""))
+                _parse_duration(element.get("time", ""), self.limits.max_break_seconds)
                 if element.get("time")
                 else _BREAK_STRENGTHS.get(strength, 0.4)
             )
@@ -165,7 +245,9 @@ class _SsmlWalker:
             self._text.append(element.get("alias", element.text or ""))
         elif name == "prosody" and element.get("rate"):
             self._flush_text()
-            outer, self._rate = self._rate, self._rate * _parse_rate(element.get("rate", ""))
+            # Held to the range at every level, so that the product stays a number.
+            outer = self._rate
+            self._rate = effective_rate(outer, _parse_rate(element.get("rate", "")))
             self._children(element)
             self._flush_text()
             self._rate = outer
@@ -189,7 +271,7 @@ class _SsmlWalker:
         return self.segments
 
 
-def parse_ssml(document: str) -> list[Segment]:
+def parse_ssml(document: str, limits: SsmlLimits) -> list[Segment]:
     try:
         root = SafeET.fromstring(document)
     except DefusedXmlException:
@@ -198,12 +280,12 @@ def parse_ssml(document: str) -> list[Segment]:
         raise ServiceError(400, "invalid_ssml", f"The SSML is not well-formed XML: {exc}.") from None
     if _local_name(root.tag) != "speak":
         raise ServiceError(400, "invalid_ssml", "SSML must have <speak> as its root element.")
-    walker = _SsmlWalker()
+    walker = _SsmlWalker(limits)
     walker.walk(root)
     return walker.finish()
 
 
-def prepare_text(raw: str, *, max_chars: int) -> list[Segment]:
+def prepare_text(raw: str, *, max_chars: int, ssml: SsmlLimits = DEFAULT_SSML_LIMITS) -> list[Segment]:
     """Validate and split a request's text; raises ServiceError with a stable code."""
     if len(raw) > max_chars:
         raise ServiceError(
@@ -217,7 +299,7 @@ def prepare_text(raw: str, *, max_chars: int) -> list[Segment]:
         raise ServiceError(400, "empty_text", "The text is empty.")
     stripped = text.strip()
     is_ssml = stripped.startswith(("<speak", "<?xml"))
-    parsed = parse_ssml(stripped) if is_ssml else [Speech(normalise_whitespace(text))]
+    parsed = parse_ssml(stripped, ssml) if is_ssml else [Speech(normalise_whitespace(text))]
     segments: list[Segment] = []
     for segment in parsed:
         if isinstance(segment, Speech):

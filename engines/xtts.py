@@ -242,7 +242,7 @@ class XttsEngine(SpeechEngine):
                 job.language,
                 gpt_cond_latent,
                 speaker_embedding,
-                speed=job.speed * segment.rate,
+                speed=job.rate_of(segment),
                 **generation,
             ):
                 yield chunk.detach().float().cpu().numpy().astype(np.float32, copy=False)

@@ -5,7 +5,7 @@ Each entry point parses its own wire shape into a `SynthesisRequest`: the native
 a WebSocket `start` or `synthesize` (synthesis.stream). `synthesis_admit` then admits it
 in one fixed order:
 
-    rate limit -> plan (text, output, voice, language) -> quota -> stream lease
+    rate limit -> plan (text, output, voice, language, output budget) -> quota -> stream lease
 
 HTTP requests are rate limited by the view decorator before the body is read (every API
 route is), so they skip the first step here; a WebSocket utterance is a request of its own
@@ -23,14 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from django.conf import settings
 from django.db import DatabaseError
 
 from core.errors import ServiceError, database_error
 from core.strings import control_characters_in
 from engines import EngineFailure, EngineOverloaded
-from engines.text import Segment, prepare_text
-from synthesis.services import SynthesisPlan, SynthesisSetup, synthesis_setup
+from engines.text import Segment
+from synthesis.services import SynthesisPlan, SynthesisSetup, output_budget, synthesis_setup, text_segments
 from tenants.limits import StreamLease, arate_limit_check, stream_lease_acquire
 from tenants.models import Tenant
 from usage.quotas import quota_check
@@ -177,9 +176,7 @@ async def synthesis_admit(
         if decision is not None and (refusal := decision.refusal()) is not None:
             raise refusal
     # The text first: it is the commonest mistake, and checking it costs no lookup.
-    segments: list[Segment] | None = (
-        prepare_text(request.text, max_chars=settings.MAX_TEXT_CHARS) if request.text is not None else None
-    )
+    segments: list[Segment] | None = text_segments(request.text) if request.text is not None else None
     setup = await synthesis_setup(
         tenant=tenant,
         voice_id=request.voice_id,
@@ -188,7 +185,11 @@ async def synthesis_admit(
         sample_rate=request.sample_rate,
         speed=request.speed,
     )
-    plan = setup.plan_segments(segments) if segments is not None else None
+    plan = None
+    if segments is not None:
+        # Its breaks and estimated audio within the limits: a 400 before any audio is made.
+        output_budget(setup.speed).spend(segments)
+        plan = setup.plan_segments(segments)
     if meter is not None:
         meter.format = setup.spec.format.value
         meter.voice_id = setup.voice.voice_id

@@ -172,6 +172,7 @@ class AudioEncoder:
     def __init__(self, spec: OutputSpec, input_rate: int, *, streaming: bool) -> None:
         self.spec = spec
         self.streaming = streaming
+        self.samples_in = 0  # engine samples taken (the limit on audio per request counts these)
         self.samples_out = 0
         self._resampler = (
             soxr.ResampleStream(input_rate, spec.sample_rate, 1, dtype="float32", quality="HQ")
@@ -202,6 +203,7 @@ class AudioEncoder:
 
     def push(self, chunk: np.ndarray) -> bytes:
         samples = chunk.astype(np.float32, copy=False)
+        self.samples_in += len(samples)
         if self._resampler is not None:
             samples = self._resampler.resample_chunk(samples, last=False)
         return self._encode(samples)

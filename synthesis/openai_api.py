@@ -77,7 +77,8 @@ def openai_error_response(request: HttpRequest, error: ServiceError) -> HttpResp
         "error": {
             "message": error.message,
             "type": kind or "server_error",
-            "param": next(iter(details), None),
+            # A field's problems are a list of messages; other details (a limit) name no param.
+            "param": next((name for name, value in details.items() if isinstance(value, list)), None),
             "code": error.code,
         }
     }

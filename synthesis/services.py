@@ -1,4 +1,9 @@
-"""What happens on synthesize: validate, resolve the voice, run the engine, encode."""
+"""What happens on synthesize: validate, resolve the voice, run the engine, encode.
+
+Every synthesis is bounded by MAX_AUDIO_SECONDS_PER_REQUEST twice: at admission by an
+estimate from its text (`output_budget`, a 400 before any audio), and while it runs by the
+encoder's count (`encoded_audio`), for what the estimate could not see.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,14 @@ from django.conf import settings
 
 from core.errors import ServiceError
 from engines import BuiltinVoice, SpeechEngine, SpeechJob, get_engine
-from engines.text import Segment, prepare_text
+from engines.text import MAX_RATE, MIN_RATE, OutputBudget, Segment, SsmlLimits, prepare_text
 from synthesis.audio import AudioEncoder, OutputSpec
 from tenants.models import Tenant
 from voices.services import tenant_voice_find, voice_conditioning
 
-MIN_SPEED = 0.25
-MAX_SPEED = 4.0
+MIN_SPEED = MIN_RATE
+MAX_SPEED = MAX_RATE
+AUDIO_TOO_LONG = "audio_too_long"
 
 
 @dataclass
@@ -25,6 +31,8 @@ class SynthesisResult:
 
     spec: OutputSpec
     audio_seconds: float = 0.0
+    # The code of a limit that ended a streamed answer early (its body ends cleanly there).
+    cut_short: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,10 +112,6 @@ class SynthesisSetup:
     language: str
     speed: float
 
-    def plan(self, text: str) -> SynthesisPlan:
-        """The plan for one text; raises ServiceError for text that cannot be spoken."""
-        return self.plan_segments(prepare_text(text, max_chars=settings.MAX_TEXT_CHARS))
-
     def plan_segments(self, segments: list[Segment]) -> SynthesisPlan:
         job = SpeechJob(
             segments=segments,
@@ -123,6 +127,31 @@ class SynthesisSetup:
             voice_id=self.voice.voice_id,
             voice_identity=self.voice.identity,
         )
+
+
+def text_segments(text: str) -> list[Segment]:
+    """A request's text as segments under the configured limits; raises ServiceError."""
+    limits = SsmlLimits(max_depth=settings.SSML_MAX_DEPTH, max_break_seconds=settings.SSML_MAX_BREAK_SECONDS)
+    return prepare_text(text, max_chars=settings.MAX_TEXT_CHARS, ssml=limits)
+
+
+def output_budget(speed: float) -> OutputBudget:
+    """What one request (or WebSocket utterance) at `speed` may make, as configured."""
+    return OutputBudget(
+        speed=speed,
+        max_audio_seconds=settings.MAX_AUDIO_SECONDS_PER_REQUEST,
+        max_break_seconds_total=settings.SSML_MAX_BREAK_SECONDS_TOTAL,
+    )
+
+
+def audio_too_long() -> ServiceError:
+    limit = settings.MAX_AUDIO_SECONDS_PER_REQUEST
+    return ServiceError(
+        400,
+        AUDIO_TOO_LONG,
+        f"The audio reached the limit of {limit:g} s per request.",
+        details={"limit": limit},
+    )
 
 
 async def synthesis_setup(
@@ -154,10 +183,20 @@ async def encoded_audio(plan: SynthesisPlan, encoder: AudioEncoder) -> AsyncIter
     """The plan's audio through `encoder`, as the engine makes it: the one engine -> encoder
     loop, for HTTP and WebSocket alike. It does not finish the encoder (a WebSocket utterance
     runs several plans through one). Closing this iterator (a client that went away) closes
-    the engine's stream, which stops its work for this request."""
+    the engine's stream, which stops its work for this request.
+
+    Once the encoder has taken MAX_AUDIO_SECONDS_PER_REQUEST of engine audio (counted over
+    everything it has taken: a whole WebSocket utterance), the audio up to that point goes
+    out and ServiceError `audio_too_long` is raised: the engine stops there."""
+    limit = round(settings.MAX_AUDIO_SECONDS_PER_REQUEST * plan.engine.sample_rate)
     engine_stream = plan.engine.stream(plan.job)
     try:
         async for chunk in engine_stream:
+            room = limit - encoder.samples_in
+            if len(chunk) > room:
+                if data := encoder.push(chunk[: max(room, 0)]):
+                    yield data
+                raise audio_too_long()
             if data := encoder.push(chunk):
                 yield data
     finally:
@@ -167,13 +206,21 @@ async def encoded_audio(plan: SynthesisPlan, encoder: AudioEncoder) -> AsyncIter
 async def synthesis_audio(
     plan: SynthesisPlan, result: SynthesisResult, *, streaming: bool
 ) -> AsyncIterator[bytes]:
-    """Encoded audio as the engine makes it (streaming), or the whole file as one piece."""
+    """Encoded audio as the engine makes it (streaming), or the whole file as one piece.
+
+    Audio over the limit per request: the whole file is refused (400 audio_too_long, from
+    the iterator); a stream, whose status has gone out, ends cleanly at the limit, as a
+    well-formed file, with `result.cut_short` saying why (its usage row carries the code)."""
     encoder = AudioEncoder(plan.spec, plan.engine.sample_rate, streaming=streaming)
     audio = encoded_audio(plan, encoder)
     try:
         async for data in audio:
             result.audio_seconds = encoder.duration_s
             yield data
+    except ServiceError as exc:
+        if not (streaming and exc.code == AUDIO_TOO_LONG):
+            raise
+        result.cut_short = exc.code
     finally:
         await audio.aclose()  # type: ignore[attr-defined]
     data = encoder.finish()

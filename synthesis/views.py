@@ -7,13 +7,13 @@ one sync thread, and audio bytes go out as the engine produces them.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 from xml.etree.ElementTree import Element, SubElement, tostring
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.core.files.storage import default_storage
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
@@ -21,6 +21,7 @@ from django.utils.http import http_date
 
 from api.errors import error_response, service_error_response
 from api.views import async_api_view
+from core.bounded_json import bounded_json_loads
 from core.errors import ServiceError
 from core.request_ids import request_id_for
 from synthesis.admission import Admission, native_request, service_error_for, synthesis_admit
@@ -43,7 +44,7 @@ from usage.recorder import SYNTHESIZE, SYNTHESIZE_URL, TWIML_PLAY, usage_meter_o
 def json_object_body(request: HttpRequest) -> dict[str, Any]:
     """The request body as a JSON object, or the API's errors for anything else."""
     try:
-        payload = json.loads(request.body or b"null")
+        payload = bounded_json_loads(request.body or b"null", max_depth=settings.JSON_MAX_DEPTH)
     except RequestDataTooBig:
         raise ServiceError(413, "request_too_large", "The request body is too large.") from None
     except (ValueError, UnicodeDecodeError):
@@ -119,6 +120,7 @@ async def audio_response(
         lease.keep_alive()
         if meter is not None:
             meter.audio_clock = lambda: result.audio_seconds
+            meter.cut_short = lambda: result.cut_short
             meter.counts_own_audio = stream_body is not None
         body = (
             stream_body_closing(first, audio, lease)

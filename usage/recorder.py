@@ -86,6 +86,9 @@ class UsageMeter:
     audio_clock: Callable[[], float] | None = None
     # A streamed body that is not the audio itself (SSE events) counts its audio itself.
     counts_own_audio: bool = False
+    # The code of a limit that ended a streamed body early but cleanly (audio_too_long),
+    # read when the body ends: its row carries it, with status 200 (the status that was sent).
+    cut_short: Callable[[], str | None] | None = None
     id: uuid.UUID = field(default_factory=uuid.uuid4)
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     started: float = field(default_factory=time.perf_counter)
@@ -209,6 +212,8 @@ async def metered_stream(body: AsyncGenerator[bytes, None], meter: UsageMeter) -
             logger.error("Stream %s failed mid-body", meter.request_id, exc_info=exc)
         raise
     finally:
+        if error_code is None and meter.cut_short is not None:
+            error_code = meter.cut_short()
         meter.finish(200, error_code)
 
 

@@ -235,7 +235,18 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
                 and exc.context_id
                 and (utterance := self.utterances.get(exc.context_id)) is not None
             ):
+                # An utterance ended by its text (too long, bad SSML, over its limits) ends
+                # as any started utterance does: its error, then its audio_end.
                 await self._end_utterance(utterance, 400, exc.code)
+                await self.send_event(
+                    "error",
+                    exc.context_id,
+                    request_id=utterance.request_id,
+                    code=exc.code,
+                    message=exc.message,
+                )
+                await self._send_end(utterance, cancelled=False)
+                return
             await self.send_event("error", exc.context_id, code=exc.code, message=exc.message)
 
     async def _on_auth(self, message: dict[str, Any]) -> None:

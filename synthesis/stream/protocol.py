@@ -4,12 +4,14 @@ docs/streaming.md is the client's description."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from typing import Any
 
 from django.conf import settings
+
+from core.bounded_json import bounded_json_loads
+from core.errors import ServiceError
 
 # Close codes (documented in docs/streaming.md).
 CLOSE_UNAUTHORIZED = 4001  # no key, a bad one, or none in time
@@ -94,9 +96,11 @@ def parse_message(text: str) -> dict[str, Any]:
             f"A message is at most {settings.WS_MAX_MESSAGE_BYTES} bytes; it was ignored.",
         )
     try:
-        message = json.loads(text)
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+        message = bounded_json_loads(text, max_depth=settings.JSON_MAX_DEPTH)
+    except ValueError:
         raise ProtocolError("malformed_json", "The message is not valid JSON.") from None
+    except ServiceError as exc:  # nested too deep
+        raise ProtocolError(exc.code, exc.message) from None
     if not isinstance(message, dict):
         raise ProtocolError("malformed_message", "A message is a JSON object with a `type`.")
     return message

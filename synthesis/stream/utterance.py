@@ -1,6 +1,11 @@
 """One utterance of a stream: its text arrives in pieces, each spoken as soon as it is
 ready; its audio, through one encoder, is one continuous stream of labelled frames (or
-Twilio messages). Whatever fails, the utterance ends through its owner with one outcome."""
+Twilio messages). Whatever fails, the utterance ends through its owner with one outcome.
+
+An utterance is a request of its own, with one request's limits: its text (MAX_TEXT_CHARS),
+its SSML breaks and its estimated audio (an OutputBudget, spent as each piece becomes
+ready, so that the piece that overdraws is refused before its audio is made), and the
+audio actually made (encoded_audio, over the utterance's one encoder)."""
 
 from __future__ import annotations
 
@@ -11,9 +16,10 @@ from typing import Any, Protocol
 from django.conf import settings
 
 from core.errors import ServiceError
+from engines.text import Segment
 from synthesis.admission import service_error_for
 from synthesis.audio import AudioEncoder
-from synthesis.services import SynthesisSetup, encoded_audio
+from synthesis.services import SynthesisSetup, encoded_audio, output_budget, text_segments
 from synthesis.stream.flow import TransportFlow
 from synthesis.stream.protocol import ProtocolError, frame_pieces, labelled_frame, ready_text
 from synthesis.stream.twilio import TWILIO, TwilioFramer
@@ -56,7 +62,8 @@ class Utterance:
         self.chars = 0
         self.ended = False
         self.encoder = AudioEncoder(setup.spec, setup.engine.sample_rate, streaming=True)
-        self.pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        self.budget = output_budget(setup.speed)
+        self.pieces: asyncio.Queue[list[Segment] | None] = asyncio.Queue()
         self.started_audio = False
         self.task = asyncio.create_task(self._run(), name=f"utterance {context_id}")
 
@@ -75,8 +82,16 @@ class Utterance:
                 abort=True,
             )
         ready, self.buffer = ready_text(self.buffer + text, final=final)
-        if ready.strip():
-            self.pieces.put_nowait(ready)
+        if not ready.strip():
+            return
+        try:
+            segments = text_segments(ready)
+            self.budget.spend(segments)
+        except ServiceError as exc:
+            if exc.code == "empty_text":  # a piece of only punctuation or markup
+                return
+            raise ProtocolError(exc.code, exc.message, self.context_id, abort=True) from exc
+        self.pieces.put_nowait(segments)
 
     def end(self) -> None:
         self.add_text("", final=True)
@@ -85,13 +100,8 @@ class Utterance:
 
     async def _run(self) -> None:
         try:
-            while (text := await self.pieces.get()) is not None:
-                try:
-                    plan = self.setup.plan(text)
-                except ServiceError as exc:
-                    if exc.code == "empty_text":  # a piece of only punctuation or markup
-                        continue
-                    raise
+            while (segments := await self.pieces.get()) is not None:
+                plan = self.setup.plan_segments(segments)
                 # The same engine -> encoder loop as HTTP; one encoder for the whole utterance.
                 audio = encoded_audio(plan, self.encoder)
                 try:

@@ -163,7 +163,7 @@ def test_a_slow_reader_pauses_generation_and_loses_nothing(
 # What once killed an utterance or a connection silently and left the tenant's stream slot held.
 NESTED_SSML = f"<speak>{'<p>' * 300}Deep inside.{'</p>' * 300}</speak>"
 BAD_MESSAGES = [
-    ("[" * 30_000, "malformed_json"),
+    ("[" * 30_000, "nesting_too_deep"),
     (json.dumps({"type": "synthesize", "context_id": "ssml", "text": NESTED_SSML}), "invalid_ssml"),
 ]
 # One clause, no commas: the engine makes it as one chunk, about 2 MB of 48 kHz PCM at half speed,

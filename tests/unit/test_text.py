@@ -3,7 +3,20 @@ from __future__ import annotations
 import pytest
 
 from core.errors import ServiceError
-from engines.text import Pause, Speech, prepare_text, split_for_streaming, strip_control_characters
+from engines.base import SpeechJob
+from engines.text import (
+    MAX_SSML_DEPTH,
+    OutputBudget,
+    Pause,
+    Segment,
+    Speech,
+    SsmlLimits,
+    effective_rate,
+    estimated_audio_seconds,
+    prepare_text,
+    split_for_streaming,
+    strip_control_characters,
+)
 
 
 def code_of(text: str, max_chars: int = 5000) -> str:
@@ -105,8 +118,6 @@ def nested_ssml(depth: int) -> str:
 
 
 def test_ssml_nested_up_to_the_limit_is_spoken() -> None:
-    from engines.text import MAX_SSML_DEPTH
-
     assert prepare_text(nested_ssml(MAX_SSML_DEPTH), max_chars=5000) == [Speech("Deep inside.")]
 
 
@@ -116,3 +127,91 @@ def test_ssml_nested_deeper_than_the_limit_is_a_400_not_a_crash(depth: int) -> N
         prepare_text(nested_ssml(depth), max_chars=50_000)
     assert (raised.value.status_code, raised.value.code) == (400, "invalid_ssml")
     assert "nest" in raised.value.message
+
+
+def test_the_ssml_depth_limit_is_configurable_and_keeps_its_code() -> None:
+    limits = SsmlLimits(max_depth=5)
+    assert prepare_text(nested_ssml(5), max_chars=5000, ssml=limits) == [Speech("Deep inside.")]
+    with pytest.raises(ServiceError) as raised:
+        prepare_text(nested_ssml(6), max_chars=5000, ssml=limits)
+    assert (raised.value.status_code, raised.value.code) == (400, "invalid_ssml")
+
+
+# --- output bounded by input ---
+
+# Issue 17's flood: 4,967 characters (5.5 KB as JSON), 2,600 s (43 minutes) of silence.
+BREAK_FLOOD = "<speak>Hold on." + '<break time="10s"/>' * 260 + "</speak>"
+
+
+def budget(speed: float = 1.0, max_audio_seconds: float = 600, max_breaks: float = 30) -> OutputBudget:
+    return OutputBudget(speed=speed, max_audio_seconds=max_audio_seconds, max_break_seconds_total=max_breaks)
+
+
+def test_a_single_break_is_cut_to_the_per_break_limit() -> None:
+    document = '<speak>Hold on.<break time="60s"/>Back.<break time="1500ms"/></speak>'
+    assert prepare_text(document, max_chars=5000, ssml=SsmlLimits(max_break_seconds=4)) == [
+        Speech("Hold on."),
+        Pause(4.0),
+        Speech("Back."),
+        Pause(1.5),
+    ]
+
+
+def test_a_break_flood_overdraws_the_total_break_limit() -> None:
+    segments = prepare_text(BREAK_FLOOD, max_chars=5000)
+    with pytest.raises(ServiceError) as raised:
+        budget().spend(segments)
+    assert (raised.value.status_code, raised.value.code) == (400, "ssml_break_too_long")
+    assert "30 s" in raised.value.message
+
+
+def test_breaks_up_to_the_total_limit_pass() -> None:
+    segments = prepare_text(
+        '<speak>One.<break time="10s"/>Two.' + '<break time="10s"/>' * 2 + "</speak>", max_chars=500
+    )
+    budget().spend(segments)  # exactly 30 s: within the limit
+
+
+def test_an_utterance_spends_its_budget_piece_by_piece() -> None:
+    piece = prepare_text('<speak>Wait.<break time="10s"/><break time="10s"/></speak>', max_chars=500)
+    spending = budget()
+    spending.spend(piece)
+    with pytest.raises(ServiceError) as raised:
+        spending.spend(piece)
+    assert raised.value.code == "ssml_break_too_long"
+
+
+def test_nested_prosody_rates_multiply_only_within_the_speed_range() -> None:
+    slowest = "<speak>" + '<prosody rate="25%">' * 3 + "Hi." + "</prosody>" * 3 + "</speak>"
+    fastest = '<speak><prosody rate="400%"><prosody rate="x-fast">Hi.</prosody></prosody></speak>'
+    assert prepare_text(slowest, max_chars=5000) == [Speech("Hi.", rate=0.25)]
+    assert prepare_text(fastest, max_chars=5000) == [Speech("Hi.", rate=4.0)]
+
+
+@pytest.mark.parametrize(
+    ("speed", "rate", "spoken_at"),
+    [(0.25, 0.25, 0.25), (0.5, 0.75, 0.375), (4.0, 1.75, 4.0), (1.0, 1.0, 1.0)],
+)
+def test_an_engine_speaks_at_speed_times_rate_clamped_to_the_speed_range(
+    speed: float, rate: float, spoken_at: float
+) -> None:
+    segment = Speech("Hi.", rate=rate)
+    assert effective_rate(speed, rate) == spoken_at
+    assert SpeechJob(segments=[segment], speed=speed).rate_of(segment) == spoken_at
+
+
+def test_the_estimate_counts_characters_at_the_effective_speed_plus_breaks() -> None:
+    segments: list[Segment] = [Speech("x" * 250), Pause(2.0), Speech("y" * 125, rate=0.5)]
+    # 250 characters at 25 a second, 2 s, 125 characters at 25 a second at half speed
+    assert estimated_audio_seconds(segments, 1.0) == pytest.approx(10 + 2 + 10)
+    assert estimated_audio_seconds(segments, 0.25) == pytest.approx(40 + 2 + 20)
+
+
+def test_a_text_whose_estimate_is_over_the_limit_is_refused() -> None:
+    text = "Please hold while I look that up for you. " * 95  # about 4,000 characters
+    segments = prepare_text(text, max_chars=5000)
+    budget(speed=1.0).spend(segments)  # about 160 s by the estimate
+    with pytest.raises(ServiceError) as raised:
+        budget(speed=0.25).spend(segments)  # about 640 s
+    assert (raised.value.status_code, raised.value.code) == (400, "audio_too_long")
+    assert raised.value.details == {"limit": 600}
