@@ -1,9 +1,17 @@
 """GET /v1/ready: may this process take traffic? (GET /v1/health only says it is alive.)
 
-Ready means the database, Redis (when configured) and the audio storage answer
-within READY_TIMEOUT_SECONDS, the engine is loaded and has done its warm-up
-synthesis, and the process is not draining for shutdown. Otherwise 503, naming
-what failed, so that a load balancer routes around the pod.
+Two kinds of check, because a gateway that routes on readiness must not take the whole
+fleet out for what every pod shares:
+
+- what this pod cannot serve without: the database, its engine loaded and warmed up
+  (one real synthesis), and not draining for shutdown. Any of these failing is a 503,
+  naming it, so that the load balancer routes around the pod;
+- shared dependencies whose loss degrades every pod alike and which the service rides
+  out: Redis (limits fall back to per-process shares, streams poll the database) and the
+  audio storage (only signed links need it). Failing, they are listed under `degraded`
+  with a 200: taking pods out would not help, and would stop the speech that still works.
+
+Each check answers within READY_TIMEOUT_SECONDS. docs/deploy.md says which probe to use for what.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from core.redis import redis_configured
 from engines import loaded_engine
 
 READY_TIMEOUT_SECONDS = 2.0
+# Failing, these degrade every pod alike: reported, but the pod stays ready.
+SHARED_DEPENDENCIES = frozenset({"redis", "storage"})
 
 
 def _database_answers() -> None:
@@ -74,8 +84,11 @@ async def ready(request: HttpRequest) -> JsonResponse:
     )
     if lifecycle.draining:
         checks["shutdown"] = {"ok": False, "error": "draining for shutdown"}
-    failed = sorted(name for name, result in checks.items() if not result["ok"])
-    body = {"status": "unavailable" if failed else "ready", "failed": failed, "checks": checks}
+    failing = sorted(name for name, result in checks.items() if not result["ok"])
+    failed = [name for name in failing if name not in SHARED_DEPENDENCIES]
+    degraded = [name for name in failing if name in SHARED_DEPENDENCIES]
+    status = "unavailable" if failed else "degraded" if degraded else "ready"
+    body = {"status": status, "failed": failed, "degraded": degraded, "checks": checks}
     response = JsonResponse(body, status=503 if failed else 200)
     response["Cache-Control"] = "no-store"
     return response

@@ -9,6 +9,7 @@ are closed at the end, as Daphne closes every connection when it stops.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -45,6 +46,7 @@ def main() -> None:
     from callwaiting_tts.asgi import application
     from callwaiting_tts.http_server import RedactingAccessLog, ServiceServer
     from callwaiting_tts.lifecycle import lifecycle
+    from tenants.limits import limits_warm_up
 
     # JSON logs come from the service's own request log; Daphne's access lines are plain text.
     access_log = RedactingAccessLog(sys.stdout) if settings.LOG_FORMAT == "plain" else None
@@ -54,6 +56,9 @@ def main() -> None:
         signal_handlers=False,
         action_logger=access_log,
     )
+
+    # On the server's own event loop once it runs: the async Redis client is bound to it.
+    reactor.callWhenRunning(lambda: asyncio.ensure_future(limits_warm_up()))
 
     def drain() -> None:
         if lifecycle.draining:

@@ -157,10 +157,19 @@ REDIS_URL = env_str("REDIS_URL")
 # Every key this service writes (and the channel layer's) starts with this, so that
 # deployments or test runs sharing one Redis database never touch each other's state.
 REDIS_KEY_PREFIX = env_str("REDIS_KEY_PREFIX", "cwt")
+# How long one Redis call may take before the in-process fallbacks take over (and the
+# breaker keeps Redis off for a few seconds). Loopback Redis answers in well under a
+# millisecond, but a loaded host or a cold process can take a few hundred: this is for
+# outages, not for a slow moment.
+REDIS_TIMEOUT_SECONDS = env_float("REDIS_TIMEOUT_SECONDS", 1.0, minimum=0.05)
+# How many server processes share one tenant's limits (every process of every pod). While
+# Redis is away each process enforces its share of a limit (limit / SERVER_PROCESSES), so
+# that the fleet together is never more generous than the shared limit.
+SERVER_PROCESSES = env_int("SERVER_PROCESSES", 1, minimum=1)
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "core.channel_layer.ResilientRedisChannelLayer",
             # redis-py 8 defaults socket_timeout to 5 s, the same as the layer's
             # blocking BZPOPMIN: reads then time out and tear consumers down
             # (django/channels_redis#422). The socket must outwait the pop.
@@ -234,6 +243,11 @@ PIPER_NOISE_SCALE = _piper_noise if _piper_noise >= 0 else None  # unset: the vo
 _piper_noise_w = env_float("PIPER_NOISE_W_SCALE", -1.0)
 PIPER_NOISE_W_SCALE = _piper_noise_w if _piper_noise_w >= 0 else None
 ENGINE_MAX_ACTIVE_JOBS = env_int("ENGINE_MAX_ACTIVE_JOBS", 32, minimum=1)
+# One tenant's share of those slots: a burst from one tenant leaves the rest to others
+# (refused with 429 engine_share_exceeded past it). Half the engine unless set.
+ENGINE_MAX_JOBS_PER_TENANT = env_int(
+    "ENGINE_MAX_JOBS_PER_TENANT", max(1, ENGINE_MAX_ACTIVE_JOBS // 2), minimum=1
+)
 MAX_TEXT_CHARS = env_int("MAX_TEXT_CHARS", 5000, minimum=1)
 # Output bounded by input (engines/text.py): a few kilobytes must not ask for hours of audio.
 MAX_AUDIO_SECONDS_PER_REQUEST = env_float("MAX_AUDIO_SECONDS_PER_REQUEST", 600.0, minimum=1.0)
@@ -293,6 +307,9 @@ OPENAI_VOICE_MAP = dict(
 WS_MAX_MESSAGE_BYTES = env_int("WS_MAX_MESSAGE_BYTES", 64 * 1024, minimum=1024)
 WS_MAX_CONTEXTS = env_int("WS_MAX_CONTEXTS", 8, minimum=1)
 WS_IDLE_SECONDS = env_float("WS_IDLE_SECONDS", 60.0, minimum=1.0)
+# While Redis is away (no broadcasts of key changes), how often an open WebSocket checks
+# its key against the database instead.
+WS_ACCESS_POLL_SECONDS = env_float("WS_ACCESS_POLL_SECONDS", 10.0, minimum=0.1)
 WS_AUTH_SECONDS = env_float("WS_AUTH_SECONDS", 5.0, minimum=0.5)
 # A stream's slot in its tenant's cap is a lease renewed while it runs; a
 # crashed process's streams free their slots after this long.

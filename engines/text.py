@@ -77,14 +77,17 @@ def break_seconds(segments: list[Segment]) -> float:
     return sum(segment.seconds for segment in segments if isinstance(segment, Pause))
 
 
-def estimated_audio_seconds(segments: list[Segment], speed: float) -> float:
-    """A short estimate of the audio segments make at `speed` (see ESTIMATE_CHARS_PER_SECOND)."""
+def estimated_audio_seconds(
+    segments: list[Segment], speed: float, *, chars_per_second: float = ESTIMATE_CHARS_PER_SECOND
+) -> float:
+    """An estimate of the audio segments make at `speed`: short by default (see
+    ESTIMATE_CHARS_PER_SECOND); a caller that must err long passes a lower rate."""
     seconds = 0.0
     for segment in segments:
         if isinstance(segment, Pause):
             seconds += segment.seconds
         else:
-            seconds += len(segment.text) / ESTIMATE_CHARS_PER_SECOND / effective_rate(speed, segment.rate)
+            seconds += len(segment.text) / chars_per_second / effective_rate(speed, segment.rate)
     return seconds
 
 

@@ -104,11 +104,12 @@ class XttsEngine(SpeechEngine):
         device: str = "",
         half: bool = False,
         max_active_jobs: int = 16,
+        max_jobs_per_owner: int | None = None,
         stream_chunk_size: int = 20,
         max_audio_tokens: int | None = None,
         deterministic: bool = False,
     ) -> None:
-        super().__init__(max_active_jobs=max_active_jobs)
+        super().__init__(max_active_jobs=max_active_jobs, max_jobs_per_owner=max_jobs_per_owner)
         self.checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
         self.model = self.checkpoint_dir.name
         self._requested_device = device
@@ -255,7 +256,7 @@ class XttsEngine(SpeechEngine):
         iterator = _PrefixRestoringIterator(
             self._model, self._generate(job, gpt_cond_latent, speaker_embedding)
         )
-        scheduled = self.scheduler.submit(iterator)
-        self.jobs_started += 1
-        async for chunk in scheduled.chunks():
-            yield chunk
+        with self.admitted(job.owner):  # the fair share; the scheduler holds the jobs
+            scheduled = self.scheduler.submit(iterator)
+            async for chunk in scheduled.chunks():
+                yield chunk

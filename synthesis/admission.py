@@ -27,12 +27,12 @@ from django.db import DatabaseError
 
 from core.errors import ServiceError, database_error
 from core.strings import control_characters_in
-from engines import EngineFailure, EngineOverloaded
+from engines import EngineFailure, EngineOverloaded, EngineShareExceeded
 from engines.text import Segment
 from synthesis.services import SynthesisPlan, SynthesisSetup, output_budget, synthesis_setup, text_segments
 from tenants.limits import StreamLease, arate_limit_check, stream_lease_acquire
 from tenants.models import Tenant
-from usage.quotas import quota_check
+from usage.quotas import quota_check, quota_estimate, quota_reserve
 from usage.recorder import UsageMeter
 
 logger = logging.getLogger(__name__)
@@ -193,7 +193,12 @@ async def synthesis_admit(
     if meter is not None:
         meter.format = setup.spec.format.value
         meter.voice_id = setup.voice.voice_id
-    await quota_check(tenant)
+    if meter is None:
+        await quota_check(tenant)  # nothing to settle a reservation with (warm_cache)
+    else:
+        # Settled by the meter when the request ends, whichever way it ends.
+        estimate = quota_estimate(segments, setup.speed) if segments is not None else 0.0
+        meter.quota_reservation = await quota_reserve(tenant, estimate)
     # Last: from here the caller owns the lease and releases it however the request ends.
     held = await stream_lease_acquire(tenant) if lease else None
     if meter is not None:
@@ -210,6 +215,10 @@ def service_error_for(exc: Exception, *, request_id: str) -> ServiceError:
         return exc
     if isinstance(exc, DatabaseError):
         return database_error(exc)
+    if isinstance(exc, EngineShareExceeded):
+        return ServiceError(
+            429, "engine_share_exceeded", str(exc), headers={"Retry-After": str(exc.retry_after_s)}
+        )
     if isinstance(exc, EngineOverloaded):
         return ServiceError(
             503, "engine_overloaded", str(exc), headers={"Retry-After": str(exc.retry_after_s)}

@@ -111,6 +111,8 @@ class SynthesisSetup:
     voice: ResolvedVoice
     language: str
     speed: float
+    # The tenant, for the engine's fair share (engines know no tenants: an opaque name).
+    owner: str = ""
 
     def plan_segments(self, segments: list[Segment]) -> SynthesisPlan:
         job = SpeechJob(
@@ -119,6 +121,7 @@ class SynthesisSetup:
             conditioning=self.voice.conditioning,
             language=self.language,
             speed=self.speed,
+            owner=self.owner,
         )
         return SynthesisPlan(
             engine=self.engine,
@@ -176,7 +179,9 @@ async def synthesis_setup(
             "unsupported_language",
             f"The {engine.name} engine speaks {', '.join(engine.languages)}; got {language!r}.",
         )
-    return SynthesisSetup(engine=engine, spec=spec, voice=voice, language=language, speed=speed)
+    return SynthesisSetup(
+        engine=engine, spec=spec, voice=voice, language=language, speed=speed, owner=tenant.id.hex
+    )
 
 
 async def encoded_audio(plan: SynthesisPlan, encoder: AudioEncoder) -> AsyncIterator[bytes]:

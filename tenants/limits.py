@@ -6,9 +6,11 @@ may send N requests at once (the burst), then one every period/N. Both windows
 are checked and updated by one Lua script, so concurrent requests in any
 number of processes can never pass the limit together.
 
-If Redis is down (or not configured) the same algorithm runs in process memory:
-limits then hold per process only, and a log line and the health counter say so.
-A limit of 0 means "no limit" for that window.
+If Redis is down (or not configured) the same algorithm runs in process memory, with
+two rules that keep it from being more generous than the shared limit: each process
+takes only its share of a limit (limit / SERVER_PROCESSES), and it starts from the
+budget Redis last reported for the tenant, not from a full one. A log line and the
+health counter say when it is in use. A limit of 0 means "no limit" for that window.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from rest_framework.request import Request
 from rest_framework.throttling import BaseThrottle
 
 from core.errors import ServiceError
-from core.redis import REDIS_ERRORS, RedisUnavailable, async_redis, breaker, sync_redis
+from core.redis import REDIS_ERRORS, RedisUnavailable, async_redis, breaker, redis_warm_up, sync_redis
 from tenants.models import Tenant
 
 WINDOWS = (("minute", 60_000), ("hour", 3_600_000))
@@ -147,6 +149,13 @@ class LocalGcra:
         self._lock = threading.Lock()
         self._clock = clock
 
+    def observe(self, keys: list[str], tats: list[float]) -> None:
+        """What Redis last said of these keys: a later fallback starts from it."""
+        with self._lock:
+            for key, tat in zip(keys, tats, strict=True):
+                if tat > self._tats.get(key, 0.0):
+                    self._tats[key] = tat
+
     def check(self, keys: list[str], windows: list[tuple[str, int, int]]) -> RateDecision:
         now = self._clock() * 1000
         with self._lock:
@@ -190,12 +199,24 @@ class _Check:
         allowed, retry_ms, now = int(raw[0]), int(raw[1]), float(raw[2])
         values = [float(value) for value in raw[3:]]
         tats = [(values[2 * i], values[2 * i + 1]) for i in range(len(self.windows))]
+        local_limiter.observe(self.keys, [new_tat if allowed else tat for tat, new_tat in tats])
         return _decide(self.windows, bool(allowed), retry_ms, now, tats)
 
     def locally(self, exc: Exception) -> RateDecision:
         if not isinstance(exc, RedisUnavailable):
             breaker.trip(exc)
-        return local_limiter.check(self.keys, self.windows)
+        return local_limiter.check(self.keys, _process_share(self.windows))
+
+
+def _process_share(windows: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """This process's share of each window's limit, for the in-process fallback."""
+    processes = settings.SERVER_PROCESSES
+    return [(name, max(1, limit // processes), period) for name, limit, period in windows]
+
+
+async def limits_warm_up() -> None:
+    """At start-up: Redis connections open and the rate-limit script loaded."""
+    await redis_warm_up([_GCRA_LUA])
 
 
 def rate_limit_check(tenant: Tenant) -> RateDecision | None:
@@ -333,7 +354,7 @@ async def stream_lease_acquire(tenant: Tenant) -> StreamLease:
         if not isinstance(exc, RedisUnavailable):
             breaker.trip(exc)
         open_here = _local_streams.setdefault(tenant.id, set())
-        if len(open_here) >= cap:
+        if len(open_here) >= max(1, cap // settings.SERVER_PROCESSES):  # this process's share
             raise refused from None
         open_here.add(lease_id)
         return StreamLease(tenant, lease_id, in_redis=False)

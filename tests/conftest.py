@@ -9,7 +9,7 @@ from rest_framework.test import APIClient
 
 from tenants.models import Tenant
 from tenants.services import IssuedKey, tenant_create
-from tests.support.servers import ServiceEnv, base_env
+from tests.support.servers import RedisServer, ServiceEnv, base_env
 from tests.support.tenants import TenantFactory, committed_tenant
 
 
@@ -99,3 +99,14 @@ def service_env(test_database_url: str, tmp_path_factory: pytest.TempPathFactory
         )
 
     return make
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server that the test may stop and start."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,18 +1,24 @@
 """Monthly audio quotas (`Tenant.quota_minutes`, calendar months in UTC), kept in the database.
 
-A request that would start past the quota is refused; what counts is the audio
-actually sent (a stream cut short counts what went out; phrase-cache hits count
-nothing). The counter is a row per tenant and month, incremented by the usage
-writer in the same transaction as the usage rows it counts (usage/recorder.py),
-so the two never disagree and both survive a database outage through the usage
-spool. A quota of 0 means no quota.
+What counts is the audio actually sent (a stream cut short counts what went out;
+phrase-cache hits count nothing). The counter is a row per tenant and month,
+incremented by the usage writer in the same transaction as the usage rows it counts
+(usage/recorder.py), so the two never disagree and both survive a database outage
+through the usage spool. A quota of 0 means no quota.
 
-The check reads the counter through a per-process cache (QUOTA_CACHE_SECONDS):
-under ASGI every database read opens a connection in a fresh thread, which cost
-about 10 ms of time to first audio on each request. Other processes' usage
-therefore shows within that many seconds plus USAGE_FLUSH_SECONDS. While the
-database is unreachable the last value read is used (or none): a short outage
-must not stop speech, and what is used meanwhile is still counted afterwards.
+Quotas are reserved, not only checked: a request admitted here holds a reservation of
+its estimated audio (generously estimated: see RESERVE_CHARS_PER_SECOND) until it ends,
+and a request is refused once what is used plus what is reserved reaches the quota. So
+concurrent requests overshoot by at most about one request's audio, not by all of them.
+When a request ends, its reservation becomes its actual audio, held here until the
+database counter surely includes it (USAGE_FLUSH_SECONDS plus QUOTA_CACHE_SECONDS).
+Reservations are per process; other processes' usage shows within those same seconds.
+
+The counter is read through a per-process cache (QUOTA_CACHE_SECONDS): under ASGI every
+database read opens a connection in a fresh thread, which cost about 10 ms of time to
+first audio on each request. While the database is unreachable the last value read is
+used (or none): a short outage must not stop speech, and what is used meanwhile is
+still counted afterwards.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ import logging
 import math
 import time
 import uuid
+from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
 from django.conf import settings
@@ -29,6 +37,7 @@ from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import F
 
 from core.errors import ServiceError
+from engines.text import Segment, estimated_audio_seconds
 from tenants.models import Tenant
 from usage.models import QuotaUsage
 
@@ -64,25 +73,91 @@ async def quota_used_seconds(tenant: Tenant) -> float:
     return used
 
 
-async def quota_check(tenant: Tenant) -> None:
+@dataclass
+class _Held:
+    """Audio of one tenant and month that the database counter does not show yet."""
+
+    reserved: float = 0.0  # requests running now, by estimate
+    # Requests that ended: (until when, seconds), kept until the counter includes them.
+    settled: deque[tuple[float, float]] = field(default_factory=deque)
+
+    def seconds(self, now: float) -> float:
+        while self.settled and self.settled[0][0] <= now:
+            self.settled.popleft()
+        return self.reserved + sum(seconds for _until, seconds in self.settled)
+
+
+# (tenant, month) -> what is held. Event loop only (a request's reservation is settled
+# where it ends, on the loop).
+_held: dict[tuple[uuid.UUID, date], _Held] = {}
+
+
+@dataclass(eq=False)
+class QuotaReservation:
+    """A running request's claim on its tenant's quota; `settle` it once, when it ends."""
+
+    key: tuple[uuid.UUID, date]
+    seconds: float
+    settled: bool = False
+
+    def grow(self, seconds: float) -> None:
+        """More text arrived (a WebSocket utterance): reserve its audio too."""
+        if not self.settled:
+            self.seconds += seconds
+            _held.setdefault(self.key, _Held()).reserved += seconds
+
+    def settle(self, actual_seconds: float) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        held = _held.setdefault(self.key, _Held())
+        held.reserved = max(0.0, held.reserved - self.seconds)
+        if actual_seconds > 0:
+            # Until the usage writer has counted it and every cached read has seen that.
+            horizon = settings.USAGE_FLUSH_SECONDS + settings.QUOTA_CACHE_SECONDS + 1.0
+            held.settled.append((time.monotonic() + horizon, actual_seconds))
+
+
+# Speech runs at about 19 characters a second with Piper's English voice and about 14 with
+# a slow XTTS voice: a reservation at 12 errs long, so concurrent requests cannot all fit
+# under the quota on estimates that turn out short.
+RESERVE_CHARS_PER_SECOND = 12.0
+
+
+def quota_estimate(segments: list[Segment], speed: float) -> float:
+    """The audio to reserve for these segments: a generous estimate."""
+    return estimated_audio_seconds(segments, speed, chars_per_second=RESERVE_CHARS_PER_SECOND)
+
+
+def _quota_exceeded(tenant: Tenant) -> ServiceError:
+    return ServiceError(
+        429,
+        "quota_exceeded",
+        f"This month's {tenant.quota_minutes} minutes of audio are used up; it renews on the 1st (UTC).",
+        headers={"Retry-After": str(_seconds_until_next_month(datetime.now(UTC)))},
+    )
+
+
+async def quota_reserve(tenant: Tenant, estimated_seconds: float) -> QuotaReservation | None:
+    """Reserve a request's estimated audio, or raise 429 quota_exceeded when what is used
+    and reserved already reaches the quota. None when the tenant has no quota."""
     if tenant.quota_minutes == 0:
-        return
-    if await quota_used_seconds(tenant) >= tenant.quota_minutes * 60:
-        now = datetime.now(UTC)
-        raise ServiceError(
-            429,
-            "quota_exceeded",
-            f"This month's {tenant.quota_minutes} minutes of audio are used up; it renews on the 1st (UTC).",
-            headers={"Retry-After": str(_seconds_until_next_month(now))},
-        )
+        return None
+    used = await quota_used_seconds(tenant)
+    # No await from here on: the check and the reservation are one step on the event loop.
+    key = (tenant.id, current_month())
+    held = _held.setdefault(key, _Held())
+    if used + held.seconds(time.monotonic()) >= tenant.quota_minutes * 60:
+        raise _quota_exceeded(tenant)
+    held.reserved += estimated_seconds
+    return QuotaReservation(key, estimated_seconds)
 
 
-def quota_note_local(tenant_id: uuid.UUID, audio_seconds: float) -> None:
-    """Count audio this process just produced in its own view of the quota at
-    once; the database counter follows when the usage row is written."""
-    key = (tenant_id, current_month())
-    if (cached := _recently_read.get(key)) is not None:
-        _recently_read[key] = (cached[0] + audio_seconds, cached[1])
+async def quota_check(tenant: Tenant) -> None:
+    """Refuse a request when the quota is used up (counting what is held), reserving nothing."""
+    reservation = await quota_reserve(tenant, 0.0)
+    if reservation is not None:
+        reservation.settle(0.0)
 
 
 def quota_counters_add(seconds_by_month: Mapping[tuple[uuid.UUID, date], float]) -> None:

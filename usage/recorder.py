@@ -29,7 +29,7 @@ from core.metrics import USAGE_DEAD_LETTERS, synthesis_observed
 from core.strings import printable
 from tenants.models import Tenant
 from usage.models import UsageLog
-from usage.quotas import current_month, quota_counters_add, quota_note_local
+from usage.quotas import QuotaReservation, current_month, quota_counters_add
 from usage.spool import UsageRecord, UsageSpool
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class UsageMeter:
     audio_clock: Callable[[], float] | None = None
     # A streamed body that is not the audio itself (SSE events) counts its audio itself.
     counts_own_audio: bool = False
+    # The request's claim on its tenant's quota (admission makes it), settled by `finish`.
+    quota_reservation: QuotaReservation | None = None
     # The code of a limit that ended a streamed body early but cleanly (audio_too_long),
     # read when the body ends: its row carries it, with status 200 (the status that was sent).
     cut_short: Callable[[], str | None] | None = None
@@ -146,8 +148,8 @@ class UsageMeter:
             error_code or "ok",
             extra={"request_id": record["request_id"], **{key: record[key] for key in _LOGGED_FIELDS}},
         )
-        if not self.cached and self.audio_seconds > 0:
-            quota_note_local(self.tenant_id, self.audio_seconds)
+        if self.quota_reservation is not None:
+            self.quota_reservation.settle(0.0 if self.cached else self.audio_seconds)
         usage_flusher_start()
 
     def interrupted_record(self) -> UsageRecord:

@@ -27,6 +27,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
 
+from core.channel_layer import ChannelLayerUnavailable, channel_layer_in_outage, channel_layer_recoveries
 from core.errors import ServiceError
 from synthesis.admission import service_error_for, synthesis_admit, utterance_request
 from synthesis.stream.access import access_recheck
@@ -152,10 +153,39 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
             return
         lease.keep_alive()
         self.principal, self.lease = principal, lease
-        if self.channel_layer is not None:
-            await self.channel_layer.group_add(tenant_access_group(principal.tenant.id), self.channel_name)
+        await self._join_access_group()
+        self._background.append(asyncio.create_task(self._access_watch()))
         self._watch_expiry(principal.api_key.expires_at)
         await self.send_event("ready", None, connection_id=self.connection_id)
+
+    async def _join_access_group(self) -> None:
+        """Listen for the tenant's access changes; while Redis is away this fails, and
+        `_access_watch` polls the database instead until it can join."""
+        assert self.principal is not None
+        self._access_joined_at: int | None = None
+        if self.channel_layer is None:
+            return
+        try:
+            await self.channel_layer.group_add(
+                tenant_access_group(self.principal.tenant.id), self.channel_name
+            )
+        except ChannelLayerUnavailable:
+            return
+        self._access_joined_at = channel_layer_recoveries(self.channel_layer)
+
+    async def _access_watch(self) -> None:
+        """While this connection may miss a broadcast (the layer has lost Redis, or this
+        connection is not in its group), check its key against the database every
+        WS_ACCESS_POLL_SECONDS, and join the group again once Redis is back."""
+        while not self._closing:
+            await asyncio.sleep(settings.WS_ACCESS_POLL_SECONDS)
+            layer = self.channel_layer
+            in_outage = channel_layer_in_outage(layer)
+            if layer is None or (not in_outage and self._access_joined_at == channel_layer_recoveries(layer)):
+                continue
+            await self.access_changed({"type": "access.changed"})
+            if not in_outage and not self._closing:
+                await self._join_access_group()
 
     async def _auth_deadline(self) -> None:
         await asyncio.sleep(settings.WS_AUTH_SECONDS)

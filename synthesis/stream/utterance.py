@@ -23,6 +23,7 @@ from synthesis.services import SynthesisSetup, encoded_audio, output_budget, tex
 from synthesis.stream.flow import TransportFlow
 from synthesis.stream.protocol import ProtocolError, frame_pieces, labelled_frame, ready_text
 from synthesis.stream.twilio import TWILIO, TwilioFramer
+from usage.quotas import quota_estimate
 from usage.recorder import UsageMeter
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ class Utterance:
         try:
             segments = text_segments(ready)
             self.budget.spend(segments)
+            if (reservation := self.meter.quota_reservation) is not None:
+                reservation.grow(quota_estimate(segments, self.setup.speed))
         except ServiceError as exc:
             if exc.code == "empty_text":  # a piece of only punctuation or markup
                 return

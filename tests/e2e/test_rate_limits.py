@@ -266,15 +266,16 @@ def test_the_quota_check_reads_through_a_short_cache(settings: Any, make_tenant:
     import asyncio
 
     from usage.models import QuotaUsage
-    from usage.quotas import current_month, quota_check, quota_note_local, quota_used_seconds
+    from usage.quotas import current_month, quota_check, quota_reserve, quota_used_seconds
 
     settings.QUOTA_CACHE_SECONDS = 0.5
     tenant, _issued = make_tenant(quota_minutes=1)
 
     async def scenario() -> None:
         assert await quota_used_seconds(tenant) == 0.0
-        quota_note_local(tenant.id, 30.0)  # this process's own usage shows at once
-        assert await quota_used_seconds(tenant) == 30.0
+        reservation = await quota_reserve(tenant, 5.0)
+        assert reservation is not None
+        reservation.settle(30.0)  # this process's own usage counts at once...
         # Another process's usage, as its usage writer stores it:
         await QuotaUsage.objects.acreate(tenant=tenant, month=current_month(), audio_seconds=60.0)
         await quota_check(tenant)  # another process's usage: not seen yet...
