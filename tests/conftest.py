@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -110,3 +111,23 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+# A whole API key (`cwt_<prefix>_<secret>`; the prefix alone is not secret) or the value of a
+# signature in a query string (signed audio links, S3's presigned ones), not redacted.
+_SECRET_IN_LOG = re.compile(
+    r"cwt_[a-z0-9]{8}_[A-Za-z0-9_-]{16,}|(?i:\b(?:signature|x-amz-signature|sig)=(?!REDACTED)[^&\s\"']+)"
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_server_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole run: no line that any server wrote holds a key or a signature."""
+    yield
+    leaks = [
+        f"{path.name}: {line.strip()[:200]}"
+        for path in sorted(tmp_path_factory.getbasetemp().glob("logs*/daphne-*.log"))
+        for line in path.read_text(errors="replace").splitlines()
+        if _SECRET_IN_LOG.search(line)
+    ]
+    assert not leaks, "secrets in server logs:\n" + "\n".join(leaks[:20])

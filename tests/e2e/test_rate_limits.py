@@ -395,3 +395,45 @@ def test_a_stream_cut_short_counts_only_the_audio_it_produced(
                 )
             )
     assert 0 < used < 30  # the whole text is about a minute of speech
+
+
+@pytest.mark.django_db(transaction=True)  # the async ORM calls run on another connection
+def test_quota_reservations_count_while_requests_run_and_settle_to_the_audio_sent(
+    settings: Any, make_tenant: TenantFactory
+) -> None:
+    import asyncio
+
+    from usage.models import QuotaUsage
+    from usage.quotas import current_month, quota_reserve, quota_rows_written
+
+    settings.QUOTA_CACHE_SECONDS = 0.2
+    tenant, _issued = make_tenant(quota_minutes=1)
+
+    async def scenario() -> None:
+        first = await quota_reserve(tenant, 40.0)
+        second = await quota_reserve(tenant, 40.0)  # 40 s held: still under the 60 s quota
+        assert first is not None
+        assert second is not None
+        with pytest.raises(ServiceError, match="used up"):
+            await quota_reserve(tenant, 1.0)  # 80 s held
+        first.settle(10.0)  # it ended having sent 10 s
+        second.settle(0.0)  # refused later, or sent nothing
+        second.settle(50.0)  # settling twice changes nothing
+        third = await quota_reserve(tenant, 50.0)  # 10 s held
+        assert third is not None
+        with pytest.raises(ServiceError, match="used up"):
+            await quota_reserve(tenant, 1.0)  # 60 s held
+        third.settle(0.0)
+        # Once the usage writer has stored the first one's row, a new reading counts it and
+        # the hold lets it go (no double count at the edge of the quota).
+        await QuotaUsage.objects.acreate(tenant=tenant, month=current_month(), audio_seconds=10.0)
+        quota_rows_written([first.record_id])
+        await asyncio.sleep(settings.QUOTA_CACHE_SECONDS + 0.05)
+        fourth = await quota_reserve(tenant, 45.0)  # 10 s used, nothing held
+        fifth = await quota_reserve(tenant, 1.0)  # 55 s: counting the 10 s twice would refuse it
+        assert fourth is not None
+        assert fifth is not None
+        fourth.settle(0.0)
+        fifth.settle(0.0)
+
+    asyncio.run(scenario())

@@ -3,9 +3,11 @@ runs the same algorithm and is tested against the real Redis in test_rate_limits
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from tenants.limits import LocalGcra
+from tenants.limits import LocalGcra, _process_share
 
 MINUTE = ("minute", 60_000)
 HOUR = ("hour", 3_600_000)
@@ -90,3 +92,25 @@ def test_budget_refills_over_time_up_to_the_burst_and_no_further() -> None:
         limiter.check(keys, wins)
     clock.advance(3600)  # an hour idle refills the minute's budget once, not sixty times
     assert sum(limiter.check(keys, wins).allowed for _ in range(20)) == 6
+
+
+def test_the_fallback_starts_from_what_redis_last_reported_not_a_full_budget() -> None:
+    clock = FakeClock()
+    limiter = LocalGcra(clock)
+    keys, chosen = windows((MINUTE, 30))
+    # Redis said: 20 of the 30 spent (the theoretical arrival time is 20 intervals ahead).
+    now_ms = clock() * 1000
+    limiter.observe(keys, [now_ms + 20 * 2_000])
+    admitted = sum(limiter.check(keys, chosen).allowed for _ in range(30))
+    assert admitted == 10
+    # An older report never gives budget back.
+    limiter.observe(keys, [now_ms])
+    assert not limiter.check(keys, chosen).allowed
+
+
+def test_each_process_takes_its_share_of_a_limit_in_the_fallback(settings: Any) -> None:
+    settings.SERVER_PROCESSES = 3
+    assert _process_share([("minute", 31, 60_000), ("hour", 2, 3_600_000)]) == [
+        ("minute", 10, 60_000),
+        ("hour", 1, 3_600_000),  # never below one request
+    ]
