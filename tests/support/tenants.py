@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from django.db import transaction
+
 from tenants.models import ApiKey, Tenant
 from tenants.services import IssuedKey, tenant_create
 from usage.models import UsageLog
@@ -28,9 +30,12 @@ def committed_tenant(django_db_blocker: Any, label: str, **fields: Any) -> Itera
     try:
         yield tenant, issued
     finally:
-        with django_db_blocker.unblock():
+        with django_db_blocker.unblock(), transaction.atomic():
             # Keys and usage rows protect their tenant (the service never deletes history):
-            # a test's own rows go first.
-            UsageLog.objects.filter(tenant=tenant).delete()
-            ApiKey.objects.filter(tenant=tenant).delete()
-            Tenant.objects.filter(pk=tenant.pk).delete()
+            # a test's own rows go first. The tenant's row is locked first, so that a server
+            # still writing this tenant's usage waits for the delete (and then drops its rows)
+            # instead of adding one between the two deletes.
+            if Tenant.objects.select_for_update().filter(pk=tenant.pk).exists():
+                UsageLog.objects.filter(tenant=tenant).delete()
+                ApiKey.objects.filter(tenant=tenant).delete()
+                Tenant.objects.filter(pk=tenant.pk).delete()
