@@ -38,6 +38,9 @@ class IdempotencyRecord(models.Model):
     endpoint = models.CharField(max_length=64)
     request_hash = models.CharField(max_length=64)
     response = models.JSONField()
+    # The stored audio the answer links to: a replay signs a fresh link to it, since the
+    # link in `response` expires long before the key does.
+    storage_name = models.CharField(max_length=255, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

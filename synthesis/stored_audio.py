@@ -143,11 +143,15 @@ def verify_local_signature(name: str, expires: str, signature: str) -> None:
         raise ServiceError(403, "link_expired", "This audio link has expired; ask for a new one.")
 
 
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
 def stored_audio_body(*, stored: StoredAudio, request_id: str) -> dict[str, Any]:
     url, expires_at = signed_url(stored.phrase.storage_name)
     return {
         "url": url,
-        "expires_at": expires_at.isoformat().replace("+00:00", "Z"),
+        "expires_at": _iso(expires_at),
         "format": stored.phrase.format,
         "content_type": stored.phrase.content_type,
         "duration_s": stored.phrase.duration_s,
@@ -164,7 +168,9 @@ def request_fingerprint(payload: dict[str, Any]) -> str:
 async def idempotent_replay(
     *, tenant: Tenant, endpoint: str, key: str, fingerprint: str
 ) -> dict[str, Any] | None:
-    """The stored answer for a retry, None for a new key; 409 if the key came with another body."""
+    """The answer for a retry, with a freshly signed link to the same audio; None for a new
+    key (or one whose audio is gone: the request then runs again); 409 if the key came with
+    another body."""
     record = await IdempotencyRecord.objects.filter(tenant=tenant, endpoint=endpoint, key=key).afirst()
     if record is None or record.created_at < timezone.now() - timedelta(seconds=settings.IDEMPOTENCY_SECONDS):
         return None
@@ -172,11 +178,27 @@ async def idempotent_replay(
         raise ServiceError(
             409, "idempotency_key_reused", "This Idempotency-Key was used with a different request body."
         )
-    return dict(record.response)
+    answer = dict(record.response)
+    if (
+        not record.storage_name
+        or not await PhraseAudio.objects.filter(tenant=tenant, storage_name=record.storage_name).aexists()
+    ):
+        # Its audio left the phrase cache: answer as a new request, under the same key.
+        await IdempotencyRecord.objects.filter(pk=record.pk).adelete()
+        return None
+    answer["url"], expires_at = signed_url(record.storage_name)
+    answer["expires_at"] = _iso(expires_at)
+    return answer
 
 
 async def idempotency_record(
-    *, tenant: Tenant, endpoint: str, key: str, fingerprint: str, response: dict[str, Any]
+    *,
+    tenant: Tenant,
+    endpoint: str,
+    key: str,
+    fingerprint: str,
+    stored: StoredAudio,
+    response: dict[str, Any],
 ) -> dict[str, Any]:
     """Remember the answer; if a concurrent retry got there first, answer what it stored."""
     await IdempotencyRecord.objects.filter(
@@ -187,7 +209,12 @@ async def idempotency_record(
     ).adelete()
     try:
         await IdempotencyRecord.objects.acreate(
-            tenant=tenant, endpoint=endpoint, key=key, request_hash=fingerprint, response=response
+            tenant=tenant,
+            endpoint=endpoint,
+            key=key,
+            request_hash=fingerprint,
+            response=response,
+            storage_name=stored.phrase.storage_name,
         )
     except IntegrityError:
         replay = await idempotent_replay(tenant=tenant, endpoint=endpoint, key=key, fingerprint=fingerprint)

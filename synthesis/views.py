@@ -193,6 +193,7 @@ async def _stored_audio_answer(request: HttpRequest, principal: Principal, endpo
             endpoint=endpoint,
             key=idempotency_key,
             fingerprint=fingerprint,
+            stored=stored,
             response=answer,
         )
     return answer

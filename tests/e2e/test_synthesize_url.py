@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 from xml.etree import ElementTree
 
 import httpx
@@ -15,10 +16,12 @@ import pytest
 from django.conf import settings
 
 from synthesis.audio import OutputSpec
+from synthesis.stored_audio import local_url_signature
 from tenants.services import tenant_create
 from tests.support.audio import decode
 from tests.support.servers import ServiceEnv, daphne_server, moto_s3_server, s3_client
 from tests.support.tenants import committed_tenant
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 BUCKET = "phrases-test"
@@ -156,10 +159,43 @@ def test_idempotency_key_replays_and_refuses_a_different_body(client: httpx.Clie
     first = client.post("/v1/synthesize-url", json=body, headers=key)
     retry = client.post("/v1/synthesize-url", json=body, headers=key)
     assert first.status_code == retry.status_code == 200
-    assert retry.json() == first.json()
+    fresh_link = ("url", "expires_at")
+    assert {k: v for k, v in retry.json().items() if k not in fresh_link} == {
+        k: v for k, v in first.json().items() if k not in fresh_link
+    }
     conflict = client.post("/v1/synthesize-url", json={"text": "Different words."}, headers=key)
     assert conflict.status_code == 409
     assert conflict.json()["error"]["code"] == "idempotency_key_reused"
+
+
+@pytest.mark.django_db(transaction=True)  # committed: the server is another process
+def test_an_idempotent_replay_after_the_link_expired_gets_a_fresh_link_to_the_same_audio(
+    service_env: ServiceEnv, django_db_blocker: Any
+) -> None:
+    with (
+        committed_tenant(django_db_blocker, "replay", rate_limit_minute=0, rate_limit_hour=0) as (_t, issued),
+        daphne_server(service_env(SIGNED_URL_EXPIRY_SECONDS="1")) as base_url,
+        httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {issued.plaintext}"}) as client,
+    ):
+        key = {"Idempotency-Key": f"late-retry-{uuid.uuid4().hex}"}
+        body = {"text": f"Kept for a retry {uuid.uuid4().hex[:6]}."}
+        first = client.post("/v1/synthesize-url", json=body, headers=key).json()
+        wait_until(
+            lambda: httpx.get(first["url"]).status_code == 403, what="the first link to expire", timeout_s=30
+        )
+        assert httpx.get(first["url"]).json()["error"]["code"] == "link_expired"
+        retry = client.post("/v1/synthesize-url", json=body, headers=key)
+        assert retry.status_code == 200
+        replay = retry.json()
+        assert replay["bytes"] == first["bytes"]
+        # The same audio, signed anew: a later expiry and a signature valid for it (checked
+        # here rather than fetched, since this link too lives only a second).
+        old_link, new_link = urlsplit(first["url"]), urlsplit(replay["url"])
+        assert new_link.path == old_link.path
+        query = dict(parse_qsl(new_link.query))
+        assert int(query["expires"]) > int(dict(parse_qsl(old_link.query))["expires"])
+        name = new_link.path.removeprefix("/v1/audio/")
+        assert query["signature"] == local_url_signature(name, int(query["expires"]))
 
 
 def test_twiml_play_names_a_url_that_plays(client: httpx.Client) -> None:
