@@ -7,11 +7,13 @@ import json
 import re
 from collections.abc import Iterator
 from typing import Any
-from wsgiref.util import setup_testing_defaults
+from urllib.parse import urlencode
+from wsgiref.util import request_uri, setup_testing_defaults
 from xml.etree import ElementTree
 
 import httpx
 import pytest
+from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import VoiceResponse
 
 from examples.twilio_webhook import app as webhook
@@ -29,10 +31,20 @@ def service(service_env: ServiceEnv) -> Iterator[str]:
         yield base_url
 
 
-def simulated_twilio_call() -> dict[str, Any]:
-    form = (
-        b"CallSid=CA0123456789abcdef&AccountSid=AC01&From=%2B15551230000&To=%2B15559870000&CallStatus=ringing"
-    )
+AUTH_TOKEN = "test-account-auth-token"
+CALL = {
+    "CallSid": "CA0123456789abcdef",
+    "AccountSid": "AC01",
+    "From": "+15551230000",
+    "To": "+15559870000",
+    "CallStatus": "ringing",
+}
+
+
+def simulated_twilio_call(signature: str | None = "valid", token: str = AUTH_TOKEN) -> dict[str, Any]:
+    """The WSGI environ of Twilio's POST for an incoming call, signed as Twilio signs it
+    (the twilio package's own RequestValidator, with `token`), or with `signature` as given."""
+    form = urlencode(CALL).encode()
     environ: dict[str, Any] = {}
     setup_testing_defaults(environ)
     environ.update(
@@ -41,7 +53,38 @@ def simulated_twilio_call() -> dict[str, Any]:
         CONTENT_LENGTH=str(len(form)),
     )
     environ["wsgi.input"] = io.BytesIO(form)
+    if signature == "valid":
+        signature = RequestValidator(token).compute_signature(request_uri(environ), CALL)
+    if signature is not None:
+        environ["HTTP_X_TWILIO_SIGNATURE"] = signature
     return environ
+
+
+@pytest.fixture(autouse=True)
+def twilio_auth_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(webhook, "TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        pytest.param(simulated_twilio_call(signature=None), id="unsigned"),
+        pytest.param(simulated_twilio_call(signature="bm90IGEgc2lnbmF0dXJl"), id="forged"),
+        pytest.param(simulated_twilio_call(token="another-account"), id="another-account"),
+    ],
+)
+def test_the_twilio_webhook_refuses_requests_twilio_did_not_sign(environ: dict[str, Any]) -> None:
+    statuses: list[str] = []
+    body = b"".join(webhook.application(environ, lambda status, headers: statuses.append(status)))
+    assert statuses == ["403 Forbidden"]
+    assert b"<Response>" not in body
+
+
+def test_the_twilio_webhook_refuses_everything_without_an_auth_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(webhook, "TWILIO_AUTH_TOKEN", "")
+    statuses: list[str] = []
+    list(webhook.application(simulated_twilio_call(), lambda status, headers: statuses.append(status)))
+    assert statuses == ["403 Forbidden"]
 
 
 def test_the_twilio_webhook_answers_a_call_with_twiml_that_plays(
