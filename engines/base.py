@@ -151,10 +151,11 @@ class SpeechEngine(abc.ABC):
 
         Runs on the event loop only, so the counters need no lock.
         """
-        if owner and self._jobs_by_owner[owner] >= self.max_jobs_per_owner:
-            raise EngineShareExceeded(self.max_jobs_per_owner)
+        # A full engine first: that is capacity (503), whoever holds it; then the owner's share.
         if self._active_jobs >= self.max_active_jobs:
             raise EngineOverloaded(retry_after_s=1)
+        if owner and self._jobs_by_owner[owner] >= self.max_jobs_per_owner:
+            raise EngineShareExceeded(self.max_jobs_per_owner)
         if self._active_jobs == 0:
             self._busy_since = time.monotonic()
         self._active_jobs += 1

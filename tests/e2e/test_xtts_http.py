@@ -31,6 +31,7 @@ def xtts_client(xtts_checkpoint: Path, service_env: ServiceEnv, module_tenant: A
         XTTS_MAX_AUDIO_TOKENS="12",
         XTTS_DETERMINISTIC="1",
         ENGINE_MAX_ACTIVE_JOBS="32",
+        ENGINE_MAX_JOBS_PER_TENANT="32",  # the tests' one tenant may use the whole engine
     )
     _tenant, issued = module_tenant
     with (

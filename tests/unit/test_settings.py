@@ -127,7 +127,7 @@ def test_redis_url_selects_the_redis_channel_layer() -> None:
         "s.CHANNEL_LAYERS['default']['BACKEND']",
         {"SECRET_KEY": "x" * 50, "REDIS_URL": "redis://127.0.0.1:6379/0"},
     )
-    assert result.stdout.strip() == "channels_redis.core.RedisChannelLayer"
+    assert result.stdout.strip() == "core.channel_layer.ResilientRedisChannelLayer"
 
 
 @pytest.mark.parametrize(
