@@ -3,6 +3,11 @@
 ONNX Runtime sessions may be run from several threads at once, so one voice
 serves a pool of worker threads; espeak-ng phonemisation keeps global state
 in C and is serialised by a lock (it takes milliseconds).
+
+Speed: Piper's `length_scale` misses the duration asked for (see engines/tempo.py), so
+every sentence is rendered at the voice's own pace and then time-stretched, on the same
+worker thread, by the segment's rate (speed times any SSML prosody rate). At rate 1
+nothing is stretched.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from engines.base import (
     SpeechJob,
     silence_chunk,
 )
+from engines.tempo import stretched
 from engines.text import Pause
 
 
@@ -94,28 +100,27 @@ class PiperEngine(SpeechEngine):
         with self._phonemize_lock:
             return list(self._voice.phonemize(text))
 
-    def _render(self, phonemes: list[str], length_scale: float) -> np.ndarray:
+    def _render(self, phonemes: list[str], rate: float) -> np.ndarray:
         from piper import SynthesisConfig
 
-        config = SynthesisConfig(
-            length_scale=length_scale, noise_scale=self._noise_scale, noise_w_scale=self._noise_w_scale
-        )
+        # The voice's own length scale (None): its natural pace, which `stretched` then scales.
+        config = SynthesisConfig(noise_scale=self._noise_scale, noise_w_scale=self._noise_w_scale)
         audio = np.asarray(self._voice.phoneme_ids_to_audio(self._voice.phonemes_to_ids(phonemes), config))
         # Same loudness normalisation as PiperVoice.synthesize, per sentence.
         peak = float(np.max(np.abs(audio))) if audio.size else 0.0
         audio = audio / peak if peak > 1e-8 else np.zeros_like(audio)
-        return np.clip(audio, -1.0, 1.0).astype(np.float32)
+        audio = np.clip(audio, -1.0, 1.0).astype(np.float32)
+        return stretched(audio, rate, self.sample_rate)
 
     async def stream(self, job: SpeechJob) -> AsyncIterator[np.ndarray]:
         loop = asyncio.get_running_loop()
-        base_length_scale = float(self._voice.config.length_scale)
         with self.admitted(job.owner):
             for segment in job.segments:
                 if isinstance(segment, Pause):
                     yield silence_chunk(segment.seconds, self.sample_rate)
                     continue
-                length_scale = base_length_scale / job.rate_of(segment)
+                rate = job.rate_of(segment)
                 sentences = await loop.run_in_executor(self._pool, self._phonemize, segment.text)
                 for phonemes in sentences:
                     if phonemes:
-                        yield await loop.run_in_executor(self._pool, self._render, phonemes, length_scale)
+                        yield await loop.run_in_executor(self._pool, self._render, phonemes, rate)

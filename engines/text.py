@@ -150,6 +150,12 @@ def strip_control_characters(text: str) -> str:
     return "".join(cleaned)
 
 
+def is_speakable(text: str) -> bool:
+    """Whether `text` has something to say: a letter or a digit, in any script. Punctuation,
+    symbols and emoji alone make no speech (an engine answers them with silence or noise)."""
+    return any(char.isalnum() for char in text)
+
+
 def normalise_whitespace(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
@@ -306,9 +312,13 @@ def prepare_text(raw: str, *, max_chars: int, ssml: SsmlLimits = DEFAULT_SSML_LI
     segments: list[Segment] = []
     for segment in parsed:
         if isinstance(segment, Speech):
-            segments.extend(Speech(piece, segment.rate) for piece in split_for_streaming(segment.text))
+            # A piece of only punctuation ("...", "!!!" between breaks) is not sent to the engine.
+            pieces = split_for_streaming(segment.text)
+            segments.extend(Speech(piece, segment.rate) for piece in pieces if is_speakable(piece))
         else:
             segments.append(segment)
     if not any(isinstance(segment, Speech) for segment in segments):
-        raise ServiceError(400, "empty_text", "The text has nothing to say.")
+        raise ServiceError(
+            400, "empty_text", "The text has nothing to say: it needs at least one letter or digit."
+        )
     return segments

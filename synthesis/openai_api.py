@@ -131,7 +131,11 @@ def _parse(request: HttpRequest) -> tuple[SynthesisRequest, str]:
         audio_format=response_format,
         sample_rate=SAMPLE_RATE,
         speed=float(speed),
-        streaming=True,  # OpenAI's endpoint always streams its body
+        # OpenAI's endpoint streams its body as it is made, except a WAV: a WAV's header holds
+        # its length, so a streamed one must say "unknown" there, and clients that read the
+        # whole file (wave.open, strict decoders) then get a wrong length. A WAV comes whole,
+        # with true sizes; `pcm` is the same audio streamed, and SSE streams whatever it carries.
+        streaming=stream_format == "sse" or response_format != "wav",
     )
     return wanted, stream_format
 
@@ -167,7 +171,9 @@ async def audio_speech(request: HttpRequest, principal: Principal) -> HttpRespon
     wanted, stream_format = _parse(request)
     text = wanted.text or ""
     meter = usage_meter_of(request)
-    admission = await synthesis_admit(tenant=principal.tenant, request=wanted, meter=meter, lease=True)
+    admission = await synthesis_admit(
+        tenant=principal.tenant, request=wanted, meter=meter, lease=wanted.streaming
+    )
     if stream_format == "audio":
         return await audio_response(request, admission)
 

@@ -29,6 +29,7 @@ from django.utils import timezone
 
 from core.channel_layer import ChannelLayerUnavailable, channel_layer_in_outage, channel_layer_recoveries
 from core.errors import ServiceError
+from engines.text import is_speakable
 from synthesis.admission import service_error_for, synthesis_admit, utterance_request
 from synthesis.stream.access import access_recheck
 from synthesis.stream.flow import TransportFlow
@@ -354,8 +355,10 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
     async def _on_synthesize(self, message: dict[str, Any]) -> None:
         context_id = context_id_of(message)
         text = text_of(message, context_id)
-        if not text.strip():
-            raise ProtocolError("empty_text", "`text` is empty.", context_id)
+        if not is_speakable(text):
+            raise ProtocolError(
+                "empty_text", "`text` has nothing to say: it needs at least one letter or digit.", context_id
+            )
         utterance = await self._on_start(message)
         utterance.add_text(text)
         utterance.end()

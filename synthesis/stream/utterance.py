@@ -102,8 +102,10 @@ class Utterance:
         self.pieces.put_nowait(None)
 
     async def _run(self) -> None:
+        spoken = False
         try:
             while (segments := await self.pieces.get()) is not None:
+                spoken = True
                 plan = self.setup.plan_segments(segments)
                 # The same engine -> encoder loop as HTTP; one encoder for the whole utterance.
                 audio = encoded_audio(plan, self.encoder)
@@ -112,6 +114,14 @@ class Utterance:
                         await self._send_audio(data)
                 finally:
                     await audio.aclose()  # type: ignore[attr-defined]
+            if not spoken:
+                # Every piece was only punctuation or markup (each skipped as it came): the
+                # utterance as a whole had nothing to say, as an HTTP request with its text would.
+                raise ServiceError(
+                    400,
+                    "empty_text",
+                    "The utterance had nothing to say: it needs at least one letter or digit.",
+                )
             await self._send_audio(self.encoder.finish(), final=True)
         except Exception as exc:
             # Whatever failed (text, engine, encoder, the transport), the utterance ends

@@ -374,6 +374,7 @@ MALFORMED: list[tuple[str, Any, str]] = [
     ("twilio without sid", {"type": "start", "context_id": "a", "format": "twilio"}, "missing_stream_sid"),
     ("text not a string", {"type": "synthesize", "context_id": "a", "text": 5}, "invalid_message"),
     ("empty synthesize", {"type": "synthesize", "context_id": "a", "text": " "}, "empty_text"),
+    ("punctuation synthesize", {"type": "synthesize", "context_id": "a", "text": "...!!!???"}, "empty_text"),
     ("binary frame", b"\x00\x01", "unsupported_frame"),
     ("too large", {"type": "text", "context_id": "a", "text": "x" * 70_000}, "message_too_large"),
     ("nested arrays", "[" * 30_000, "nesting_too_deep"),
@@ -408,6 +409,36 @@ def test_a_malformed_message_is_an_error_event_and_the_connection_stays_usable(
 
     received = run_stream(scenario, key=key)
     assert received.close_code is None
+
+
+def test_an_utterance_that_ends_having_said_nothing_is_an_empty_text_error(
+    tenant_key: tuple[Tenant, str],
+) -> None:
+    tenant, key = tenant_key
+
+    async def scenario(client: StreamClient) -> None:
+        await client.until_event("ready")
+        # Pieces of only punctuation are skipped as they come; the utterance keeps going.
+        await client.send(type="start", context_id="said")
+        for piece in ("... ", "Hello there. ", "!!! ", "Bye."):
+            await client.send(type="text", context_id="said", text=piece)
+        await client.send(type="end", context_id="said")
+        assert (await client.until_event("audio_end", "said"))["audio_bytes"] > 0
+        # Nothing but punctuation and markup, to the end: an error, then audio_end.
+        await client.send(type="start", context_id="mute")
+        for piece in ("... ", "?!? ", "<speak><break time='200ms'/></speak>"):
+            await client.send(type="text", context_id="mute", text=piece)
+        await client.send(type="end", context_id="mute")
+        error = await client.until_event("error", "mute")
+        assert error["code"] == "empty_text"
+        end = await client.until_event("audio_end", "mute")
+        assert (end["cancelled"], end["audio_bytes"]) == (False, 0)
+
+    received = run_stream(scenario, key=key)
+    assert [kind for kind, context in received.order if context == "mute"] == ["error", "audio_end"]
+    usage_flush()
+    row = UsageLog.objects.get(tenant=tenant, request_id=received.of("error")[-1]["request_id"])
+    assert (row.status_code, row.error_code, row.audio_bytes) == (400, "empty_text", 0)
 
 
 def test_context_rules_duplicate_ended_too_many_and_too_much_text(

@@ -30,6 +30,32 @@ def test_empty_or_invisible_text_is_refused(text: str) -> None:
     assert code_of(text) == "empty_text"
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "...!!!???",
+        "  ,,, ",
+        "— … ¿?",
+        "😀👍",
+        '<speak><break time="500ms"/>...<break strength="strong"/></speak>',
+        '<speak><p>!!!</p><prosody rate="slow">, ,</prosody></speak>',
+    ],
+)
+def test_text_with_no_letter_or_digit_has_nothing_to_say(text: str) -> None:
+    assert code_of(text) == "empty_text"
+
+
+@pytest.mark.parametrize("text", ["42", "Ж", "你好", "١٢", "x!"])
+def test_one_letter_or_digit_in_any_script_is_speakable(text: str) -> None:
+    assert prepare_text(text, max_chars=100) == [Speech(text)]
+
+
+def test_pieces_of_only_punctuation_are_not_sent_to_the_engine() -> None:
+    ssml = '<speak>Hello there. <break time="1s"/> ... !!! <break time="1s"/>Bye.</speak>'
+    segments = prepare_text(ssml, max_chars=500)
+    assert segments == [Speech("Hello there."), Pause(1.0), Pause(1.0), Speech("Bye.")]
+
+
 def test_text_over_the_limit_is_refused_with_the_limit_in_the_message() -> None:
     with pytest.raises(ServiceError) as raised:
         prepare_text("a" * 101, max_chars=100)
