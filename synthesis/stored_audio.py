@@ -42,8 +42,13 @@ EXTENSIONS = {
     AudioFormat.OPUS: "ogg",
     AudioFormat.FLAC: "flac",
     AudioFormat.MULAW: "ulaw",
+    AudioFormat.AAC: "aac",
 }
-STORED_NAME = re.compile(r"^tenants/[0-9a-f-]{36}/phrases/[0-9a-f]{64}\.(wav|pcm|mp3|ogg|flac|ulaw)$")
+# Every format has its extension (a format without one could be made but never stored).
+assert set(EXTENSIONS) == set(AudioFormat)
+STORED_NAME = re.compile(
+    rf"^tenants/[0-9a-f-]{{36}}/phrases/[0-9a-f]{{64}}\.({'|'.join(sorted(EXTENSIONS.values()))})$"
+)
 _signer = signing.Signer(salt="synthesis.stored-audio-url")
 
 

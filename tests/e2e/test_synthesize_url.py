@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from django.conf import settings
 
-from synthesis.audio import OutputSpec
+from synthesis.audio import AudioFormat, OutputSpec
 from synthesis.stored_audio import local_url_signature
 from tenants.services import tenant_create
 from tests.support.audio import decode
@@ -166,6 +166,15 @@ def test_idempotency_key_replays_and_refuses_a_different_body(client: httpx.Clie
     conflict = client.post("/v1/synthesize-url", json={"text": "Different words."}, headers=key)
     assert conflict.status_code == 409
     assert conflict.json()["error"]["code"] == "idempotency_key_reused"
+
+
+@pytest.mark.parametrize("audio_format", list(AudioFormat))
+def test_every_format_can_be_stored_and_fetched(client: httpx.Client, audio_format: AudioFormat) -> None:
+    answer = ask(client, format=audio_format.value, text=f"{TEXT} ({audio_format} {uuid.uuid4().hex[:6]})")
+    fetched = httpx.get(answer["url"])
+    assert fetched.status_code == 200
+    assert fetched.headers["Content-Type"] == answer["content_type"]
+    assert len(fetched.content) == answer["bytes"] > 0
 
 
 @pytest.mark.django_db(transaction=True)  # committed: the server is another process
