@@ -29,7 +29,8 @@ from core.metrics import USAGE_DEAD_LETTERS, synthesis_observed
 from core.strings import printable
 from tenants.models import Tenant
 from usage.models import UsageLog
-from usage.quotas import QuotaReservation, current_month, quota_counters_add, quota_rows_written
+from usage.quota_holds import QuotaReservation
+from usage.quotas import current_month, quota_counters_add, quota_rows_written
 from usage.spool import UsageRecord, UsageSpool
 
 logger = logging.getLogger(__name__)
@@ -304,7 +305,7 @@ def _rows_write(records: list[UsageRecord]) -> int:
             if not row.cached and row.audio_seconds > 0:
                 new_audio[(row.tenant_id, current_month(row.created_at))] += row.audio_seconds
         quota_counters_add(new_audio)
-    quota_rows_written(new_rows.keys())
+    quota_rows_written((row.id, row.tenant_id, current_month(row.created_at)) for row in new_rows.values())
     return len(new_rows)
 
 

@@ -398,8 +398,9 @@ def test_a_stream_cut_short_counts_only_the_audio_it_produced(
 
 
 @pytest.mark.django_db(transaction=True)  # the async ORM calls run on another connection
+@pytest.mark.parametrize("holds_in", ["redis", "process"])
 def test_quota_reservations_count_while_requests_run_and_settle_to_the_audio_sent(
-    settings: Any, make_tenant: TenantFactory
+    settings: Any, make_tenant: TenantFactory, holds_in: str
 ) -> None:
     import asyncio
 
@@ -407,10 +408,14 @@ def test_quota_reservations_count_while_requests_run_and_settle_to_the_audio_sen
     from usage.quotas import current_month, quota_reserve, quota_rows_written
 
     settings.QUOTA_CACHE_SECONDS = 0.2
+    if holds_in == "process":
+        settings.REDIS_URL = ""  # no Redis: the same bookkeeping in this process
     tenant, _issued = make_tenant(quota_minutes=1)
 
     async def scenario() -> None:
         first = await quota_reserve(tenant, 40.0)
+        assert first is not None
+        assert first.in_redis == (holds_in == "redis")
         second = await quota_reserve(tenant, 40.0)  # 40 s held: still under the 60 s quota
         assert first is not None
         assert second is not None
@@ -427,8 +432,8 @@ def test_quota_reservations_count_while_requests_run_and_settle_to_the_audio_sen
         # Once the usage writer has stored the first one's row, a new reading counts it and
         # the hold lets it go (no double count at the edge of the quota).
         await QuotaUsage.objects.acreate(tenant=tenant, month=current_month(), audio_seconds=10.0)
-        quota_rows_written([first.record_id])
-        await asyncio.sleep(settings.QUOTA_CACHE_SECONDS + 0.05)
+        quota_rows_written([(first.record_id, tenant.id, current_month())])
+        await asyncio.sleep(settings.QUOTA_CACHE_SECONDS + 0.05)  # a reading after the write
         fourth = await quota_reserve(tenant, 45.0)  # 10 s used, nothing held
         fifth = await quota_reserve(tenant, 1.0)  # 55 s: counting the 10 s twice would refuse it
         assert fourth is not None

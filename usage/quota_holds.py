@@ -1,0 +1,309 @@
+"""Audio a tenant's quota counter does not show yet: running requests' reservations, and
+finished requests until a reading of the counter includes their rows (usage/quotas.py).
+
+Held in Redis, so that every process of every pod sees every other's reservations and the
+check-and-reserve is one atomic step for the whole fleet: one hash per tenant and month,
+a field per request (its usage record id) holding "seconds;written_at_ms;expires_at_ms".
+`written_at` is 0 until the usage writer has stored the row; from then on the entry counts
+only for readers whose reading of the counter began before that, and it is dropped once
+every cached reading is newer. Both times are read off Redis's clock (`holds_clock_ms`), so
+hosts' clocks never disagree about them. Entries of a process that died expire on their
+own (RUNNING_TTL_MS, UNWRITTEN_TTL_MS).
+
+While Redis is away the same bookkeeping runs in process memory (`_LocalHolds`): quotas
+then hold per process, as rate limits do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+from django.conf import settings
+
+from core.redis import REDIS_ERRORS, RedisUnavailable, async_redis, breaker, sync_redis
+
+HoldKey = tuple[uuid.UUID, date]
+
+# A running request's reservation outlives any request (600 s of audio at a quarter of
+# real time); a finished one waits for its row through a database outage of up to an hour.
+RUNNING_TTL_MS = 30 * 60_000
+UNWRITTEN_TTL_MS = 60 * 60_000
+KEY_TTL_MS = 2 * 60 * 60_000
+
+_NOW = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local function parse(value)
+  local seconds, written, expires = string.match(value, '^([^;]+);([^;]+);([^;]+)$')
+  return tonumber(seconds), tonumber(written), tonumber(expires)
+end
+"""
+# KEYS: the hash. ARGV: limit, used, read_at_ms, record id, estimate.
+# Returns 1 (reserved) or 0 (the quota is reached).
+_RESERVE_LUA = (
+    _NOW
+    + f"""
+local held = 0
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local seconds, written, expires = parse(entries[i + 1])
+  if expires == nil or expires < now then
+    redis.call('HDEL', KEYS[1], entries[i])
+  elseif written == 0 or written >= tonumber(ARGV[3]) then
+    held = held + seconds
+  end
+end
+if tonumber(ARGV[2]) + held >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[4], ARGV[5] .. ';0;' .. (now + {RUNNING_TTL_MS}))
+redis.call('PEXPIRE', KEYS[1], {KEY_TTL_MS})
+return 1
+"""
+)
+# KEYS: the hash. ARGV: record id, "grow" or "settle", seconds.
+_ADJUST_LUA = (
+    _NOW
+    + f"""
+local value = redis.call('HGET', KEYS[1], ARGV[1])
+local seconds, written, expires = 0, 0, 0
+if value then
+  seconds, written, expires = parse(value)
+end
+local amount = tonumber(ARGV[3])
+if ARGV[2] == 'grow' then
+  if not value or written > 0 then
+    return 0
+  end
+  seconds = seconds + amount
+  expires = math.max(expires, now + {RUNNING_TTL_MS})
+elseif written > 0 then
+  seconds = amount  -- its row is stored already: the entry lives out its written time
+elseif amount > 0 then
+  seconds = amount
+  expires = now + {UNWRITTEN_TTL_MS}
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 1
+end
+redis.call('HSET', KEYS[1], ARGV[1], seconds .. ';' .. written .. ';' .. expires)
+redis.call('PEXPIRE', KEYS[1], {KEY_TTL_MS})
+return 1
+"""
+)
+# KEYS: the hash. ARGV: how long a written entry stays (ms), record ids...
+_WRITTEN_LUA = (
+    _NOW
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+for i = 2, #ARGV do
+  local value = redis.call('HGET', KEYS[1], ARGV[i])
+  local seconds = 0
+  if value then
+    seconds = parse(value)
+  end
+  redis.call('HSET', KEYS[1], ARGV[i], seconds .. ';' .. now .. ';' .. (now + tonumber(ARGV[1])))
+end
+return 1
+"""
+)
+
+
+def _redis_key(key: HoldKey) -> str:
+    tenant_id, month = key
+    return f"{settings.REDIS_KEY_PREFIX}:quota:{tenant_id.hex}:{month:%Y-%m}"
+
+
+def _now_ms() -> float:
+    return time.time() * 1000
+
+
+def _written_keep_ms() -> float:
+    """How long a written entry must still count: until every process's cached reading of
+    the counter was taken after the write."""
+    return (settings.QUOTA_CACHE_SECONDS + 1.0) * 1000
+
+
+async def holds_clock_ms() -> float:
+    """Now, on the clock the holds are stamped with: Redis's (the local one without it)."""
+    try:
+        seconds, microseconds = await async_redis().time()
+    except (RedisUnavailable, *REDIS_ERRORS) as exc:
+        if not isinstance(exc, RedisUnavailable):
+            breaker.trip(exc)
+        return _now_ms()
+    return float(seconds * 1000 + microseconds / 1000)
+
+
+# --- in process memory (no Redis, or Redis away) ---------------------------------------------
+
+
+@dataclass
+class _Entry:
+    seconds: float
+    written_at_ms: float = 0.0
+
+
+@dataclass
+class _LocalHolds:
+    reserved: dict[uuid.UUID, float] = field(default_factory=dict)
+    settled: dict[uuid.UUID, _Entry] = field(default_factory=dict)
+
+    def seconds(self, read_at_ms: float) -> float:
+        for record_id in [
+            record_id
+            for record_id, entry in self.settled.items()
+            if entry.written_at_ms and entry.written_at_ms < read_at_ms
+        ]:
+            del self.settled[record_id]  # the reading includes it
+        return sum(self.reserved.values()) + sum(entry.seconds for entry in self.settled.values())
+
+
+_local: dict[HoldKey, _LocalHolds] = defaultdict(_LocalHolds)
+# The event loop reserves and settles; the usage writer's thread marks rows written.
+_local_lock = threading.Lock()
+# Adjustments sent to Redis from synchronous code: held until done (the loop keeps only a
+# weak reference to a task).
+_pending: set[asyncio.Task[Any]] = set()
+
+
+def _local_held(key: HoldKey, read_at_ms: float) -> float:
+    with _local_lock:
+        return _local[key].seconds(read_at_ms) if key in _local else 0.0
+
+
+# --- reservations ------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class QuotaReservation:
+    """A running request's claim on its tenant's quota; `settle` it once, when it ends."""
+
+    key: HoldKey
+    record_id: uuid.UUID  # the id of the request's usage record
+    seconds: float
+    in_redis: bool
+    settled: bool = False
+
+    def grow(self, seconds: float) -> None:
+        """More text arrived (a WebSocket utterance): reserve its audio too."""
+        if self.settled or seconds <= 0:
+            return
+        self.seconds += seconds
+        if self.in_redis:
+            _redis_adjust(self.key, self.record_id, "grow", seconds)
+            return
+        with _local_lock:
+            holds = _local[self.key]
+            holds.reserved[self.record_id] = holds.reserved.get(self.record_id, 0.0) + seconds
+
+    def settle(self, actual_seconds: float) -> None:
+        """The request ended having sent `actual_seconds` (0 for cache hits and refusals):
+        held until a reading of the counter includes its row."""
+        if self.settled:
+            return
+        self.settled = True
+        kept = actual_seconds if actual_seconds > 0 and settings.USAGE_RECORDS else 0.0
+        if self.in_redis:
+            _redis_adjust(self.key, self.record_id, "settle", kept)
+            return
+        with _local_lock:
+            holds = _local[self.key]
+            holds.reserved.pop(self.record_id, None)
+            if kept:
+                holds.settled[self.record_id] = _Entry(kept)
+
+
+async def holds_reserve(
+    key: HoldKey, *, limit: float, used: float, read_at_ms: float, record_id: uuid.UUID, estimate: float
+) -> QuotaReservation | None:
+    """Reserve `estimate` unless `used` plus everything held reaches `limit` (then None)."""
+    # This process's own settlements first, so that it never counts what it has released.
+    loop = asyncio.get_running_loop()
+    if ours := [task for task in _pending if task.get_loop() is loop]:
+        await asyncio.wait(ours, timeout=settings.REDIS_TIMEOUT_SECONDS)
+    local = _local_held(key, read_at_ms)
+    try:
+        reserved = await async_redis().eval(
+            _RESERVE_LUA,
+            1,
+            _redis_key(key),
+            limit,
+            used + local,
+            int(read_at_ms),
+            record_id.hex,
+            estimate,
+        )
+    except (RedisUnavailable, *REDIS_ERRORS) as exc:
+        if not isinstance(exc, RedisUnavailable):
+            breaker.trip(exc)
+    else:
+        return QuotaReservation(key, record_id, estimate, in_redis=True) if reserved else None
+    with _local_lock:
+        holds = _local[key]
+        if used + holds.seconds(read_at_ms) >= limit:
+            return None
+        holds.reserved[record_id] = estimate
+    return QuotaReservation(key, record_id, estimate, in_redis=False)
+
+
+def _redis_adjust(key: HoldKey, record_id: uuid.UUID, mode: str, seconds: float) -> None:
+    """Send a change of a reservation to Redis without making the caller wait: on the
+    event loop as a task; from a thread without one (the process exiting) directly."""
+    args = (_ADJUST_LUA, 1, _redis_key(key), record_id.hex, mode, seconds)
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        try:
+            sync_redis().eval(*args)
+        except (RedisUnavailable, *REDIS_ERRORS):
+            pass  # the entry expires on its own
+        return
+    task = loop.create_task(_aeval(args))
+    _pending.add(task)
+    task.add_done_callback(_pending.discard)
+
+
+async def _aeval(args: tuple[Any, ...]) -> None:
+    try:
+        await async_redis().eval(*args)
+    except RedisUnavailable:
+        pass  # the entry expires on its own
+    except REDIS_ERRORS as exc:
+        breaker.trip(exc)
+
+
+# Marks Redis has not taken yet (it was away): sent again with the next batch, so that a
+# short outage does not leave finished requests counted for the whole UNWRITTEN_TTL_MS.
+_unmarked: dict[HoldKey, set[uuid.UUID]] = defaultdict(set)
+
+
+def holds_rows_written(records: Iterable[tuple[uuid.UUID, HoldKey]]) -> None:
+    """The usage writer stored these records' rows (and their audio in the counter). Runs
+    on the writer's thread only."""
+    now = _now_ms()
+    with _local_lock:
+        for record_id, key in records:
+            _unmarked[key].add(record_id)
+            if key in _local and (entry := _local[key].settled.get(record_id)) is not None:
+                entry.written_at_ms = now
+    try:
+        client = sync_redis()
+        for key in list(_unmarked):
+            record_ids = [record_id.hex for record_id in _unmarked[key]]
+            client.eval(_WRITTEN_LUA, 1, _redis_key(key), int(_written_keep_ms()), *record_ids)
+            del _unmarked[key]
+    except (RedisUnavailable, *REDIS_ERRORS):
+        # Kept for the next batch; bounded, since every entry also expires in Redis.
+        if sum(len(ids) for ids in _unmarked.values()) > 100_000:
+            _unmarked.clear()
