@@ -83,6 +83,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "callwaiting_tts.middleware.RequestIdMiddleware",
+    "callwaiting_tts.middleware.MethodMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -100,6 +101,7 @@ MIDDLEWARE = [
 # them in its one sync thread, which the streaming API must never wait on.
 API_MIDDLEWARE = [
     "callwaiting_tts.middleware.RequestIdMiddleware",
+    "callwaiting_tts.middleware.MethodMiddleware",
     "callwaiting_tts.middleware.InlineSecurityMiddleware",
     "callwaiting_tts.middleware.InlineXFrameOptionsMiddleware",
 ]
@@ -351,6 +353,9 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "api.errors.api_exception_handler",
     "UNAUTHENTICATED_USER": None,
+    # OPTIONS is not part of the API: refused with 405 like any undocumented method
+    # (DRF would answer it with a description of the view).
+    "DEFAULT_METADATA_CLASS": None,
 }
 
 SPECTACULAR_SETTINGS = {

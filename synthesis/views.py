@@ -221,7 +221,7 @@ async def twiml_play(request: HttpRequest, principal: Principal) -> HttpResponse
 
 async def audio_download(request: HttpRequest, name: str) -> HttpResponseBase:
     """The signed download link for locally stored audio (public: the signature is the credential)."""
-    if request.method not in ("GET", "HEAD"):
+    if request.method != "GET":  # HEAD arrives as GET (callwaiting_tts.middleware.MethodMiddleware)
         return error_response(request, 405, "method_not_allowed", "Use GET.", headers={"Allow": "GET, HEAD"})
     try:
         verify_local_signature(name, request.GET.get("expires", ""), request.GET.get("signature", ""))
@@ -239,7 +239,8 @@ async def audio_download(request: HttpRequest, name: str) -> HttpResponseBase:
     if request.headers.get("If-None-Match") == etag:
         response = HttpResponse(status=304)
     else:
-        body = b"" if request.method == "HEAD" else await sync_to_async(read, thread_sensitive=False)()
+        head = request.META.get("REQUEST_METHOD") == "HEAD"
+        body = b"" if head else await sync_to_async(read, thread_sensitive=False)()
         response = HttpResponse(body, content_type=phrase.content_type)
         response["Content-Length"] = str(phrase.size_bytes)
     remaining = max(0, int(request.GET["expires"]) - int(time.time()))
