@@ -372,7 +372,7 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
-        "synthesis.schema.add_async_views",
+        "callwaiting_tts.schema.complete_schema",
     ],
 }
 

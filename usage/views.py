@@ -66,13 +66,14 @@ class UsageQuerySerializer(serializers.Serializer[dict[str, Any]]):
     parameters=[
         OpenApiParameter(
             "from",
-            OpenApiTypes.STR,
-            description="Start (a date or ISO 8601 datetime; default: the 1st of this month, UTC).",
+            OpenApiTypes.DATE,
+            description="Start (a date, or an ISO 8601 datetime; default: the 1st of this month, UTC).",
         ),
         OpenApiParameter(
             "to",
-            OpenApiTypes.STR,
-            description="End: a date includes that whole day; a datetime is exclusive (default: now).",
+            OpenApiTypes.DATE,
+            description="End: a date includes that whole day; a datetime is exclusive (default: now). "
+            f"After `from`, and at most {MAX_PERIOD.days} days after it (else 400 invalid_request).",
         ),
         OpenApiParameter("group_by", OpenApiTypes.STR, enum=sorted(GROUP_FIELDS)),
     ],
