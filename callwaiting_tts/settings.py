@@ -360,6 +360,8 @@ REST_FRAMEWORK = {
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "CallWaiting TTS",
+    # 3.1: JSON Schema proper (nullable fields are `type: [..., "null"]`).
+    "OAS_VERSION": "3.1.0",
     # The WebSocket protocol has no place in OpenAPI's paths: it is described here.
     "DESCRIPTION": "Multi-tenant, low-latency text-to-speech for voice agents.\n\n"
     + (BASE_DIR / "docs" / "streaming.md").read_text(),

@@ -82,9 +82,9 @@ OPENAI_ERROR_SCHEMA: dict[str, Any] = {
 def _language() -> dict[str, Any]:
     return {
         "type": "string",
-        "minLength": 1,
         "maxLength": 16,
-        "pattern": "^[A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})*$",
+        # Empty is unset, as null is.
+        "pattern": "^([A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})*)?$",
         "description": "The voice's language if unset; one the engine speaks (else unsupported_language).",
     }
 

@@ -42,8 +42,11 @@ EXTENSIONS = {
     AudioFormat.OPUS: "ogg",
     AudioFormat.FLAC: "flac",
     AudioFormat.MULAW: "ulaw",
+    AudioFormat.AAC: "aac",
 }
-STORED_NAME = re.compile(r"^tenants/[0-9a-f-]{36}/phrases/[0-9a-f]{64}\.(wav|pcm|mp3|ogg|flac|ulaw)$")
+STORED_NAME = re.compile(
+    r"^tenants/[0-9a-f-]{36}/phrases/[0-9a-f]{64}\.(" + "|".join(EXTENSIONS.values()) + ")$"
+)
 _signer = signing.Signer(salt="synthesis.stored-audio-url")
 
 

@@ -7,6 +7,7 @@ one sync thread, and audio bytes go out as the engine produces them.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -148,6 +149,9 @@ async def audio_response(
     return response
 
 
+# What an Idempotency-Key may be (synthesis.schema says the same): it is stored and compared.
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{0,255}")
+
 # The fields an Idempotency-Key's request is recognised by, with their defaults: the same
 # as they have always been, so that a retry keeps matching the request it repeats.
 _FINGERPRINTED = (
@@ -166,8 +170,12 @@ async def _stored_audio_answer(request: HttpRequest, principal: Principal, endpo
     payload = json_object_body(request)
     wanted = native_request(payload)
     idempotency_key = request.headers.get("Idempotency-Key", "").strip()
-    if len(idempotency_key) > 255:
-        raise ServiceError(400, "invalid_idempotency_key", "Idempotency-Key is at most 255 characters.")
+    if not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+        raise ServiceError(
+            400,
+            "invalid_idempotency_key",
+            "Idempotency-Key is at most 255 visible ASCII characters (no spaces).",
+        )
     fingerprint = request_fingerprint(
         {name: default if payload.get(name) is None else payload[name] for name, default in _FINGERPRINTED}
     )

@@ -18,6 +18,8 @@ from usage.quotas import current_month
 from usage.services import GROUP_FIELDS, UsageQuery, usage_summary
 
 MAX_PERIOD = timedelta(days=400)
+# `from` and `to`: a date or a datetime (_moment).
+MOMENT = {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]}
 
 
 def _moment(value: str, *, end: bool) -> datetime:
@@ -42,7 +44,7 @@ class UsageQuerySerializer(serializers.Serializer[dict[str, Any]]):
         values: dict[str, Any] = dict(super().to_internal_value(data))
         problems: dict[str, list[str]] = {}
         for name, is_end in (("from", False), ("to", True)):
-            if raw := data.get(name):
+            if (raw := data.get(name)) is not None:  # present but empty is no date: refused
                 try:
                     values[name] = _moment(raw, end=is_end)
                 except serializers.ValidationError as exc:
@@ -66,12 +68,12 @@ class UsageQuerySerializer(serializers.Serializer[dict[str, Any]]):
     parameters=[
         OpenApiParameter(
             "from",
-            OpenApiTypes.DATE,
+            MOMENT,
             description="Start (a date, or an ISO 8601 datetime; default: the 1st of this month, UTC).",
         ),
         OpenApiParameter(
             "to",
-            OpenApiTypes.DATE,
+            MOMENT,
             description="End: a date includes that whole day; a datetime is exclusive (default: now). "
             f"After `from`, and at most {MAX_PERIOD.days} days after it (else 400 invalid_request).",
         ),
