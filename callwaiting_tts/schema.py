@@ -14,6 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
+from rest_framework.renderers import JSONRenderer
+from rest_framework.response import Response
+
 from synthesis.schema import (
     ERROR_SCHEMA,
     OPENAI_ERROR_SCHEMA,
@@ -115,3 +119,23 @@ def complete_schema(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
             operation["responses"] = dict(sorted(responses.items()))
     result["paths"] = dict(sorted(paths.items()))
     return result
+
+
+class JsonErrorsMixin:
+    """The schema's and the docs' views answer errors (a 405) as every other route does:
+    JSON in the error shape, not the schema's media type or an HTML page."""
+
+    def handle_exception(self, exc: Exception) -> Response:
+        request: Any = self.request  # type: ignore[attr-defined]
+        request.accepted_renderer = JSONRenderer()
+        request.accepted_media_type = "application/json"
+        response: Response = super().handle_exception(exc)  # type: ignore[misc]
+        return response
+
+
+class SchemaView(JsonErrorsMixin, SpectacularJSONAPIView):
+    pass
+
+
+class DocsView(JsonErrorsMixin, SpectacularSwaggerView):
+    pass

@@ -29,7 +29,10 @@ def _moment(value: str, *, end: bool) -> datetime:
     except ValueError:
         pass
     else:
-        return datetime.combine(day + timedelta(days=1) if end else day, time.min, tzinfo=UTC)
+        try:
+            return datetime.combine(day + timedelta(days=1) if end else day, time.min, tzinfo=UTC)
+        except OverflowError:  # the day after 9999-12-31
+            raise serializers.ValidationError("Out of range: at most 9999-12-30.") from None
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
