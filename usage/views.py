@@ -52,6 +52,8 @@ class UsageQuerySerializer(serializers.Serializer[dict[str, Any]]):
                     values[name] = _moment(raw, end=is_end)
                 except serializers.ValidationError as exc:
                     problems[name] = [str(detail) for detail in exc.detail]
+        if data.get("group_by") == "":  # DRF reads an empty form value as absent; it is no choice
+            problems["group_by"] = ["Use one of: " + ", ".join(sorted(GROUP_FIELDS)) + "."]
         if problems:
             raise serializers.ValidationError(problems)
         return values
