@@ -28,6 +28,7 @@ AUDIO_MEDIA_TYPES = {
     AudioFormat.AAC: "audio/aac",
 }
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
+_INTEGER_HEADER = {"schema": {"type": "integer"}}
 
 
 def json_content(schema: dict[str, Any]) -> dict[str, Any]:
@@ -373,6 +374,7 @@ AUDIO_DOWNLOAD_OPERATION: dict[str, Any] = {
         "304": {"description": "Not modified (If-None-Match)."},
         "403": error_response("invalid_signature, link_expired"),
         "404": error_response("not_found: the audio no longer exists"),
+        "503": error_response("database_unavailable", headers={"Retry-After": _INTEGER_HEADER}),
     },
 }
 

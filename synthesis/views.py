@@ -17,13 +17,14 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.core.files.storage import default_storage
+from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.utils.http import http_date
 
 from api.errors import error_response, service_error_response
 from api.views import async_api_view
 from core.bounded_json import bounded_json_loads
-from core.errors import ServiceError
+from core.errors import ServiceError, database_error
 from core.request_ids import request_id_for
 from synthesis.admission import Admission, native_request, service_error_for, synthesis_admit
 from synthesis.models import PhraseAudio
@@ -235,7 +236,10 @@ async def audio_download(request: HttpRequest, name: str) -> HttpResponseBase:
         verify_local_signature(name, request.GET.get("expires", ""), request.GET.get("signature", ""))
     except ServiceError as exc:
         return service_error_response(request, exc)
-    phrase = await PhraseAudio.objects.filter(storage_name=name).afirst()
+    try:
+        phrase = await PhraseAudio.objects.filter(storage_name=name).afirst()
+    except DatabaseError as exc:  # a plain view: nothing else turns this into the 503 to retry
+        return service_error_response(request, database_error(exc))
     if phrase is None or not await sync_to_async(default_storage.exists, thread_sensitive=False)(name):
         return error_response(request, 404, "not_found", "This audio no longer exists.")
 
