@@ -116,6 +116,11 @@ def complete_schema(result: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
                         existing.setdefault("headers", {}).update(answer["headers"])
                 else:
                     responses[status] = answer
+            if operation.get("security"):
+                # The rate budget rides on every answer to an authenticated request.
+                for status, answer in responses.items():
+                    if status.startswith("2"):
+                        answer.setdefault("headers", {}).update(RATE_HEADERS)
             operation["responses"] = dict(sorted(responses.items()))
     result["paths"] = dict(sorted(paths.items()))
     return result

@@ -7,7 +7,7 @@ from typing import Any
 
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.decorators import api_view
 from rest_framework.request import Request
@@ -68,6 +68,50 @@ class UsageQuerySerializer(serializers.Serializer[dict[str, Any]]):
         return attrs
 
 
+def _metric_fields() -> dict[str, serializers.Field[Any, Any, Any, Any]]:
+    """The answer's totals and groups, for the schema (usage.services.usage_summary makes
+    them). Fields, not a Serializer class: `errors` is a Serializer's own attribute."""
+    return {
+        "requests": serializers.IntegerField(),
+        "errors": serializers.IntegerField(),
+        "cancelled": serializers.IntegerField(),
+        "characters": serializers.IntegerField(),
+        "audio_seconds": serializers.FloatField(),
+        "audio_bytes": serializers.IntegerField(),
+        "latency_ms_p50": serializers.FloatField(allow_null=True),
+        "latency_ms_p95": serializers.FloatField(allow_null=True),
+    }
+
+
+class QuotaSerializer(serializers.Serializer[dict[str, Any]]):
+    month = serializers.CharField()
+    used_seconds = serializers.FloatField()
+    limit_seconds = serializers.IntegerField(allow_null=True, help_text="null: no quota.")
+    remaining_seconds = serializers.FloatField(allow_null=True)
+
+
+USAGE_REPORT = inline_serializer(
+    "UsageReport",
+    {
+        "from": serializers.DateTimeField(),
+        "to": serializers.DateTimeField(),
+        "group_by": serializers.ChoiceField(choices=sorted(GROUP_FIELDS), allow_null=True),
+        "totals": inline_serializer("UsageTotals", _metric_fields()),
+        "groups": inline_serializer(
+            "UsageGroup",
+            {
+                "key": serializers.CharField(allow_null=True, help_text="The day, voice or endpoint."),
+                **_metric_fields(),
+            },
+            many=True,
+            required=False,
+            help_text="With group_by only.",
+        ),
+        "quota": QuotaSerializer(),
+    },
+)
+
+
 @extend_schema(
     summary="The caller's usage: totals, groups and this month's quota",
     parameters=[
@@ -84,7 +128,7 @@ class UsageQuerySerializer(serializers.Serializer[dict[str, Any]]):
         ),
         OpenApiParameter("group_by", OpenApiTypes.STR, enum=sorted(GROUP_FIELDS)),
     ],
-    responses=OpenApiTypes.OBJECT,
+    responses=USAGE_REPORT,
 )
 @api_view(["GET"])
 def usage_report(request: Request) -> Response:
