@@ -16,6 +16,7 @@ from typing import Any
 
 from django.db import DatabaseError
 from django.http import HttpRequest, StreamingHttpResponse
+from django.http.multipartparser import MultiPartParserError
 from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import serializers
@@ -62,6 +63,10 @@ def async_api_view(
                 error = ServiceError(
                     400, "invalid_request", validation_message(exc.detail), details=exc.detail
                 )
+                return render_error(request, error)
+            except MultiPartParserError as exc:
+                # A form body that does not parse (no boundary, broken parts): the client's.
+                error = ServiceError(400, "malformed_request", f"The form body does not parse: {exc}.")
                 return render_error(request, error)
             except DatabaseError as exc:
                 return render_error(request, database_error(exc))

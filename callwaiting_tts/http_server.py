@@ -21,6 +21,14 @@ stopped every stream on the process for seconds. So here:
 
 WebSockets are untouched: their handshake has no body and Daphne hands the
 connection over before any of this applies.
+
+Requests that Twisted or Daphne refuse before the application sees them (a bad
+Content-Length, broken chunked framing, an invalid header name, a request line or
+path that does not parse, too many or too long headers) were answered with a bare
+`400` that had no body, no Content-Type and no X-Request-ID. Here they get the
+service's JSON error shape too: `400 malformed_request`, or `431 headers_too_large`
+for headers over Twisted's limits, with a request id, and the connection closed
+(what follows a framing error cannot be trusted to be the next request).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from django.conf import settings
 from django.urls import reverse
 from twisted.internet import reactor as twisted_reactor
 from twisted.internet.base import DelayedCall
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.http_headers import Headers
 
 from api.errors import error_body
@@ -99,21 +108,41 @@ def _presents_a_key(headers: Headers) -> bool:
     return any(value[:7].lower() == b"bearer " for value in values)
 
 
-def _refusal(limit: BodyLimit, headers: Headers) -> tuple[bytes, str]:
-    """A whole 413 response in the error shape (api.errors), and its request id."""
-    offered = (headers.getRawHeaders(REQUEST_ID_HEADER.encode()) or [b""])[0].decode("latin-1")
-    request_id = offered if SANE_REQUEST_ID.match(offered) else new_request_id()
-    body = error_body(None, limit.code, limit.message)
+def _request_id_of(headers: Headers | None) -> str:
+    """The client's X-Request-ID if it is sane (as the middleware decides), or a new one."""
+    raw = (headers.getRawHeaders(REQUEST_ID_HEADER.encode()) or [b""])[0] if headers is not None else b""
+    offered = raw.decode("latin-1")
+    return offered if SANE_REQUEST_ID.match(offered) else new_request_id()
+
+
+def raw_error_response(status: str, code: str, message: str, request_id: str) -> bytes:
+    """A whole HTTP/1.1 error response in the error shape (api.errors), closing the connection:
+    for answers written before (or instead of) the application."""
+    body = error_body(None, code, message)
     body["error"]["request_id"] = request_id
     content = json.dumps(body).encode()
     head = (
-        "HTTP/1.1 413 Content Too Large\r\n"
+        f"HTTP/1.1 {status}\r\n"
         "Content-Type: application/json\r\n"
         f"Content-Length: {len(content)}\r\n"
         f"{REQUEST_ID_HEADER}: {request_id}\r\n"
         "Connection: close\r\n\r\n"
     )
-    return head.encode() + content, request_id
+    return head.encode() + content
+
+
+def _refusal(limit: BodyLimit, headers: Headers) -> tuple[bytes, str]:
+    """A whole 413 response in the error shape, and its request id."""
+    request_id = _request_id_of(headers)
+    return raw_error_response("413 Content Too Large", limit.code, limit.message, request_id), request_id
+
+
+# Daphne's own error pages (basic_error), by status: their code and words in the error shape.
+_DAPHNE_ERRORS = {
+    400: ("malformed_request", "The request could not be parsed: {reason}."),
+    500: ("internal_error", "Something went wrong on our side; it has been logged."),
+    503: ("server_timeout", "The server did not answer within its time limit; retry."),
+}
 
 
 class BoundedRequest(WebRequest):  # type: ignore[misc]  # daphne ships no types
@@ -199,11 +228,66 @@ class BoundedRequest(WebRequest):  # type: ignore[misc]  # daphne ships no types
         if self.channel is not None:
             self.channel.loseConnection()
 
+    def basic_error(self, status: int, status_text: bytes, body: str) -> None:
+        """Daphne's refusals (an invalid header name or value, a non-ASCII path or query string,
+        an application that crashed or timed out) in the error shape instead of an HTML page."""
+        code, message = _DAPHNE_ERRORS.get(status, ("malformed_request", "{reason}."))
+        request_id = _request_id_of(self.requestHeaders)
+        error = error_body(None, code, message.format(reason=body.rstrip(".").lower()))
+        error["error"]["request_id"] = request_id
+        self.handle_reply(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"Content-Type", b"application/json"),
+                    (REQUEST_ID_HEADER.encode(), request_id.encode()),
+                ],
+            }
+        )
+        self.handle_reply({"type": "http.response.body", "body": json.dumps(error).encode()})
+
+
+class ServiceHTTPChannel(HTTPChannel):
+    """Twisted's HTTP/1.1 connection, answering what it cannot parse in the error shape."""
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's one answer for every framing error: a bad Content-Length or chunk, a
+        # header line without a colon, a request line that does not parse, too many headers.
+        too_many = self._receivedHeaderCount > self.maxHeaders
+        self._answer_and_close(too_many or self._receivedHeaderSize > self.totalHeadersSize)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # A header (or request) line over MAX_LENGTH: Twisted would just drop the connection.
+        self._answer_and_close(headers_too_large=True)
+
+    def _answer_and_close(self, headers_too_large: bool) -> None:
+        request_id = new_request_id()
+        if headers_too_large:
+            status, code = "431 Request Header Fields Too Large", "headers_too_large"
+            message = "The request's headers are too many or too long."
+        else:
+            status, code = "400 Bad Request", "malformed_request"
+            message = "The request could not be parsed (its request line, headers or body framing)."
+        # Twisted's own annotations of these two are incomplete (an untyped method, an
+        # interface's method typed with `self`).
+        channel: Any = self
+        if channel.transport is not None:
+            channel.transport.write(raw_error_response(status, code, message, request_id))
+        logger.warning("Refused a malformed request (%s).", code, extra={"request_id": request_id})
+        channel.loseConnection()
+
 
 class BoundedHTTPFactory(HTTPFactory):  # type: ignore[misc]
     def __init__(self, server: Any) -> None:
         super().__init__(server)
         self.body_limits = BodyLimits.from_settings()
+
+    def protocol(self) -> Any:
+        # Twisted's HTTPFactory builds `_GenericHTTPChannelProtocol(HTTPChannel())`
+        # (the wrapper that can switch to HTTP/2); the same around our channel.
+        channel: Any = ServiceHTTPChannel
+        return _GenericHTTPChannelProtocol(channel())
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol = super().buildProtocol(addr)

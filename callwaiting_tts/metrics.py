@@ -84,4 +84,6 @@ def metrics_view(request: HttpRequest) -> HttpResponseBase:
             "Send Authorization: Bearer <METRICS_TOKEN>.",
             headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
         )
+    if request.method != "GET":  # HEAD arrives as GET (middleware.MethodMiddleware)
+        return error_response(request, 405, "method_not_allowed", "Use GET.", headers={"Allow": "GET"})
     return HttpResponse(generate_latest(), content_type=CONTENT_TYPE_LATEST)

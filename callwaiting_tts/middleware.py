@@ -1,4 +1,5 @@
-"""Request ids (every response carries X-Request-ID, every log line names it) and rate headers."""
+"""Request ids (every response carries X-Request-ID, every log line names it), rate headers,
+and the one method policy (HEAD wherever GET is; 405 naming the documented methods)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import sentry_sdk
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.security import SecurityMiddleware
@@ -103,3 +104,69 @@ class InlineSecurityMiddleware(InlineHooksMixin, SecurityMiddleware):
 
 class InlineXFrameOptionsMiddleware(InlineHooksMixin, XFrameOptionsMiddleware):
     pass
+
+
+def _documented_allow(allow: str) -> str:
+    """An `Allow` header as the API documents it: HEAD wherever GET is, never OPTIONS
+    (DRF lists OPTIONS on its views; it is refused like any undocumented method)."""
+    methods = {method.strip().upper() for method in allow.split(",") if method.strip()}
+    methods.discard("OPTIONS")
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
+class MethodMiddleware:
+    """One method policy for every route: HEAD is GET without its body, wherever GET is
+    allowed; a 405 names exactly the documented methods in `Allow`.
+
+    HEAD reaches each view as GET, so that no view (DRF's, Django's, the async ones)
+    needs its own HEAD; `request.META["REQUEST_METHOD"]` still says HEAD for a view that
+    can skip work (the signed download does not read the file). Methods a route does not
+    document, OPTIONS and TRACE among them, are refused by the view (after authentication
+    on the routes that need a key) with 405 and the JSON error shape.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(
+        self,
+        get_response: Callable[[HttpRequest], HttpResponseBase]
+        | Callable[[HttpRequest], Awaitable[HttpResponseBase]],
+    ) -> None:
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
+        if self.is_async:
+            return self.__acall__(request)
+        head = _as_get(request)
+        response = self.get_response(request)
+        assert isinstance(response, HttpResponseBase)
+        return _finish(response, head=head)
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        head = _as_get(request)
+        response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
+        return _finish(response, head=head)
+
+
+def _as_get(request: HttpRequest) -> bool:
+    if request.method != "HEAD":
+        return False
+    request.method = "GET"
+    return True
+
+
+def _finish(response: HttpResponseBase, *, head: bool) -> HttpResponseBase:
+    if "Allow" in response:
+        response["Allow"] = _documented_allow(response["Allow"])
+    if head and isinstance(response, HttpResponse):
+        # The GET's headers (Content-Length included, as HTTP allows for HEAD), no body.
+        length = response.get("Content-Length", str(len(response.content)))
+        response.content = b""
+        response["Content-Length"] = length
+    return response

@@ -25,7 +25,9 @@ from asgiref.sync import sync_to_async
 from django.core.files.storage import default_storage
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
+from django.http.response import HttpResponseBase
 
+from api.errors import error_response
 from callwaiting_tts.lifecycle import lifecycle
 from core.redis import redis_configured
 from engines import loaded_engine
@@ -69,7 +71,9 @@ async def _check(probe: Callable[[], Awaitable[None]]) -> dict[str, Any]:
     return {"ok": True, "ms": round((time.perf_counter() - started) * 1000, 1)}
 
 
-async def ready(request: HttpRequest) -> JsonResponse:
+async def ready(request: HttpRequest) -> HttpResponseBase:
+    if request.method != "GET":  # HEAD arrives as GET (middleware.MethodMiddleware)
+        return error_response(request, 405, "method_not_allowed", "Use GET.", headers={"Allow": "GET"})
     checks: dict[str, dict[str, Any]] = {
         "database": await _check(sync_to_async(_database_answers, thread_sensitive=False)),
         "storage": await _check(sync_to_async(_storage_answers, thread_sensitive=False)),

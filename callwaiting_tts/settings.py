@@ -83,6 +83,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "callwaiting_tts.middleware.RequestIdMiddleware",
+    "callwaiting_tts.middleware.MethodMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -100,6 +101,7 @@ MIDDLEWARE = [
 # them in its one sync thread, which the streaming API must never wait on.
 API_MIDDLEWARE = [
     "callwaiting_tts.middleware.RequestIdMiddleware",
+    "callwaiting_tts.middleware.MethodMiddleware",
     "callwaiting_tts.middleware.InlineSecurityMiddleware",
     "callwaiting_tts.middleware.InlineXFrameOptionsMiddleware",
 ]
@@ -351,10 +353,15 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "api.errors.api_exception_handler",
     "UNAUTHENTICATED_USER": None,
+    # OPTIONS is not part of the API: refused with 405 like any undocumented method
+    # (DRF would answer it with a description of the view).
+    "DEFAULT_METADATA_CLASS": None,
 }
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "CallWaiting TTS",
+    # 3.1: JSON Schema proper (nullable fields are `type: [..., "null"]`).
+    "OAS_VERSION": "3.1.0",
     # The WebSocket protocol has no place in OpenAPI's paths: it is described here.
     "DESCRIPTION": "Multi-tenant, low-latency text-to-speech for voice agents.\n\n"
     + (BASE_DIR / "docs" / "streaming.md").read_text(),
@@ -367,7 +374,7 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
-        "synthesis.schema.add_async_views",
+        "callwaiting_tts.schema.complete_schema",
     ],
 }
 

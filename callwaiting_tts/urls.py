@@ -2,11 +2,11 @@ from django.conf import settings
 from django.contrib import admin
 from django.http import HttpRequest, JsonResponse
 from django.urls import path
-from drf_spectacular.views import SpectacularJSONAPIView, SpectacularSwaggerView
 
 from callwaiting_tts.health import health
 from callwaiting_tts.metrics import metrics_view
 from callwaiting_tts.readiness import ready
+from callwaiting_tts.schema import DocsView, SchemaView
 from synthesis.openai_api import audio_speech
 from synthesis.views import audio_download, synthesize, synthesize_url, twiml_play
 from tenants.views import tenant_detail
@@ -38,8 +38,8 @@ urlpatterns = [
     path("v1/voices", voice_list, name="voice-list"),
     path("v1/voices/upload", voice_upload, name="voice-upload"),
     path("v1/voices/<slug:voice_id>", voice_detail, name="voice-detail"),
-    path("v1/openapi.json", SpectacularJSONAPIView.as_view(), name="openapi-schema"),
-    path("v1/docs", SpectacularSwaggerView.as_view(url_name="openapi-schema"), name="docs"),
+    path("v1/openapi.json", SchemaView.as_view(), name="openapi-schema"),
+    path("v1/docs", DocsView.as_view(url_name="openapi-schema"), name="docs"),
     path("admin/", admin.site.urls),
     # Outside /v1: for the scraper, with its own token (METRICS_TOKEN), not an API key.
     path("metrics", metrics_view, name="metrics"),

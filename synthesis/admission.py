@@ -113,6 +113,9 @@ def native_request(payload: Mapping[str, Any]) -> SynthesisRequest:
     """The JSON body of /v1/synthesize, /v1/synthesize-url and /v1/twiml/play."""
     if problems := field_problems(payload, _NATIVE_FIELDS):
         raise invalid_request(problems)
+    if payload.get("format") == "":
+        # Absent or null means wav; an empty name is no format (the schema's enum says so too).
+        raise ServiceError(400, "unsupported_format", "format is empty; leave it out (or null) for wav.")
     return SynthesisRequest(
         text=payload["text"],
         voice_id=payload.get("voice_id") or None,

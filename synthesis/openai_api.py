@@ -109,7 +109,7 @@ def _parse(request: HttpRequest) -> tuple[SynthesisRequest, str]:
         voice = voice.get("id")
     if not isinstance(voice, str) or not voice:
         raise _invalid("voice", '`voice` is required: a voice name or {"id": "<voice_id>"}.')
-    response_format = body.get("response_format") or "mp3"
+    response_format = "mp3" if body.get("response_format") is None else body["response_format"]
     if response_format not in RESPONSE_FORMATS:
         raise _invalid(
             "response_format",
@@ -119,7 +119,7 @@ def _parse(request: HttpRequest) -> tuple[SynthesisRequest, str]:
     speed = body.get("speed", 1.0)
     if not isinstance(speed, int | float) or isinstance(speed, bool):
         raise _invalid("speed", "`speed` must be a number from 0.25 to 4.0.", "invalid_speed")
-    stream_format = body.get("stream_format") or "audio"
+    stream_format = "audio" if body.get("stream_format") is None else body["stream_format"]
     if stream_format not in ("audio", "sse"):
         raise _invalid("stream_format", '`stream_format` is "audio" or "sse".')
     instructions = body.get("instructions")

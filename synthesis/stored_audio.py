@@ -49,6 +49,7 @@ assert set(EXTENSIONS) == set(AudioFormat)
 STORED_NAME = re.compile(
     rf"^tenants/[0-9a-f-]{{36}}/phrases/[0-9a-f]{{64}}\.({'|'.join(sorted(EXTENSIONS.values()))})$"
 )
+EXPIRES = re.compile(r"[0-9]{1,20}")  # a Unix time, as the signature covers it
 _signer = signing.Signer(salt="synthesis.stored-audio-url")
 
 
@@ -140,7 +141,8 @@ def signed_url(name: str) -> tuple[str, datetime]:
 
 
 def verify_local_signature(name: str, expires: str, signature: str) -> None:
-    if not STORED_NAME.match(name) or not expires.isdigit():
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if not STORED_NAME.match(name) or not EXPIRES.fullmatch(expires):
         raise ServiceError(403, "invalid_signature", "This audio link is not valid.")
     if not constant_time_compare(local_url_signature(name, int(expires)), signature):
         raise ServiceError(403, "invalid_signature", "This audio link is not valid.")

@@ -7,6 +7,7 @@ one sync thread, and audio bytes go out as the engine produces them.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -16,13 +17,14 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.core.files.storage import default_storage
+from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, StreamingHttpResponse
 from django.utils.http import http_date
 
 from api.errors import error_response, service_error_response
 from api.views import async_api_view
 from core.bounded_json import bounded_json_loads
-from core.errors import ServiceError
+from core.errors import ServiceError, database_error
 from core.request_ids import request_id_for
 from synthesis.admission import Admission, native_request, service_error_for, synthesis_admit
 from synthesis.models import PhraseAudio
@@ -148,6 +150,9 @@ async def audio_response(
     return response
 
 
+# What an Idempotency-Key may be (synthesis.schema says the same): it is stored and compared.
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{0,255}")
+
 # The fields an Idempotency-Key's request is recognised by, with their defaults: the same
 # as they have always been, so that a retry keeps matching the request it repeats.
 _FINGERPRINTED = (
@@ -166,8 +171,12 @@ async def _stored_audio_answer(request: HttpRequest, principal: Principal, endpo
     payload = json_object_body(request)
     wanted = native_request(payload)
     idempotency_key = request.headers.get("Idempotency-Key", "").strip()
-    if len(idempotency_key) > 255:
-        raise ServiceError(400, "invalid_idempotency_key", "Idempotency-Key is at most 255 characters.")
+    if not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+        raise ServiceError(
+            400,
+            "invalid_idempotency_key",
+            "Idempotency-Key is at most 255 visible ASCII characters (no spaces).",
+        )
     fingerprint = request_fingerprint(
         {name: default if payload.get(name) is None else payload[name] for name, default in _FINGERPRINTED}
     )
@@ -222,13 +231,16 @@ async def twiml_play(request: HttpRequest, principal: Principal) -> HttpResponse
 
 async def audio_download(request: HttpRequest, name: str) -> HttpResponseBase:
     """The signed download link for locally stored audio (public: the signature is the credential)."""
-    if request.method not in ("GET", "HEAD"):
+    if request.method != "GET":  # HEAD arrives as GET (callwaiting_tts.middleware.MethodMiddleware)
         return error_response(request, 405, "method_not_allowed", "Use GET.", headers={"Allow": "GET, HEAD"})
     try:
         verify_local_signature(name, request.GET.get("expires", ""), request.GET.get("signature", ""))
     except ServiceError as exc:
         return service_error_response(request, exc)
-    phrase = await PhraseAudio.objects.filter(storage_name=name).afirst()
+    try:
+        phrase = await PhraseAudio.objects.filter(storage_name=name).afirst()
+    except DatabaseError as exc:  # a plain view: nothing else turns this into the 503 to retry
+        return service_error_response(request, database_error(exc))
     if phrase is None or not await sync_to_async(default_storage.exists, thread_sensitive=False)(name):
         return error_response(request, 404, "not_found", "This audio no longer exists.")
 
@@ -240,7 +252,8 @@ async def audio_download(request: HttpRequest, name: str) -> HttpResponseBase:
     if request.headers.get("If-None-Match") == etag:
         response = HttpResponse(status=304)
     else:
-        body = b"" if request.method == "HEAD" else await sync_to_async(read, thread_sensitive=False)()
+        head = request.META.get("REQUEST_METHOD") == "HEAD"
+        body = b"" if head else await sync_to_async(read, thread_sensitive=False)()
         response = HttpResponse(body, content_type=phrase.content_type)
         response["Content-Length"] = str(phrase.size_bytes)
     remaining = max(0, int(request.GET["expires"]) - int(time.time()))

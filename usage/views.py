@@ -7,7 +7,7 @@ from typing import Any
 
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.decorators import api_view
 from rest_framework.request import Request
@@ -18,6 +18,8 @@ from usage.quotas import current_month
 from usage.services import GROUP_FIELDS, UsageQuery, usage_summary
 
 MAX_PERIOD = timedelta(days=400)
+# `from` and `to`: a date or a datetime (_moment).
+MOMENT = {"anyOf": [{"type": "string", "format": "date"}, {"type": "string", "format": "date-time"}]}
 
 
 def _moment(value: str, *, end: bool) -> datetime:
@@ -27,7 +29,10 @@ def _moment(value: str, *, end: bool) -> datetime:
     except ValueError:
         pass
     else:
-        return datetime.combine(day + timedelta(days=1) if end else day, time.min, tzinfo=UTC)
+        try:
+            return datetime.combine(day + timedelta(days=1) if end else day, time.min, tzinfo=UTC)
+        except OverflowError:  # the day after 9999-12-31
+            raise serializers.ValidationError("Out of range: at most 9999-12-30.") from None
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -42,11 +47,13 @@ class UsageQuerySerializer(serializers.Serializer[dict[str, Any]]):
         values: dict[str, Any] = dict(super().to_internal_value(data))
         problems: dict[str, list[str]] = {}
         for name, is_end in (("from", False), ("to", True)):
-            if raw := data.get(name):
+            if (raw := data.get(name)) is not None:  # present but empty is no date: refused
                 try:
                     values[name] = _moment(raw, end=is_end)
                 except serializers.ValidationError as exc:
                     problems[name] = [str(detail) for detail in exc.detail]
+        if data.get("group_by") == "":  # DRF reads an empty form value as absent; it is no choice
+            problems["group_by"] = ["Use one of: " + ", ".join(sorted(GROUP_FIELDS)) + "."]
         if problems:
             raise serializers.ValidationError(problems)
         return values
@@ -61,22 +68,67 @@ class UsageQuerySerializer(serializers.Serializer[dict[str, Any]]):
         return attrs
 
 
+def _metric_fields() -> dict[str, serializers.Field[Any, Any, Any, Any]]:
+    """The answer's totals and groups, for the schema (usage.services.usage_summary makes
+    them). Fields, not a Serializer class: `errors` is a Serializer's own attribute."""
+    return {
+        "requests": serializers.IntegerField(),
+        "errors": serializers.IntegerField(),
+        "cancelled": serializers.IntegerField(),
+        "characters": serializers.IntegerField(),
+        "audio_seconds": serializers.FloatField(),
+        "audio_bytes": serializers.IntegerField(),
+        "latency_ms_p50": serializers.FloatField(allow_null=True),
+        "latency_ms_p95": serializers.FloatField(allow_null=True),
+    }
+
+
+class QuotaSerializer(serializers.Serializer[dict[str, Any]]):
+    month = serializers.CharField()
+    used_seconds = serializers.FloatField()
+    limit_seconds = serializers.IntegerField(allow_null=True, help_text="null: no quota.")
+    remaining_seconds = serializers.FloatField(allow_null=True)
+
+
+USAGE_REPORT = inline_serializer(
+    "UsageReport",
+    {
+        "from": serializers.DateTimeField(),
+        "to": serializers.DateTimeField(),
+        "group_by": serializers.ChoiceField(choices=sorted(GROUP_FIELDS), allow_null=True),
+        "totals": inline_serializer("UsageTotals", _metric_fields()),
+        "groups": inline_serializer(
+            "UsageGroup",
+            {
+                "key": serializers.CharField(allow_null=True, help_text="The day, voice or endpoint."),
+                **_metric_fields(),
+            },
+            many=True,
+            required=False,
+            help_text="With group_by only.",
+        ),
+        "quota": QuotaSerializer(),
+    },
+)
+
+
 @extend_schema(
     summary="The caller's usage: totals, groups and this month's quota",
     parameters=[
         OpenApiParameter(
             "from",
-            OpenApiTypes.STR,
-            description="Start (a date or ISO 8601 datetime; default: the 1st of this month, UTC).",
+            MOMENT,
+            description="Start (a date, or an ISO 8601 datetime; default: the 1st of this month, UTC).",
         ),
         OpenApiParameter(
             "to",
-            OpenApiTypes.STR,
-            description="End: a date includes that whole day; a datetime is exclusive (default: now).",
+            MOMENT,
+            description="End: a date includes that whole day; a datetime is exclusive (default: now). "
+            f"After `from`, and at most {MAX_PERIOD.days} days after it (else 400 invalid_request).",
         ),
         OpenApiParameter("group_by", OpenApiTypes.STR, enum=sorted(GROUP_FIELDS)),
     ],
-    responses=OpenApiTypes.OBJECT,
+    responses=USAGE_REPORT,
 )
 @api_view(["GET"])
 def usage_report(request: Request) -> Response:

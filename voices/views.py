@@ -7,7 +7,7 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.decorators import api_view
 from rest_framework.request import Request
@@ -27,6 +27,9 @@ class VoiceOutputSerializer(serializers.Serializer[Any]):
     name = serializers.CharField()
     language = serializers.CharField()
     kind = serializers.ChoiceField(choices=["builtin", "cloned"])
+    # Cloned voices only.
+    reference_seconds = serializers.FloatField(required=False)
+    created_at = serializers.DateTimeField(required=False)
 
 
 class VoiceUploadInputSerializer(serializers.Serializer[dict[str, Any]]):
@@ -46,7 +49,12 @@ def cloned_voice_body(voice: Voice) -> dict[str, Any]:
     }
 
 
-@extend_schema(responses=VoiceOutputSerializer(many=True), summary="Built-in voices and the caller's own")
+@extend_schema(
+    responses=inline_serializer(
+        "VoiceList", {"voices": VoiceOutputSerializer(many=True), "engine": serializers.CharField()}
+    ),
+    summary="Built-in voices and the caller's own",
+)
 @api_view(["GET"])
 def voice_list(request: Request) -> Response:
     engine = get_engine()

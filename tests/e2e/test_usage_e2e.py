@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import psycopg
@@ -209,6 +210,10 @@ def test_with_postgres_stopped_requests_succeed_and_every_row_arrives_afterwards
             for index in range(5):
                 speak(index, streaming=index % 2 == 0)
             _wait_for_rows(count_rows, 5)
+            before = {**bearer(key.group()), "X-Request-ID": "before-outage-url"}
+            stored_link = client.post("/v1/synthesize-url", json={"text": "Stored first."}, headers=before)
+            assert stored_link.status_code == 200, stored_link.text
+            sent.append("before-outage-url")
 
             postgres.stop()
             for index in range(5, 25):
@@ -223,6 +228,10 @@ def test_with_postgres_stopped_requests_succeed_and_every_row_arrives_afterwards
             assert url.status_code == 503
             assert url.json()["error"]["code"] == "database_unavailable"
             sent.append("outage-url")
+            # The signed download looks its audio up in the database: 503 too, not a 500.
+            download = client.get(urlsplit(stored_link.json()["url"])._replace(scheme="", netloc="").geturl())
+            assert download.status_code == 503, download.text
+            assert download.json()["error"]["code"] == "database_unavailable"
 
             postgres.start()
             _wait_for_rows(count_rows, len(sent))
