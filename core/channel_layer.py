@@ -19,6 +19,7 @@ from typing import Any
 
 from channels.layers import BaseChannelLayer
 from channels_redis.core import RedisChannelLayer
+from django.conf import settings
 
 from core.redis import REDIS_ERRORS
 
@@ -53,17 +54,19 @@ class ResilientRedisChannelLayer(RedisChannelLayer):  # type: ignore[misc]  # ch
                 self._recovered()
 
     async def group_add(self, group: str, channel: str) -> None:
+        # Bounded like every other Redis call: a Redis that hangs must not hold up a new
+        # connection for the layer's long read timeout.
         try:
-            await super().group_add(group, channel)
-        except REDIS_ERRORS as exc:
+            await asyncio.wait_for(super().group_add(group, channel), settings.REDIS_TIMEOUT_SECONDS)
+        except (TimeoutError, *REDIS_ERRORS) as exc:
             self._outage(exc)
             raise ChannelLayerUnavailable(str(exc)) from exc
         self._recovered()
 
     async def group_discard(self, group: str, channel: str) -> None:
         try:
-            await super().group_discard(group, channel)
-        except REDIS_ERRORS as exc:
+            await asyncio.wait_for(super().group_discard(group, channel), settings.REDIS_TIMEOUT_SECONDS)
+        except (TimeoutError, *REDIS_ERRORS) as exc:
             self._outage(exc)
 
     async def _answers(self) -> bool:

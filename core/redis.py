@@ -92,7 +92,10 @@ def async_redis() -> aioredis.Redis:
     return client
 
 
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+# Everything a Redis call can raise: connection loss and timeouts, and error replies too
+# (READONLY after a failover, OOM at maxmemory, a failing script). Callers degrade to their
+# in-process fallbacks on any of them; none may become a 500.
+REDIS_ERRORS = (redis.RedisError, OSError)
 
 
 async def redis_warm_up(scripts: Sequence[str] = ()) -> None:

@@ -170,7 +170,9 @@ class XttsEngine(SpeechEngine):
         with weights.open("rb") as handle:
             digest.update(handle.read(1 << 20))
         self._identity = f"xtts:{self.model}:{digest.hexdigest()[:16]}"
-        self._scheduler = ChunkScheduler("xtts", max_jobs=self.max_active_jobs)
+        # The engine's own count (`admitted`) is the limit; the scheduler's is only a backstop,
+        # with room for jobs cancelled but not yet dropped at its next step.
+        self._scheduler = ChunkScheduler("xtts", max_jobs=2 * self.max_active_jobs)
         torch.set_grad_enabled(False)
         self.loaded = True
         logger.info(

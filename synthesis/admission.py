@@ -201,7 +201,9 @@ async def synthesis_admit(
     else:
         # Settled by the meter when the request ends, whichever way it ends.
         estimate = quota_estimate(segments, setup.speed) if segments is not None else 0.0
-        meter.quota_reservation = await quota_reserve(tenant, estimate, record_id=meter.id)
+        meter.quota_reservation = await quota_reserve(
+            tenant, estimate, record_id=meter.id, created_at=meter.created_at
+        )
     # Last: from here the caller owns the lease and releases it however the request ends.
     held = await stream_lease_acquire(tenant) if lease else None
     if meter is not None:

@@ -17,6 +17,7 @@ then hold per process, as rate limits do.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -26,9 +27,12 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
+import redis
 from django.conf import settings
 
 from core.redis import REDIS_ERRORS, RedisUnavailable, async_redis, breaker, sync_redis
+
+logger = logging.getLogger(__name__)
 
 HoldKey = tuple[uuid.UUID, date]
 
@@ -151,22 +155,29 @@ async def holds_clock_ms() -> float:
 @dataclass
 class _Entry:
     seconds: float
+    expires_at_ms: float
     written_at_ms: float = 0.0
 
 
 @dataclass
 class _LocalHolds:
-    reserved: dict[uuid.UUID, float] = field(default_factory=dict)
+    """The same bookkeeping as the Redis hash, with the same expiry rules."""
+
+    reserved: dict[uuid.UUID, _Entry] = field(default_factory=dict)
     settled: dict[uuid.UUID, _Entry] = field(default_factory=dict)
 
     def seconds(self, read_at_ms: float) -> float:
+        now = _now_ms()
+        for entries in (self.reserved, self.settled):
+            for record_id in [record_id for record_id, entry in entries.items() if entry.expires_at_ms < now]:
+                del entries[record_id]  # its process lost track of it: it expires, as in Redis
         for record_id in [
             record_id
             for record_id, entry in self.settled.items()
             if entry.written_at_ms and entry.written_at_ms < read_at_ms
         ]:
             del self.settled[record_id]  # the reading includes it
-        return sum(self.reserved.values()) + sum(entry.seconds for entry in self.settled.values())
+        return sum(entry.seconds for entry in (*self.reserved.values(), *self.settled.values()))
 
 
 _local: dict[HoldKey, _LocalHolds] = defaultdict(_LocalHolds)
@@ -193,7 +204,12 @@ class QuotaReservation:
     record_id: uuid.UUID  # the id of the request's usage record
     seconds: float
     in_redis: bool
+    # Made locally after a Redis call that may still have run: the Redis copy is cleared too.
+    clear_in_redis: bool = False
     settled: bool = False
+    # This reservation's last change on its way to Redis: the next one goes after it, so a
+    # `grow` can never land after the `settle` that ends the reservation.
+    _last_change: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def grow(self, seconds: float) -> None:
         """More text arrived (a WebSocket utterance): reserve its audio too."""
@@ -201,27 +217,60 @@ class QuotaReservation:
             return
         self.seconds += seconds
         if self.in_redis:
-            _redis_adjust(self.key, self.record_id, "grow", seconds)
+            self._send("grow", seconds)
             return
         with _local_lock:
-            holds = _local[self.key]
-            holds.reserved[self.record_id] = holds.reserved.get(self.record_id, 0.0) + seconds
+            if (entry := _local[self.key].reserved.get(self.record_id)) is not None:
+                entry.seconds += seconds
+                entry.expires_at_ms = max(entry.expires_at_ms, _now_ms() + RUNNING_TTL_MS)
 
     def settle(self, actual_seconds: float) -> None:
         """The request ended having sent `actual_seconds` (0 for cache hits and refusals):
-        held until a reading of the counter includes its row."""
+        held until a reading of the counter includes its row. Call it before the request's
+        usage record is spooled, so that the writer's mark always comes after it."""
         if self.settled:
             return
         self.settled = True
         kept = actual_seconds if actual_seconds > 0 and settings.USAGE_RECORDS else 0.0
         if self.in_redis:
-            _redis_adjust(self.key, self.record_id, "settle", kept)
+            self._send("settle", kept)
             return
+        if self.clear_in_redis:
+            self._send("settle", 0.0)
         with _local_lock:
             holds = _local[self.key]
             holds.reserved.pop(self.record_id, None)
             if kept:
-                holds.settled[self.record_id] = _Entry(kept)
+                holds.settled[self.record_id] = _Entry(kept, _now_ms() + UNWRITTEN_TTL_MS)
+
+    def _send(self, mode: str, seconds: float) -> None:
+        """Send a change to Redis without making the caller wait: on the event loop as a
+        task after this reservation's previous change; from a thread without a loop (the
+        process exiting) directly."""
+        args = (_ADJUST_LUA, 1, _redis_key(self.key), self.record_id.hex, mode, seconds)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            try:
+                sync_redis().eval(*args)
+            except (RedisUnavailable, *REDIS_ERRORS):
+                pass  # the entry expires on its own
+            return
+        task = loop.create_task(_aeval(args, after=self._last_change))
+        self._last_change = task
+        _pending.add(task)
+        task.add_done_callback(_pending.discard)
+
+
+async def _aeval(args: tuple[Any, ...], *, after: asyncio.Task[None] | None) -> None:
+    if after is not None and not after.done():
+        await asyncio.wait([after])
+    try:
+        await async_redis().eval(*args)
+    except RedisUnavailable:
+        pass  # the entry expires on its own
+    except REDIS_ERRORS as exc:
+        breaker.trip(exc)
 
 
 async def holds_reserve(
@@ -233,6 +282,7 @@ async def holds_reserve(
     if ours := [task for task in _pending if task.get_loop() is loop]:
         await asyncio.wait(ours, timeout=settings.REDIS_TIMEOUT_SECONDS)
     local = _local_held(key, read_at_ms)
+    maybe_in_redis = False
     try:
         reserved = await async_redis().eval(
             _RESERVE_LUA,
@@ -247,50 +297,28 @@ async def holds_reserve(
     except (RedisUnavailable, *REDIS_ERRORS) as exc:
         if not isinstance(exc, RedisUnavailable):
             breaker.trip(exc)
+        # A timeout may come after the script ran: its entry is cleared when this settles.
+        maybe_in_redis = isinstance(exc, TimeoutError | redis.TimeoutError)
     else:
         return QuotaReservation(key, record_id, estimate, in_redis=True) if reserved else None
     with _local_lock:
         holds = _local[key]
         if used + holds.seconds(read_at_ms) >= limit:
             return None
-        holds.reserved[record_id] = estimate
-    return QuotaReservation(key, record_id, estimate, in_redis=False)
-
-
-def _redis_adjust(key: HoldKey, record_id: uuid.UUID, mode: str, seconds: float) -> None:
-    """Send a change of a reservation to Redis without making the caller wait: on the
-    event loop as a task; from a thread without one (the process exiting) directly."""
-    args = (_ADJUST_LUA, 1, _redis_key(key), record_id.hex, mode, seconds)
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        try:
-            sync_redis().eval(*args)
-        except (RedisUnavailable, *REDIS_ERRORS):
-            pass  # the entry expires on its own
-        return
-    task = loop.create_task(_aeval(args))
-    _pending.add(task)
-    task.add_done_callback(_pending.discard)
-
-
-async def _aeval(args: tuple[Any, ...]) -> None:
-    try:
-        await async_redis().eval(*args)
-    except RedisUnavailable:
-        pass  # the entry expires on its own
-    except REDIS_ERRORS as exc:
-        breaker.trip(exc)
+        holds.reserved[record_id] = _Entry(estimate, _now_ms() + RUNNING_TTL_MS)
+    return QuotaReservation(key, record_id, estimate, in_redis=False, clear_in_redis=maybe_in_redis)
 
 
 # Marks Redis has not taken yet (it was away): sent again with the next batch, so that a
 # short outage does not leave finished requests counted for the whole UNWRITTEN_TTL_MS.
 _unmarked: dict[HoldKey, set[uuid.UUID]] = defaultdict(set)
+MAX_UNMARKED = 100_000
 
 
 def holds_rows_written(records: Iterable[tuple[uuid.UUID, HoldKey]]) -> None:
     """The usage writer stored these records' rows (and their audio in the counter). Runs
-    on the writer's thread only."""
+    on the writer's thread only, after its transaction committed: it never raises, since
+    the rows are stored whatever happens here (an unmarked hold only expires later)."""
     now = _now_ms()
     with _local_lock:
         for record_id, key in records:
@@ -303,7 +331,9 @@ def holds_rows_written(records: Iterable[tuple[uuid.UUID, HoldKey]]) -> None:
             record_ids = [record_id.hex for record_id in _unmarked[key]]
             client.eval(_WRITTEN_LUA, 1, _redis_key(key), int(_written_keep_ms()), *record_ids)
             del _unmarked[key]
-    except (RedisUnavailable, *REDIS_ERRORS):
+    except Exception as exc:
+        if not isinstance(exc, RedisUnavailable):
+            logger.warning("Could not mark written usage rows in Redis (%s); will retry.", exc)
         # Kept for the next batch; bounded, since every entry also expires in Redis.
-        if sum(len(ids) for ids in _unmarked.values()) > 100_000:
+        if sum(len(ids) for ids in _unmarked.values()) > MAX_UNMARKED:
             _unmarked.clear()

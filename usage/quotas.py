@@ -107,13 +107,18 @@ def _quota_exceeded(tenant: Tenant) -> ServiceError:
 
 
 async def quota_reserve(
-    tenant: Tenant, estimated_seconds: float, *, record_id: uuid.UUID | None = None
+    tenant: Tenant,
+    estimated_seconds: float,
+    *,
+    record_id: uuid.UUID | None = None,
+    created_at: datetime | None = None,
 ) -> QuotaReservation | None:
     """Reserve a request's estimated audio, or raise 429 quota_exceeded when what is used
-    and held (by every process) already reaches the quota. None when the tenant has none."""
+    and held (by every process) already reaches the quota. None when the tenant has none.
+    `created_at` is the usage record's: its month is the one the audio counts in."""
     if tenant.quota_minutes == 0:
         return None
-    month = current_month()
+    month = current_month(created_at)
     used, read_at_ms = await _quota_read(tenant, month)
     reservation = await holds_reserve(
         (tenant.id, month),

@@ -123,6 +123,9 @@ class UsageMeter:
         with _in_flight_lock:
             _in_flight.pop(self.id, None)
         record = self.record(status_code, error_code)
+        if self.quota_reservation is not None:
+            # Before the record is spooled: the writer's mark of its row must come after.
+            self.quota_reservation.settle(0.0 if self.cached else self.audio_seconds)
         try:
             if settings.USAGE_RECORDS:
                 usage_spool().append(record)
@@ -149,8 +152,6 @@ class UsageMeter:
             error_code or "ok",
             extra={"request_id": record["request_id"], **{key: record[key] for key in _LOGGED_FIELDS}},
         )
-        if self.quota_reservation is not None:
-            self.quota_reservation.settle(0.0 if self.cached else self.audio_seconds)
         usage_flusher_start()
 
     def interrupted_record(self) -> UsageRecord:

@@ -101,8 +101,13 @@ class UsageSpool:
         sees the old snapshot or the new one, never half of one)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         if self._in_flight_lock_fd is None:
-            lock_fd = os.open(self._in_flight_path(self._owner, ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+            # Locked under a hidden name, then renamed into view: no drainer ever sees it
+            # unlocked (and takes this live process for a dead one).
+            lock_path = self._in_flight_path(self._owner, ".lock")
+            hidden = lock_path.with_name(f".{lock_path.name}.new")
+            lock_fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            os.rename(hidden, lock_path)
             self._in_flight_lock_fd = lock_fd
         data = json.dumps(records, separators=(",", ":")).encode()
         if data == self._in_flight_written:

@@ -21,6 +21,7 @@ from tenants.services import api_key_revoke
 from tests.support.servers import RedisServer, ServiceEnv, daphne_server
 from tests.support.tenants import bearer, committed_tenant
 from tests.support.waiting import wait_until
+from usage.models import UsageLog
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -200,3 +201,39 @@ def test_websockets_ride_out_a_redis_outage(
 def _revoke(django_db_blocker: Any, api_key: ApiKey) -> None:
     with django_db_blocker.unblock():
         api_key_revoke(api_key=api_key)
+
+
+@pytest.mark.timeout(300)
+def test_redis_error_replies_degrade_to_the_fallbacks_and_usage_keeps_flowing(
+    service_env: ServiceEnv, django_db_blocker: Any, redis_server: RedisServer
+) -> None:
+    """Not an outage but error replies (OOM at maxmemory; READONLY after a failover is the
+    same class): limits, leases and quota holds fall back, nothing answers 500, rows arrive."""
+    limits = {
+        "rate_limit_minute": 100,
+        "rate_limit_hour": 0,
+        "quota_minutes": 10,
+        "max_concurrent_streams": 5,
+    }
+    with (
+        committed_tenant(django_db_blocker, "oom", **limits) as (tenant, issued),
+        daphne_server(service_env(REDIS_URL=redis_server.url)) as base_url,
+        httpx.Client(base_url=base_url, headers=bearer(issued.plaintext), timeout=60) as client,
+    ):
+        assert client.post("/v1/synthesize", json={"text": "Before."}).status_code == 200
+        redis_server.cli("config", "set", "maxmemory-policy", "noeviction")
+        redis_server.cli("config", "set", "maxmemory", "1")  # every write is now an OOM error
+        statuses = [
+            client.post("/v1/synthesize", json={"text": f"During {n}.", "streaming": n % 2 == 0}).status_code
+            for n in range(6)
+        ]
+        assert statuses == [200] * 6
+        assert client.get("/v1/health").json()["redis"]["fallback_active"]
+        wait_until(
+            lambda: _row_count(django_db_blocker, tenant.id) == 7, what="every usage row", timeout_s=60
+        )
+
+
+def _row_count(django_db_blocker: Any, tenant_id: Any) -> int:
+    with django_db_blocker.unblock():
+        return UsageLog.objects.filter(tenant_id=tenant_id).count()

@@ -225,6 +225,13 @@ class RedisServer:
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.05)
 
+    def cli(self, *args: str) -> str:
+        """A redis-cli command against this server; its reply."""
+        result = subprocess.run(
+            ["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, timeout=10, check=True
+        )
+        return result.stdout.strip()
+
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
