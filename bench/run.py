@@ -13,10 +13,15 @@ a second one with usage recording off for scenario 5, then runs:
   3. phrase-cache hits (/v1/synthesize-url) at 1 and 50 clients;
   4. GET /v1/tenant (auth, rate limit, request id) vs a bare Django view on the
      same server: what the API's per-request machinery costs;
-  5. usage recording on vs off under load: rows written, latency cost.
+  5. usage recording on vs off under load: rows written, latency cost;
+  6. stream quality (bench/stream_quality.py): 1 to 32 streams of about 17 s of
+     speech started at once, each played in real time from its first byte:
+     first audio, underruns and stalls, refusals, and the real-time capacity
+     against the engine's raw throughput.
 
-Prints one table (scenario, clients, n, p50, p95, p99, throughput, errors) and
-writes it as JSON. Targets are reported, not asserted (README "Latency").
+Prints one table (scenario, clients, n, p50, p95, p99, throughput, errors), then
+scenario 6's own, and writes both as JSON. Targets are reported, not asserted
+(README "Latency").
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import stream_quality
 from bench.common import http_first_byte, percentile, setup_django, start_server
+from bench.stream_quality import QualityReport
 
 SHORT = "Thanks for calling Acme Dental, this is Ava. How can I help you today?"
 LONG = " ".join(
@@ -302,6 +309,31 @@ async def scenario_usage(base_url: str, key: str, database_url: str, requests: i
     return row(f"5. synthesize, usage {label}", 10, times, wall, errors, note=f"{written} rows written")
 
 
+async def scenario_stream_quality(base_url: str, key: str, quick: bool) -> tuple[list[Row], QualityReport]:
+    clients = [1, 4, 16] if quick else [1, 2, 4, 8, 16, 32]
+    report = await stream_quality.measure(base_url, key, clients, transport="http")
+    rows = []
+    for q in report.rows:
+        queued = "-" if q.queued_peak is None else f"{q.queued_peak:.0f}"
+        rows.append(
+            Row(
+                "6. stream quality: HTTP",
+                q.clients,
+                q.served,
+                q.first_p50_ms,
+                q.first_p95_ms,
+                q.first_p99_ms,
+                round(q.clients / q.wall_s, 1),
+                q.refused_total + q.errors_total,
+                note=(
+                    f"{q.clean}/{q.clients} no underrun, stall {q.stall_total_s:.1f} s "
+                    f"(max {q.stall_max_s:.1f}), queued {queued}, {q.audio_s / q.wall_s:.1f} audio s/s"
+                ),
+            )
+        )
+    return rows, report
+
+
 # --- running ---------------------------------------------------------------------------------
 
 
@@ -314,7 +346,7 @@ def fresh_database(name: str) -> str:
     return f"{POSTGRES}/{name}"
 
 
-def run(args: argparse.Namespace) -> list[Row]:
+def run(args: argparse.Namespace) -> tuple[list[Row], QualityReport]:
     quick = args.quick
     rows: list[Row] = []
     database_url = fresh_database(BENCH_DATABASE)
@@ -325,6 +357,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         "BENCHMARK_ROUTES": "1",
         "LOG_LEVEL": "WARNING",
         "ENGINE_MAX_ACTIVE_JOBS": "1000",
+        "METRICS_TOKEN": stream_quality.METRICS_TOKEN,  # scenario 6 reads the engine's gauges
     }
     with tempfile.TemporaryDirectory() as first_dir, tempfile.TemporaryDirectory() as second_dir:
         server, base_url, key = start_server(
@@ -345,6 +378,7 @@ def run(args: argparse.Namespace) -> list[Row]:
             rows += step(scenario_cache(base_url, key, requests=200 if quick else 500))
             rows += step(scenario_api_cost(base_url, key, requests=500 if quick else 2000))
             rows.append(step(scenario_usage(base_url, key, database_url, 100 if quick else 300, "on")))
+            quality_rows, quality = step(scenario_stream_quality(base_url, key, quick))
         finally:
             server.terminate()
             server.wait()
@@ -364,7 +398,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         finally:
             server.terminate()
             server.wait()
-    return rows
+    return rows + quality_rows, quality
 
 
 def print_table(rows: list[Row]) -> None:
@@ -390,10 +424,11 @@ def main() -> None:
     args = parser.parse_args()
     setup_django()
     started = time.monotonic()
-    rows = run(args)
+    rows, quality = run(args)
     elapsed = time.monotonic() - started
     print(f"\nCallWaiting TTS benchmarks, Piper on {os.cpu_count()} CPU(s), {elapsed:.0f} s\n")
     print_table(rows)
+    stream_quality.print_report(quality)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -404,6 +439,7 @@ def main() -> None:
                 "cpus": os.cpu_count(),
                 "date": time.strftime("%Y-%m-%d"),
                 "rows": [asdict(r) for r in rows],
+                "stream_quality": stream_quality.report_json(quality),
             },
             indent=2,
         )
