@@ -34,7 +34,10 @@ def _assign_request_id(request: HttpRequest) -> str:
     return request_id
 
 
-class RequestIdMiddleware:
+class DualModeMiddleware:
+    """A middleware that runs sync or async, whichever the handler chain is: its
+    `__call__` hands an async chain to its own `__acall__`."""
+
     sync_capable = True
     async_capable = True
 
@@ -51,6 +54,17 @@ class RequestIdMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
         if self.is_async:
             return self.__acall__(request)
+        return self.call_sync(request)
+
+    def call_sync(self, request: HttpRequest) -> HttpResponseBase:
+        raise NotImplementedError
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        raise NotImplementedError
+
+
+class RequestIdMiddleware(DualModeMiddleware):
+    def call_sync(self, request: HttpRequest) -> HttpResponseBase:
         started = time.perf_counter()
         request_id = _assign_request_id(request)
         response = self.get_response(request)
@@ -116,7 +130,7 @@ def _documented_allow(allow: str) -> str:
     return ", ".join(sorted(methods))
 
 
-class MethodMiddleware:
+class MethodMiddleware(DualModeMiddleware):
     """One method policy for every route: HEAD is GET without its body, wherever GET is
     allowed; a 405 names exactly the documented methods in `Allow`.
 
@@ -127,22 +141,7 @@ class MethodMiddleware:
     on the routes that need a key) with 405 and the JSON error shape.
     """
 
-    sync_capable = True
-    async_capable = True
-
-    def __init__(
-        self,
-        get_response: Callable[[HttpRequest], HttpResponseBase]
-        | Callable[[HttpRequest], Awaitable[HttpResponseBase]],
-    ) -> None:
-        self.get_response = get_response
-        self.is_async = iscoroutinefunction(get_response)
-        if self.is_async:
-            markcoroutinefunction(self)
-
-    def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
-        if self.is_async:
-            return self.__acall__(request)
+    def call_sync(self, request: HttpRequest) -> HttpResponseBase:
         head = _as_get(request)
         response = self.get_response(request)
         assert isinstance(response, HttpResponseBase)

@@ -154,9 +154,14 @@ class UsageMeter:
         )
         usage_flusher_start()
 
+    @property
+    def interrupted_status(self) -> int:
+        """The status of this request if the process ended now: 200 once audio went out."""
+        return 200 if self.first_audio_at is not None else 503
+
     def interrupted_record(self) -> UsageRecord:
         """The record of this request if the process ended now: what was sent so far."""
-        return self.record(200 if self.first_audio_at is not None else 503, INTERRUPTED)
+        return self.record(self.interrupted_status, INTERRUPTED)
 
     def record(self, status_code: int, error_code: str | None = None) -> UsageRecord:
         """The spooled form of this request's usage, as it stands now."""
@@ -342,8 +347,7 @@ def usage_in_flight_interrupt() -> int:
     its grace period). Returns how many there were."""
     meters = in_flight_meters()
     for meter in meters:
-        record = meter.interrupted_record()
-        meter.finish(record["status_code"], INTERRUPTED)
+        meter.finish(meter.interrupted_status, INTERRUPTED)
     return len(meters)
 
 

@@ -60,6 +60,9 @@ logger = logging.getLogger(__name__)
 class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels ships no types
     principal: Principal | None = None
     lease: StreamLease | None = None
+    # The layer's recovery count when this connection joined its tenant's group; None while
+    # it is not in the group (then `_access_watch` polls the database).
+    _access_joined_at: int | None = None
 
     # --- connection ---
 
@@ -163,7 +166,7 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
         """Listen for the tenant's access changes; while Redis is away this fails, and
         `_access_watch` polls the database instead until it can join."""
         assert self.principal is not None
-        self._access_joined_at: int | None = None
+        self._access_joined_at = None
         if self.channel_layer is None:
             return
         try:
