@@ -9,7 +9,7 @@ from callwaiting_tts.readiness import ready
 from callwaiting_tts.schema import DocsView, SchemaView
 from synthesis.openai_api import audio_speech
 from synthesis.views import audio_download, synthesize, synthesize_url, twiml_play
-from tenants.views import tenant_detail
+from tenants.views import tenant_detail, token_mint
 from usage.views import usage_report
 from voices.views import voice_detail, voice_list, voice_upload
 
@@ -29,6 +29,7 @@ urlpatterns = [
     path("v1/health", health, name="health"),
     path("v1/ready", ready, name="ready"),
     path("v1/tenant", tenant_detail, name="tenant-detail"),
+    path("v1/tokens", token_mint, name="tokens"),
     path("v1/synthesize", synthesize, name="synthesize"),
     path("v1/synthesize-url", synthesize_url, name="synthesize-url"),
     path("v1/audio/speech", audio_speech, name="audio-speech"),

@@ -38,7 +38,7 @@ from synthesis.stored_audio import (
     verify_local_signature,
 )
 from synthesis.stream.stats import stream_stats
-from tenants.authentication import Principal
+from tenants.authentication import Principal, principal_require_voice
 from tenants.limits import StreamLease
 from usage.recorder import SYNTHESIZE, SYNTHESIZE_URL, TWIML_PLAY, usage_meter_of
 
@@ -77,6 +77,7 @@ async def stream_body_closing(
 @async_api_view("POST", usage_endpoint=SYNTHESIZE)
 async def synthesize(request: HttpRequest, principal: Principal) -> HttpResponseBase:
     wanted = native_request(json_object_body(request))
+    principal_require_voice(principal, wanted.voice_id)
     admission = await synthesis_admit(
         tenant=principal.tenant, request=wanted, meter=usage_meter_of(request), lease=wanted.streaming
     )
@@ -170,6 +171,7 @@ async def _stored_audio_answer(request: HttpRequest, principal: Principal, endpo
     """Synthesize-and-store (or find in the phrase cache), honouring an Idempotency-Key."""
     payload = json_object_body(request)
     wanted = native_request(payload)
+    principal_require_voice(principal, wanted.voice_id)
     idempotency_key = request.headers.get("Idempotency-Key", "").strip()
     if not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
         raise ServiceError(

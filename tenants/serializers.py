@@ -1,6 +1,7 @@
 from rest_framework import serializers
 
 from tenants.models import Tenant
+from tenants.tokens import TOKEN_ROUTES
 
 
 class TenantOutputSerializer(serializers.ModelSerializer[Tenant]):
@@ -24,3 +25,35 @@ class TenantOutputSerializer(serializers.ModelSerializer[Tenant]):
     def get_api_key_prefix(self, tenant: Tenant) -> str | None:
         api_key = self.context.get("api_key")
         return getattr(api_key, "prefix", None)
+
+
+class ClientTokenInputSerializer(serializers.Serializer[dict[str, object]]):
+    """For the schema only: the view checks the body itself (tenants.tokens.TokenRequest)."""
+
+    expires_in = serializers.IntegerField(
+        required=False, min_value=1, help_text="Seconds until it expires (default and cap: see README)."
+    )
+    routes = serializers.ListField(
+        child=serializers.ChoiceField(choices=sorted(TOKEN_ROUTES)),
+        required=False,
+        help_text='What it may call; default ["stream"] (WS /v1/stream).',
+    )
+    voices = serializers.ListField(
+        child=serializers.CharField(), required=False, allow_null=True, help_text="Only these voices."
+    )
+    origins = serializers.ListField(
+        child=serializers.CharField(),
+        required=False,
+        allow_null=True,
+        help_text="Only from these browser origins (each one of the tenant's allowed origins).",
+    )
+
+
+class ClientTokenOutputSerializer(serializers.Serializer[dict[str, object]]):
+    token = serializers.CharField(help_text="Shown once; never logged.")
+    token_id = serializers.CharField()
+    expires_at = serializers.DateTimeField()
+    expires_in = serializers.IntegerField()
+    routes = serializers.ListField(child=serializers.CharField())
+    voices = serializers.ListField(child=serializers.CharField(), allow_null=True)
+    origins = serializers.ListField(child=serializers.CharField(), allow_null=True)

@@ -115,8 +115,10 @@ def redis_server() -> Iterator[RedisServer]:
 
 # A whole API key (`cwt_<prefix>_<secret>`; the prefix alone is not secret) or the value of a
 # signature in a query string (signed audio links, S3's presigned ones), not redacted.
+# A client token (`cwtc_<signed payload>`, tenants.tokens) is a credential as well.
 _SECRET_IN_LOG = re.compile(
-    r"cwt_[a-z0-9]{8}_[A-Za-z0-9_-]{16,}|(?i:\b(?:signature|x-amz-signature|sig)=(?!REDACTED)[^&\s\"']+)"
+    r"cwt_[a-z0-9]{8}_[A-Za-z0-9_-]{16,}|cwtc_[A-Za-z0-9_.:-]{16,}"
+    r"|(?i:\b(?:signature|x-amz-signature|sig)=(?!REDACTED)[^&\s\"']+)"
 )
 
 

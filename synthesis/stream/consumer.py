@@ -49,7 +49,14 @@ from synthesis.stream.protocol import (
 from synthesis.stream.stats import stream_stats
 from synthesis.stream.twilio import TWILIO, TwilioFramer
 from synthesis.stream.utterance import Utterance
-from tenants.authentication import ApiKeyError, Principal, aauthenticate_token, bearer_token
+from tenants.authentication import (
+    ApiKeyError,
+    Principal,
+    aauthenticate_token,
+    bearer_token,
+    principal_authorize,
+    principal_require_voice,
+)
 from tenants.limits import StreamLease, stream_lease_acquire
 from tenants.services import tenant_access_group
 from usage.recorder import CANCELLED, CLIENT_DISCONNECTED, STREAM, UsageMeter
@@ -144,11 +151,23 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
     async def _authenticate(self, authorization: str) -> None:
         try:
             principal = await aauthenticate_token(bearer_token(authorization))
+            # A client token's routes, and a browser's Origin against the tenant's list.
+            principal_authorize(
+                principal,
+                route="stream",
+                origin=header(self.scope, b"origin"),
+                host=header(self.scope, b"host"),
+            )
         except ApiKeyError as exc:
             await self._refuse(CLOSE_UNAUTHORIZED, exc.code, exc.message)
             return
-        except ServiceError as exc:  # the database is away and the key was never seen
-            await self._refuse(CLOSE_SERVER_ERROR, exc.code, exc.message)
+        except ServiceError as exc:
+            # 403: outside a token's scope, or an origin the tenant does not allow (4003);
+            # else the database is away and the key was never seen.
+            forbidden = exc.status_code == 403
+            await self._refuse(
+                CLOSE_ACCESS_REVOKED if forbidden else CLOSE_SERVER_ERROR, exc.code, exc.message
+            )
             return
         try:
             lease = await stream_lease_acquire(principal.tenant)
@@ -321,6 +340,7 @@ class StreamConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]  # channels 
                     )
                 twilio = TwilioFramer(stream_sid)
             wanted = utterance_request(message, twilio=twilio is not None)
+            principal_require_voice(self.principal, wanted.voice_id)
             admission = await synthesis_admit(tenant=tenant, request=wanted, meter=meter, rate_limit=True)
         except Exception as exc:
             self._start_refused(meter, context_id, service_error_for(exc, request_id=meter.request_id))
