@@ -30,9 +30,11 @@ from synthesis.admission import Admission, native_request, service_error_for, sy
 from synthesis.models import PhraseAudio
 from synthesis.services import SynthesisResult, synthesis_audio
 from synthesis.stored_audio import (
+    RangeNotSatisfiable,
     idempotency_record,
     idempotent_replay,
     request_fingerprint,
+    requested_range,
     stored_audio_body,
     stored_audio_for,
     verify_local_signature,
@@ -246,18 +248,34 @@ async def audio_download(request: HttpRequest, name: str) -> HttpResponseBase:
     if phrase is None or not await sync_to_async(default_storage.exists, thread_sensitive=False)(name):
         return error_response(request, 404, "not_found", "This audio no longer exists.")
 
-    def read() -> bytes:
-        with default_storage.open(name, "rb") as handle:
-            return bytes(handle.read())
-
     etag = f'"{phrase.cache_key[:32]}"'
+    size = phrase.size_bytes
+    response: HttpResponseBase
     if request.headers.get("If-None-Match") == etag:
         response = HttpResponse(status=304)
     else:
+        # If-Range: the range only if the client's copy is still this one (it always is:
+        # the name is the content's hash), else the whole.
+        if_range = request.headers.get("If-Range")
+        range_header = request.headers.get("Range") if if_range in (None, etag) else None
+        try:
+            wanted = requested_range(range_header, size)
+        except RangeNotSatisfiable as exc:
+            return service_error_response(request, exc)
+        start, length = (0, size) if wanted is None else (wanted.start, wanted.length)
+
+        def read() -> bytes:
+            with default_storage.open(name, "rb") as handle:
+                handle.seek(start)
+                return bytes(handle.read(length))
+
         head = request.META.get("REQUEST_METHOD") == "HEAD"
         body = b"" if head else await sync_to_async(read, thread_sensitive=False)()
-        response = HttpResponse(body, content_type=phrase.content_type)
-        response["Content-Length"] = str(phrase.size_bytes)
+        response = HttpResponse(body, content_type=phrase.content_type, status=200 if wanted is None else 206)
+        response["Content-Length"] = str(length)
+        if wanted is not None:
+            response["Content-Range"] = f"bytes {wanted.start}-{wanted.end}/{size}"
+    response["Accept-Ranges"] = "bytes"
     remaining = max(0, int(request.GET["expires"]) - int(time.time()))
     response["ETag"] = etag
     response["Last-Modified"] = http_date(phrase.created_at.timestamp())
