@@ -5,6 +5,7 @@ from django.urls import path
 
 from callwaiting_tts.health import health
 from callwaiting_tts.metrics import metrics_view
+from callwaiting_tts.playground import playground
 from callwaiting_tts.readiness import ready
 from callwaiting_tts.schema import DocsView, SchemaView
 from synthesis.openai_api import audio_speech
@@ -21,7 +22,8 @@ handler500 = "api.errors.server_error_view"
 # Endpoints that answer without an API key (audio-download checks a signed,
 # expiring link instead). Everything else under /v1 needs one;
 # tests/test_auth_coverage.py holds every route to this list.
-PUBLIC_URL_NAMES = frozenset({"health", "ready", "openapi-schema", "docs", "audio-download"})
+# The playground page holds no data: its visitor brings a client token (or a staff login).
+PUBLIC_URL_NAMES = frozenset({"health", "ready", "openapi-schema", "docs", "audio-download", "playground"})
 # Protected by a credential of their own rather than an API key (tests/test_metrics.py).
 OWN_CREDENTIAL_URL_NAMES = frozenset({"metrics"})
 
@@ -42,6 +44,7 @@ urlpatterns = [
     path("v1/openapi.json", SchemaView.as_view(), name="openapi-schema"),
     path("v1/docs", DocsView.as_view(url_name="openapi-schema"), name="docs"),
     path("admin/", admin.site.urls),
+    path("playground", playground, name="playground"),
     # Outside /v1: for the scraper, with its own token (METRICS_TOKEN), not an API key.
     path("metrics", metrics_view, name="metrics"),
 ]
