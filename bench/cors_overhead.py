@@ -14,7 +14,8 @@ between, so that what is left is the handler and its middleware. Requests, seque
   request id, CORS, method policy, key (cached), Origin rule, rate limit (Redis), usage row;
 - the same from a browser: an allowed Origin (only where --root has CORS).
 
-Prints the median and p95 per request in microseconds, over several rounds. Run the two
+Prints, per request in microseconds and per round, the CPU time (process time over the
+round / requests: the steadiest number on a shared machine) and the wall time's p50 and p95. Run the two
 roots one after the other, twice, to see the spread (bench/RESULTS.md).
 """
 
@@ -80,16 +81,19 @@ async def timed(
     headers: list[tuple[bytes, bytes]],
     body: bytes,
     expect: int,
-) -> list[float]:
+) -> tuple[list[float], float]:
+    """Each request's wall time, and the CPU time per request over them all (process time:
+    what a shared, loaded machine's other work inflates least)."""
     for _ in range(100):  # warm
         await call(app, method, path, headers, body)
     times = []
+    cpu_started = time.process_time()
     for _ in range(requests):
         started = time.perf_counter()
         status = await call(app, method, path, headers, body)
         times.append(time.perf_counter() - started)
         assert status == expect, (path, status)
-    return times
+    return times, (time.process_time() - cpu_started) / requests
 
 
 def main() -> None:
@@ -157,23 +161,24 @@ def main() -> None:
                 400,
             )
         )
-    results: dict[str, list[tuple[float, float]]] = {label: [] for label, *_ in cases}
+    results: dict[str, list[tuple[float, float, float]]] = {label: [] for label, *_ in cases}
 
     async def run() -> None:
         for _ in range(args.rounds):
             for label, method, path, headers, body, expect in cases:
-                times = await timed(app, args.requests, method, path, headers, body, expect)
+                times, cpu = await timed(app, args.requests, method, path, headers, body, expect)
                 ordered = sorted(times)
                 results[label].append(
-                    (statistics.median(times) * 1e6, ordered[int(len(ordered) * 0.95)] * 1e6)
+                    (cpu * 1e6, statistics.median(times) * 1e6, ordered[int(len(ordered) * 0.95)] * 1e6)
                 )
 
     asyncio.run(run())
     print(
-        f"\n{root} ({'with' if has_cors else 'without'} CORS), {args.requests} requests x {args.rounds} rounds, us"
+        f"\n{root} ({'with' if has_cors else 'without'} CORS), {args.requests} requests x {args.rounds}"
+        " rounds; per request, us: CPU (mean) | wall p50 / p95"
     )
     for label, rounds in results.items():
-        cells = "  ".join(f"{p50:7.1f} / {p95:7.1f}" for p50, p95 in rounds)
+        cells = "   ".join(f"{cpu:6.1f} | {p50:6.1f} / {p95:7.1f}" for cpu, p50, p95 in rounds)
         print(f"{label:<44} {cells}")
 
 
