@@ -1,22 +1,24 @@
 """What CORS and the Origin rule (#21) cost the API's hot path, measured in process.
 
-    .venv/bin/python bench/cors_overhead.py --root /work/main      # the code before
-    .venv/bin/python bench/cors_overhead.py --root .               # this checkout
+    .venv/bin/python bench/cors_overhead.py                      # this checkout: without / with CORS
+    .venv/bin/python bench/cors_overhead.py --root /work/main     # another checkout, as it is
 
-Loads the Django project found at --root (settings from the environment: SQLite in a
-temporary folder, the machine's Redis for rate limits, API keys cached as in production)
-and calls the API's ASGI handler (the lean /v1 middleware stack) directly, with no socket
-between, so that what is left is the handler and its middleware. Requests, sequential:
+Loads the Django project found at --root (SQLite in a temporary folder, the machine's Redis
+for rate limits, API keys cached as in production) and calls the API's ASGI handler (the
+lean /v1 middleware stack) directly, with no socket between. Sequential requests:
 
-- GET /v1/health, no Origin: the thinnest route;
+- GET /v1/bench/bare, no Origin: a view that does nothing, so the middleware is all there is;
 - POST /v1/synthesize with a key and a body refused after authentication and throttling
-  (`{"text": ""}`: 400 empty_text), so everything on the hot path but the engine runs:
-  request id, CORS, method policy, key (cached), Origin rule, rate limit (Redis), usage row;
-- the same from a browser: an allowed Origin (only where --root has CORS).
+  (`{"text": ""}`: 400 empty_text): everything on the hot path but the engine runs (request
+  id, CORS, method policy, key from the cache, route and Origin rule, rate limit in Redis,
+  usage row);
+- the same from a browser, with an allowed Origin (CORS headers added).
 
-Prints, per request in microseconds and per round, the CPU time (process time over the
-round / requests: the steadiest number on a shared machine) and the wall time's p50 and p95. Run the two
-roots one after the other, twice, to see the spread (bench/RESULTS.md).
+Where the checkout has TenantCorsMiddleware, two handlers are built in the one process, one
+with the API middleware as configured and one without that middleware, and their rounds
+alternate, so that a loaded machine slows both alike. Each round's figure is the CPU time
+per request (process time over the round / requests), the steadiest number on a shared
+machine; the table gives the median over rounds, and the wall-time p50 for reference.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+CORS_MIDDLEWARE = "callwaiting_tts.middleware.TenantCorsMiddleware"
+ORIGIN = "https://app.example.com"
 
 
 def _scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
@@ -50,9 +55,7 @@ def _scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> dict[s
     }
 
 
-async def call(
-    app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes = b""
-) -> int:
+async def call(app: Any, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> int:
     pending = [{"type": "http.request", "body": body, "more_body": False}]
     disconnected = asyncio.Event()
     status = 0
@@ -73,27 +76,40 @@ async def call(
     return status
 
 
-async def timed(
-    app: Any,
-    requests: int,
-    method: str,
-    path: str,
-    headers: list[tuple[bytes, bytes]],
-    body: bytes,
-    expect: int,
-) -> tuple[list[float], float]:
-    """Each request's wall time, and the CPU time per request over them all (process time:
-    what a shared, loaded machine's other work inflates least)."""
-    for _ in range(100):  # warm
-        await call(app, method, path, headers, body)
-    times = []
+Case = tuple[str, str, str, list[tuple[bytes, bytes]], bytes, int]
+
+
+async def one_round(app: Any, case: Case, requests: int) -> tuple[float, float]:
+    """(CPU us per request, wall p50 us) over `requests` sequential requests."""
+    _label, method, path, headers, body, expect = case
+    walls = []
     cpu_started = time.process_time()
     for _ in range(requests):
         started = time.perf_counter()
         status = await call(app, method, path, headers, body)
-        times.append(time.perf_counter() - started)
+        walls.append(time.perf_counter() - started)
         assert status == expect, (path, status)
-    return times, (time.process_time() - cpu_started) / requests
+    cpu = (time.process_time() - cpu_started) / requests
+    return cpu * 1e6, statistics.median(walls) * 1e6
+
+
+def _environment(workdir: Path, redis_url: str) -> None:
+    os.environ.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "callwaiting_tts.settings",
+            "CWT_ENV_FILE": "",
+            "SECRET_KEY": "bench-only-" + "x" * 40,
+            "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}",
+            "REDIS_URL": redis_url,
+            "REDIS_KEY_PREFIX": f"cwt-bench-{uuid.uuid4().hex[:6]}",
+            "MEDIA_ROOT": str(workdir / "media"),
+            "USAGE_SPOOL_DIR": str(workdir / "spool"),
+            "USAGE_FLUSH_SECONDS": "0",
+            "TTS_ENGINE": "piper",
+            "BENCHMARK_ROUTES": "1",
+            "LOG_LEVEL": "ERROR",
+        }
+    )
 
 
 def main() -> None:
@@ -101,85 +117,78 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--root", default=".", help="the project checkout to measure")
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=500, help="per round")
+    parser.add_argument("--rounds", type=int, default=10, help="per handler and case")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     args = parser.parse_args()
     root = Path(args.root).resolve()
-    workdir = Path(tempfile.mkdtemp(prefix="cwt-cors-bench-"))
     os.chdir(root)
     sys.path.insert(0, str(root))
-    os.environ.update(
-        {
-            "DJANGO_SETTINGS_MODULE": "callwaiting_tts.settings",
-            "CWT_ENV_FILE": "",
-            "SECRET_KEY": "bench-only-" + "x" * 40,
-            "DATABASE_URL": f"sqlite:///{workdir / 'db.sqlite3'}",
-            "REDIS_URL": args.redis_url,
-            "REDIS_KEY_PREFIX": f"cwt-bench-{uuid.uuid4().hex[:6]}",
-            "MEDIA_ROOT": str(workdir / "media"),
-            "USAGE_SPOOL_DIR": str(workdir / "spool"),
-            "USAGE_FLUSH_SECONDS": "0",
-            "TTS_ENGINE": "piper",
-            "LOG_LEVEL": "ERROR",
-        }
-    )
+    _environment(Path(tempfile.mkdtemp(prefix="cwt-cors-bench-")), args.redis_url)
+
+    import logging
+
     import django
 
     django.setup()
+    logging.disable(logging.WARNING)  # a 400 per request would log a line each
+    from django.conf import settings
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
-    from tenants.models import Tenant
     from tenants.services import tenant_create
 
-    tenant, issued = tenant_create(
-        name="bench", rate_limit_minute=10**8, rate_limit_hour=10**9, quota_minutes=0
-    )
-    origin = "https://app.example.com"
-    has_cors = hasattr(Tenant, "allowed_origins") or any(
-        field.name == "allowed_origins" for field in Tenant._meta.get_fields()
-    )
+    limits = {"rate_limit_minute": 10**8, "rate_limit_hour": 10**9, "quota_minutes": 0}
+    tenant, issued = tenant_create(name="bench", **limits)  # type: ignore[arg-type]
+    has_cors = CORS_MIDDLEWARE in settings.API_MIDDLEWARE
     if has_cors:
-        Tenant.objects.filter(pk=tenant.pk).update(allowed_origins=[origin])
+        type(tenant).objects.filter(pk=tenant.pk).update(allowed_origins=[ORIGIN])
     from callwaiting_tts.handlers import ApiASGIHandler
 
-    app = ApiASGIHandler()
+    handlers: dict[str, Any] = {}
+    configured = list(settings.API_MIDDLEWARE)
+    if has_cors:
+        settings.API_MIDDLEWARE = [name for name in configured if name != CORS_MIDDLEWARE]
+        handlers["without CORS"] = ApiASGIHandler()
+        settings.API_MIDDLEWARE = configured
+        handlers["with CORS"] = ApiASGIHandler()
+    else:
+        handlers["as it is"] = ApiASGIHandler()
+
     key = [(b"authorization", f"Bearer {issued.plaintext}".encode()), (b"content-type", b"application/json")]
-    cases = [
-        ("GET /v1/health", "GET", "/v1/health", [], b"", 200),
-        ("POST /v1/synthesize (key, 400 after auth)", "POST", "/v1/synthesize", key, b'{"text": ""}', 400),
+    refused = b'{"text": ""}'
+    cases: list[Case] = [
+        ("GET /v1/bench/bare", "GET", "/v1/bench/bare", [], b"", 200),
+        ("POST /v1/synthesize, key, 400 after auth", "POST", "/v1/synthesize", key, refused, 400),
     ]
     if has_cors:
-        cases.append(
-            (
-                "the same from a browser Origin",
-                "POST",
-                "/v1/synthesize",
-                [*key, (b"origin", origin.encode())],
-                b'{"text": ""}',
-                400,
-            )
-        )
-    results: dict[str, list[tuple[float, float, float]]] = {label: [] for label, *_ in cases}
+        browser = [*key, (b"origin", ORIGIN.encode())]
+        cases.append(("the same from an allowed Origin", "POST", "/v1/synthesize", browser, refused, 400))
+    figures: dict[tuple[str, str], list[tuple[float, float]]] = {}
 
     async def run() -> None:
+        for case in cases:
+            for app in handlers.values():
+                await one_round(app, case, 200)  # warm
         for _ in range(args.rounds):
-            for label, method, path, headers, body, expect in cases:
-                times, cpu = await timed(app, args.requests, method, path, headers, body, expect)
-                ordered = sorted(times)
-                results[label].append(
-                    (cpu * 1e6, statistics.median(times) * 1e6, ordered[int(len(ordered) * 0.95)] * 1e6)
-                )
+            for case in cases:
+                for name, app in handlers.items():
+                    if name == "without CORS" and case[0].startswith("the same from"):
+                        continue  # a browser's request without CORS is not a comparison
+                    figures.setdefault((case[0], name), []).append(await one_round(app, case, args.requests))
 
     asyncio.run(run())
     print(
-        f"\n{root} ({'with' if has_cors else 'without'} CORS), {args.requests} requests x {args.rounds}"
-        " rounds; per request, us: CPU (mean) | wall p50 / p95"
+        f"\n{root}: {args.rounds} rounds x {args.requests} requests per handler and case, "
+        f"{os.cpu_count()} CPUs; us per request: CPU median over rounds [min-max], wall p50 median"
     )
-    for label, rounds in results.items():
-        cells = "   ".join(f"{cpu:6.1f} | {p50:6.1f} / {p95:7.1f}" for cpu, p50, p95 in rounds)
-        print(f"{label:<44} {cells}")
+    for (label, name), rounds in figures.items():
+        cpus = [cpu for cpu, _wall in rounds]
+        wall = statistics.median(wall for _cpu, wall in rounds)
+        print(
+            f"{label:<42} {name:<13} {statistics.median(cpus):8.1f} [{min(cpus):7.1f}-{max(cpus):7.1f}]"
+            f"  {wall:8.1f}"
+        )
 
 
 if __name__ == "__main__":
