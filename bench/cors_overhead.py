@@ -14,6 +14,12 @@ lean /v1 middleware stack) directly, with no socket between. Sequential requests
   usage row);
 - the same from a browser, with an allowed Origin (CORS headers added).
 
+Then (this checkout only) what the new steps cost on their own, in a tight loop that the
+machine's load hardly moves: TenantCorsMiddleware around a view that returns at once, against
+no middleware, for a request without Origin and one from an allowed Origin; and the route and
+Origin rule (`principal_authorize`) for a key without Origin, as every server-side request
+meets it.
+
 Where the checkout has TenantCorsMiddleware, two handlers are built in the one process, one
 with the API middleware as configured and one without that middleware, and their rounds
 alternate, so that a loaded machine slows both alike. Each round's figure is the CPU time
@@ -91,6 +97,55 @@ async def one_round(app: Any, case: Case, requests: int) -> tuple[float, float]:
         assert status == expect, (path, status)
     cpu = (time.process_time() - cpu_started) / requests
     return cpu * 1e6, statistics.median(walls) * 1e6
+
+
+def micro(requests: int) -> None:
+    """The new steps alone, per call, in a tight loop (best of 5 runs)."""
+    import timeit
+
+    from django.http import HttpResponse
+    from django.test import RequestFactory
+
+    from callwaiting_tts.middleware import TenantCorsMiddleware
+    from tenants.authentication import Principal, principal_authorize
+    from tenants.models import ApiKey
+
+    async def view(request: Any) -> HttpResponse:
+        return HttpResponse(b"ok")  # a fresh answer each time, as a real view's
+
+    cors = TenantCorsMiddleware(view)
+    factory = RequestFactory()
+    plain = factory.post("/v1/synthesize", HTTP_HOST="127.0.0.1:8000")
+    browser = factory.post("/v1/synthesize", HTTP_HOST="127.0.0.1:8000", HTTP_ORIGIN=ORIGIN)
+    api_key = ApiKey.objects.select_related("tenant").get()
+    principal = Principal(tenant=api_key.tenant, api_key=api_key)
+    loop = asyncio.new_event_loop()
+
+    async def many(handler: Any, request: Any) -> None:
+        for _ in range(requests):
+            await handler(request)
+
+    def per_call(run: Any) -> float:
+        return min(timeit.repeat(run, number=1, repeat=5)) / requests * 1e6
+
+    rows = [
+        ("no middleware (the view alone)", lambda: loop.run_until_complete(many(view, plain))),
+        ("TenantCorsMiddleware, no Origin", lambda: loop.run_until_complete(many(cors, plain))),
+        ("TenantCorsMiddleware, allowed Origin", lambda: loop.run_until_complete(many(cors, browser))),
+    ]
+    print(f"\nThe new steps alone, best of 5 x {requests} calls, us per call (and over the view alone)")
+    baseline = None
+    for label, run in rows:
+        cost = per_call(run)
+        baseline = cost if baseline is None else baseline
+        print(f"{label:<42} {cost:8.2f}  {cost - baseline:+8.2f}")
+
+    def authorize() -> None:
+        for _ in range(requests):
+            principal_authorize(principal, route="synthesize", origin=None, host="127.0.0.1:8000")
+
+    print(f"{'principal_authorize, a key, no Origin':<42} {per_call(authorize):8.2f}")
+    loop.close()
 
 
 def _environment(workdir: Path, redis_url: str) -> None:
@@ -178,6 +233,8 @@ def main() -> None:
                     figures.setdefault((case[0], name), []).append(await one_round(app, case, args.requests))
 
     asyncio.run(run())
+    if has_cors:
+        micro(20_000)
     print(
         f"\n{root}: {args.rounds} rounds x {args.requests} requests per handler and case, "
         f"{os.cpu_count()} CPUs; us per request: CPU median over rounds [min-max], wall p50 median"

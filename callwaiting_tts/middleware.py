@@ -15,6 +15,7 @@ from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.security import SecurityMiddleware
+from django.utils.cache import patch_vary_headers
 
 from core.metrics import HTTP_DURATION, HTTP_REQUESTS
 from core.request_ids import REQUEST_ID_HEADER, SANE_REQUEST_ID, current_request_id, new_request_id
@@ -133,8 +134,16 @@ class TenantCorsMiddleware(CorsMiddleware):
     server-side client) reads nothing from the database."""
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
-        if "origin" in request.headers:
-            await preflight_origins.refresh_if_stale()
+        if "HTTP_ORIGIN" not in request.META:
+            # A server-side client (the hot path): nothing of CORS applies, but a cache must
+            # still not hand this answer (without CORS headers) to a browser's request.
+            response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
+            if "Vary" in response:
+                patch_vary_headers(response, ("origin",))
+            else:
+                response["Vary"] = "origin"
+            return response
+        await preflight_origins.refresh_if_stale()
         return await super().__acall__(request)
 
     def origin_found_in_white_lists(self, origin: str, url: SplitResult) -> bool:
