@@ -45,11 +45,10 @@ TOKEN_NAMESPACE = "cwtc"  # noqa: S105  (a name, not a secret)
 TOKEN_PREFIX = f"{TOKEN_NAMESPACE}_"
 _SALT = "tenants.client-token.v1"
 
-# The routes a token may be scoped to (URL names; `stream` is WS /v1/stream). Minting
-# tokens, uploading voices, usage and the tenant's own details stay with the API key.
-TOKEN_ROUTES = frozenset(
-    {"stream", "synthesize", "synthesize-url", "audio-speech", "voice-list", "voice-detail"}
-)
+# The routes a token may be scoped to (URL names; `stream` is WS /v1/stream): speaking and
+# listing voices. Minting tokens, uploading or deleting voices, usage and the tenant's own
+# details stay with the API key.
+TOKEN_ROUTES = frozenset({"stream", "synthesize", "synthesize-url", "audio-speech", "voice-list"})
 DEFAULT_ROUTES = ("stream",)
 MAX_SCOPE_ENTRIES = 50
 

@@ -264,6 +264,7 @@ def test_a_voice_outside_the_scope_is_refused(
         ({"routes": []}, "routes"),
         ({"routes": ["tokens"]}, "routes"),
         ({"routes": ["usage"]}, "routes"),
+        ({"routes": ["voice-detail"]}, "routes"),  # DELETE of a cloned voice
         ({"voices": "joe"}, "voices"),
         ({"origins": ["https://elsewhere.example"]}, "origins"),
         ({"origins": ["not an origin"]}, "origins"),
