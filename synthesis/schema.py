@@ -370,7 +370,7 @@ AUDIO_DOWNLOAD_OPERATION: dict[str, Any] = {
             "in": "header",
             "required": False,
             "schema": {"type": "string"},
-            "description": "One byte range, e.g. `bytes=0-99`, `bytes=100-`, `bytes=-500`; others get the whole.",
+            "description": "One byte range (`bytes=0-99`, `bytes=100-`, `bytes=-500`); others get the whole.",
         },
         {"name": "If-Range", "in": "header", "required": False, "schema": {"type": "string"}},
     ],

@@ -1,7 +1,8 @@
+from django.conf import settings
 from rest_framework import serializers
 
 from tenants.models import Tenant
-from tenants.tokens import TOKEN_ROUTES
+from tenants.tokens import MAX_SCOPE_ENTRIES, TOKEN_ROUTES
 
 
 class TenantOutputSerializer(serializers.ModelSerializer[Tenant]):
@@ -31,21 +32,31 @@ class ClientTokenInputSerializer(serializers.Serializer[dict[str, object]]):
     """For the schema only: the view checks the body itself (tenants.tokens.TokenRequest)."""
 
     expires_in = serializers.IntegerField(
-        required=False, min_value=1, help_text="Seconds until it expires (default and cap: see README)."
+        required=False,
+        min_value=1,
+        max_value=settings.CLIENT_TOKEN_MAX_SECONDS,
+        help_text=f"Seconds until it expires (default {settings.CLIENT_TOKEN_DEFAULT_SECONDS}).",
     )
     routes = serializers.ListField(
         child=serializers.ChoiceField(choices=sorted(TOKEN_ROUTES)),
         required=False,
+        min_length=1,
+        max_length=MAX_SCOPE_ENTRIES,
         help_text='What it may call; default ["stream"] (WS /v1/stream).',
     )
     voices = serializers.ListField(
-        child=serializers.CharField(), required=False, allow_null=True, help_text="Only these voices."
+        child=serializers.CharField(),
+        required=False,
+        allow_null=True,
+        max_length=MAX_SCOPE_ENTRIES,
+        help_text="Only these voices (null: any).",
     )
     origins = serializers.ListField(
         child=serializers.CharField(),
         required=False,
         allow_null=True,
-        help_text="Only from these browser origins (each one of the tenant's allowed origins).",
+        max_length=MAX_SCOPE_ENTRIES,
+        help_text="Only from these browser origins, each among the tenant's allowed ones (null: any).",
     )
 
 

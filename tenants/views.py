@@ -48,7 +48,7 @@ def tenant_detail(request: Request) -> Response:
 def token_mint(request: Request) -> Response:
     tenant = request_tenant(request)
     # A token presented here is refused before (its routes never include this one).
-    body: Any = request.data if request.data is not None else {}
+    body: Any = request.data  # {} for an empty body
     if not isinstance(body, dict):
         raise ServiceError(400, "invalid_request", "The request body must be a JSON object.")
     try:
