@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import shutil
 import threading
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
+from axes.models import AccessAttempt, AccessLog
+from django.contrib.auth import get_user_model
 
 from tenants.services import IssuedKey
 from tests.support.servers import ServiceEnv, daphne_server, free_port, manage
@@ -79,9 +82,26 @@ def tenant_key(django_db_blocker: Any, test_database_url: str, site_port: int) -
         yield issued
 
 
+STAFF_PASSWORD = "a-long-staff-password-4-tests"
+
+
+@pytest.fixture(scope="module")
+def staff(django_db_blocker: Any, test_database_url: str) -> Iterator[str]:
+    username = f"staff-{uuid.uuid4().hex[:8]}"
+    with django_db_blocker.unblock():
+        get_user_model().objects.create_user(username, password=STAFF_PASSWORD, is_staff=True)
+    try:
+        yield username
+    finally:
+        with django_db_blocker.unblock():
+            AccessAttempt.objects.filter(username=username).delete()
+            AccessLog.objects.filter(username=username).delete()
+            get_user_model().objects.filter(username=username).delete()
+
+
 @pytest.fixture(scope="module")
 def base_url(
-    service_env: ServiceEnv, tenant_key: IssuedKey, tmp_path_factory: pytest.TempPathFactory
+    service_env: ServiceEnv, tenant_key: IssuedKey, staff: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     env = service_env(
         STATIC_ROOT=str(tmp_path_factory.mktemp("static")), CORS_ORIGINS_CACHE_SECONDS="0", DEBUG="0"
@@ -189,6 +209,30 @@ def test_the_playground_cancels_mid_utterance_from_the_keyboard(
     # Far less than the whole text's audio: it stopped (30 sentences are over a minute).
     assert state["end"]["audio_seconds"] < 60
     assert page.get_by_role("button", name="Speak").is_enabled()
+
+
+def test_staff_sign_in_and_have_a_token_minted_for_a_tenant(
+    page: Any, base_url: str, tenant_key: IssuedKey, staff: str
+) -> None:
+    page.goto(f"{base_url}/playground")
+    page.get_by_role("link", name="Sign in as staff").click()
+    page.get_by_label("Username").fill(staff)
+    page.get_by_label("Password").fill(STAFF_PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url(f"{base_url}/playground")
+    tenant_name = page.locator("#tenant option", has_text="browser-").first.inner_text()
+    page.get_by_label("Tenant").select_option(label=tenant_name)
+    page.get_by_role("button", name="Mint a streaming token").click()
+    assert "Token minted" in page.locator("form.staff").inner_text()
+    assert page.get_by_label("Client token").input_value().startswith("cwtc_")
+    page.get_by_label("Text or SSML").fill("Minted for staff.")
+    page.get_by_role("button", name="Speak").click()
+    page.wait_for_function(
+        "() => window.playground.end !== null || window.playground.error !== null", timeout=60_000
+    )
+    state = playground_state(page)
+    assert state["error"] is None
+    assert state["audioFrames"] > 0
 
 
 def test_the_playground_reports_a_refused_token(page: Any, base_url: str, tenant_key: IssuedKey) -> None:
