@@ -160,6 +160,31 @@ def test_a_token_counts_against_the_tenants_rate_limit(
     assert [(row.status_code, row.error_code) for row in rows] == [(200, None), (429, "rate_limited")]
 
 
+def test_a_token_draws_on_its_tenants_monthly_quota(
+    make_tenant: TenantFactory, api_client: APIClient
+) -> None:
+    from usage.models import QuotaUsage
+    from usage.quotas import current_month
+
+    tenant, issued = make_tenant(
+        rate_limit_minute=0, rate_limit_hour=0, quota_minutes=1, max_concurrent_streams=0
+    )
+    QuotaUsage.objects.create(tenant=tenant, month=current_month(), audio_seconds=60.0)  # the minute is used
+    token = mint(api_client, issued.plaintext)["token"]
+
+    async def scenario(stream: Stream) -> None:
+        await stream.send(type="auth", api_key=token)
+        await stream.until("ready")
+        await stream.send(type="synthesize", context_id="a", text="Over the quota.")
+        refused = await stream.until("error")
+        assert (refused["code"], refused["context_id"]) == ("quota_exceeded", "a")
+
+    run_stream(scenario)
+    usage_flush()
+    [row] = UsageLog.objects.filter(tenant=tenant)
+    assert (row.status_code, row.error_code) == (429, "quota_exceeded")
+
+
 def test_revoking_the_key_closes_a_stream_opened_with_its_token_and_stops_the_token(
     api_client: APIClient, tenant_key: tuple[Tenant, IssuedKey]
 ) -> None:
