@@ -17,7 +17,8 @@ number of audio seconds per second of its workers' time. So:
   granted when slots end: its first audio is later, but once started it never stutters.
   A request whose expected wait is past the queue's time bound is refused at once
   (`EngineOverloaded`, 503) with a Retry-After from that expected wait, as is one that
-  waited the whole bound. The expected wait comes from the slots held: their age against
+  waited the whole bound, and one from an owner already at its share (a full engine
+  answers 503 first, whoever asks). The expected wait comes from the slots held: their age against
   the measured mean slot lifetime says when each will end.
 
 Until the meter has seen a step the engine is assumed to keep up (only `max_active`
@@ -183,10 +184,14 @@ class RealtimeAdmission:
                 self._check_share(owner)
                 return self._grant(owner)
             wait = self._expected_wait(len(self._queue) + 1)
-            if len(self._queue) >= self.queue_max or wait > self.queue_seconds:
+            # A full engine answers 503 first, whoever asks: also to an owner at its share.
+            if (
+                len(self._queue) >= self.queue_max
+                or wait > self.queue_seconds
+                or (owner and self._by_owner[owner] >= self.max_per_owner)
+            ):
                 self.refused_total += 1
                 raise EngineOverloaded(retry_after_s=_retry_after(wait))
-            self._check_share(owner)
             waiter = _Waiter(owner=owner, loop=loop, granted=loop.create_future())
             self._queue.append(waiter)
             self._by_owner[owner] += 1
@@ -219,9 +224,10 @@ class RealtimeAdmission:
             self._slots.remove(slot)
             self._drop_owner(slot.owner)
             now = time.monotonic()
-            lifetime = now - slot.granted_at
-            mean = self._mean_slot_seconds
-            self._mean_slot_seconds = lifetime if mean is None else 0.8 * mean + 0.2 * lifetime
+            if slot.owner:  # the service's own jobs (a warm-up's word) say nothing of callers'
+                lifetime = now - slot.granted_at
+                mean = self._mean_slot_seconds
+                self._mean_slot_seconds = lifetime if mean is None else 0.8 * mean + 0.2 * lifetime
             if not self._slots:
                 self._busy_seconds += now - self._busy_since
             self._grant_waiting()

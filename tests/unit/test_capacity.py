@@ -136,17 +136,19 @@ async def test_a_request_cancelled_in_the_queue_leaves_nothing_behind() -> None:
     (await gate.acquire("b")).release()  # b's share was given back with its place in the queue
 
 
-async def test_an_owner_past_its_share_is_refused_queued_requests_included() -> None:
-    gate = admission(capacity=2.0, max_per_owner=2)
+async def test_an_owner_at_its_share_gets_429_with_room_and_503_when_the_engine_is_full() -> None:
+    gate = admission(capacity=3.0, max_per_owner=2)
     held = [await gate.acquire("a"), await gate.acquire("a")]
     with pytest.raises(EngineShareExceeded):
+        await gate.acquire("a")  # room for one more, but "a" holds its share
+    other = await gate.acquire("b")  # another owner is served: now the engine is full
+    with pytest.raises(EngineOverloaded) as full:
         await gate.acquire("a")
-    held[0].release()
-    other = await gate.acquire("b")  # another owner is served
-    waiting = asyncio.create_task(gate.acquire("a"))  # queued: the engine is full
+    assert not isinstance(full.value, EngineShareExceeded)  # a full engine answers 503 first
+    waiting = asyncio.create_task(gate.acquire("c"))  # full: "c" queues
     await asyncio.sleep(0)
-    with pytest.raises(EngineShareExceeded):
-        await gate.acquire("a")  # one held and one queued: its share
-    waiting.cancel()
-    held[1].release()
-    other.release()
+    held[0].release()
+    assert (await asyncio.wait_for(waiting, 30)).owner == "c"
+    for slot in (held[1], other, waiting.result()):
+        slot.release()
+    assert gate.state().demand == 0
