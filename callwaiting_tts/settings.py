@@ -253,6 +253,15 @@ ENGINE_MAX_ACTIVE_JOBS = env_int("ENGINE_MAX_ACTIVE_JOBS", 32, minimum=1)
 ENGINE_MAX_JOBS_PER_TENANT = env_int(
     "ENGINE_MAX_JOBS_PER_TENANT", max(1, ENGINE_MAX_ACTIVE_JOBS // 2), minimum=1
 )
+# Admission by real-time capacity (engines/capacity.py): streams are admitted up to this
+# share of the audio seconds per second the engine is measured to make; past it a request
+# waits in a queue of at most ENGINE_QUEUE_MAX for at most ENGINE_QUEUE_SECONDS, then 503.
+ENGINE_REALTIME_HEADROOM = env_float("ENGINE_REALTIME_HEADROOM", 0.9, minimum=0.0)
+ENGINE_QUEUE_MAX = env_int("ENGINE_QUEUE_MAX", 16, minimum=0)
+ENGINE_QUEUE_SECONDS = env_float("ENGINE_QUEUE_SECONDS", 2.0, minimum=0.0)
+# A request's first chunk is at most this many words (or its first clause if shorter), so
+# first audio costs a fraction of a second of engine time even under load; 0: first clause.
+FIRST_CHUNK_WORDS = env_int("FIRST_CHUNK_WORDS", 5, minimum=0, maximum=50)
 MAX_TEXT_CHARS = env_int("MAX_TEXT_CHARS", 5000, minimum=1)
 # Output bounded by input (engines/text.py): a few kilobytes must not ask for hours of audio.
 MAX_AUDIO_SECONDS_PER_REQUEST = env_float("MAX_AUDIO_SECONDS_PER_REQUEST", 600.0, minimum=1.0)

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from django.conf import settings
 
 from core.errors import ServiceError
+from engines import EngineSlot
 from engines.text import Segment
 from synthesis.admission import service_error_for
 from synthesis.audio import AudioEncoder
@@ -66,6 +67,10 @@ class Utterance:
         self.budget = output_budget(setup.speed)
         self.pieces: asyncio.Queue[list[Segment] | None] = asyncio.Queue()
         self.started_audio = False
+        self.opened = False  # a piece has been segmented (only the first gets a quick opening)
+        # The utterance's hold on the engine, from its first piece to its end: its pieces
+        # are one stream to keep real-time, admitted once (engines/capacity.py).
+        self.slot: EngineSlot | None = None
         self.task = asyncio.create_task(self._run(), name=f"utterance {context_id}")
 
     @property
@@ -86,7 +91,7 @@ class Utterance:
         if not ready.strip():
             return
         try:
-            segments = text_segments(ready)
+            segments = text_segments(ready, opening=not self.opened)
             self.budget.spend(segments)
             if (reservation := self.meter.quota_reservation) is not None:
                 reservation.grow(quota_estimate(segments, self.setup.speed))
@@ -94,6 +99,7 @@ class Utterance:
             if exc.code == "empty_text":  # a piece of only punctuation or markup
                 return
             raise ProtocolError(exc.code, exc.message, self.context_id, abort=True) from exc
+        self.opened = True
         self.pieces.put_nowait(segments)
 
     def end(self) -> None:
@@ -106,7 +112,9 @@ class Utterance:
         try:
             while (segments := await self.pieces.get()) is not None:
                 spoken = True
-                plan = self.setup.plan_segments(segments)
+                if self.slot is None:
+                    self.slot = await self.setup.engine.reserve(self.setup.owner)
+                plan = self.setup.plan_segments(segments, slot=self.slot)
                 # The same engine -> encoder loop as HTTP; one encoder for the whole utterance.
                 audio = encoded_audio(plan, self.encoder)
                 try:
@@ -127,9 +135,18 @@ class Utterance:
             # Whatever failed (text, engine, encoder, the transport), the utterance ends
             # here with its error event and usage row; the connection stays.
             error = service_error_for(exc, request_id=self.request_id)
+            self._release_slot()
             await self.owner.utterance_failed(self, error.status_code, error.code, error.message)
         else:
+            self._release_slot()
             await self.owner.utterance_finished(self)
+        finally:
+            self._release_slot()  # cancelled (stop): the slot goes back all the same
+
+    def _release_slot(self) -> None:
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
 
     async def _send_audio(self, data: bytes, *, final: bool = False) -> None:
         if not data and not (final and self.twilio is not None):
