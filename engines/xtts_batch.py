@@ -153,6 +153,7 @@ class XttsBatcher:
         self.tokens_generated = 0
         self.decode_steps = 0
         self.decode_rows = 0
+        self.largest_batch = 0
         self._streams: list[BatchedStream] = []
         self._calls: list[_Call] = []
         self._condition = threading.Condition()
@@ -325,6 +326,7 @@ class XttsBatcher:
             return
         self.decode_steps += 1
         self.decode_rows += len(rows)
+        self.largest_batch = max(self.largest_batch, len(rows))
         for index, stream in enumerate(streams):
             assert stream.decoding is not None
             stream.decoding.length += 1
