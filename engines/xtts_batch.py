@@ -154,6 +154,7 @@ class XttsBatcher:
         self.decode_steps = 0
         self.decode_rows = 0
         self.largest_batch = 0
+        self.decode_seconds = 0.0  # time in batched GPT steps (the vocoder and prefills apart)
         self._streams: list[BatchedStream] = []
         self._calls: list[_Call] = []
         self._condition = threading.Condition()
@@ -313,6 +314,7 @@ class XttsBatcher:
         for stream in streams:
             assert stream.decoding is not None
             rows.append(self._row(stream.decoding))
+        started = time.perf_counter()
         try:
             latents, logits = self.step_model.decode(rows)
             tokens = self.step_model.next_tokens(rows, logits)
@@ -324,6 +326,7 @@ class XttsBatcher:
             for stream in streams:
                 self._decode([stream], emissions)
             return
+        self.decode_seconds += time.perf_counter() - started
         self.decode_steps += 1
         self.decode_rows += len(rows)
         self.largest_batch = max(self.largest_batch, len(rows))
