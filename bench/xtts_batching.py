@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import percentile, setup_django  # noqa: E402
+from bench.common import percentile, setup_django
 
 SENTENCES = [
     "Thanks for calling Acme Dental, this is Ava.",
@@ -122,7 +122,9 @@ async def measure_round(engine: Any, streams: int) -> Round:
     batcher = engine.scheduler
     before = (batcher.tokens_generated, batcher.decode_seconds, batcher.decode_steps, batcher.decode_rows)
     started = time.perf_counter()
-    results = await asyncio.gather(*(one_stream(engine, job_for(engine, index), started) for index in range(streams)))
+    results = await asyncio.gather(
+        *(one_stream(engine, job_for(engine, index), started) for index in range(streams))
+    )
     wall = time.perf_counter() - started
     return Round(
         streams=streams,
@@ -151,14 +153,17 @@ def print_table(rounds: list[Round]) -> None:
     one = rounds[0].tokens_per_s or 1.0
     for r in rounds:
         print(
-            f"{r.streams:>7} {r.tokens:>6} {r.wall_s:>7.1f} {r.tokens_per_s:>8.1f} {r.tokens_per_s / one:>6.1f} "
+            f"{r.streams:>7} {r.tokens:>6} {r.wall_s:>7.1f} {r.tokens_per_s:>8.1f} "
+            f"{r.tokens_per_s / one:>6.1f} "
             f"{r.gpt_tokens_per_s:>9.1f} {r.rows_per_step:>9.1f} {r.first_chunk(0.5) * 1000:>12.0f} "
             f"{r.first_chunk(1.0) * 1000:>12.0f}"
         )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--max-tokens", type=int, default=24, help="audio tokens per stream (a cap)")
     parser.add_argument("--chunk", type=int, default=8, help="audio tokens per streamed chunk")

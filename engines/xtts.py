@@ -101,7 +101,9 @@ class XttsEngine(SpeechEngine):
         self.deterministic = deterministic
         self.max_batch = max_batch
         if half_dtype not in ("float16", "bfloat16"):
-            raise EngineConfigurationError(f"XTTS half precision must be float16 or bfloat16, not {half_dtype!r}.")
+            raise EngineConfigurationError(
+                f"XTTS half precision must be float16 or bfloat16, not {half_dtype!r}."
+            )
         self.half_dtype = half_dtype
         self._model: Any = None
         self._voices: list[BuiltinVoice] = []

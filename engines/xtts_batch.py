@@ -31,6 +31,7 @@ fails. Chunks travel to the event loop with `call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 
 from engines.base import EngineFailure, EngineOverloaded, SpeechJob, silence_chunk
 from engines.text import Pause, Segment
-from engines.xtts_gpt import FAKE_PREFIX_ID, Row, XttsStepModel
+from engines.xtts_gpt import Row, XttsStepModel
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,7 +63,6 @@ class _Decoding:
     slot: int
     length: int  # positions in its cache
     length_scale: float
-    history: list[int]
     tokens: list[int] = field(default_factory=list)
     latents: list[Any] = field(default_factory=list)
     pending: int = 0  # tokens not yet turned into audio
@@ -253,10 +253,8 @@ class XttsBatcher:
         except Exception as exc:
             logger.exception("A call on the XTTS thread failed")
             outcome, failed = exc, True
-        try:
+        with contextlib.suppress(RuntimeError):  # RuntimeError: the caller's loop is gone
             call.loop.call_soon_threadsafe(settle, call.future, outcome, failed)
-        except RuntimeError:  # the caller's loop is gone
-            pass
 
     def _step(self, chosen: list[BatchedStream]) -> None:
         emissions: list[tuple[BatchedStream, bool]] = []
@@ -292,7 +290,6 @@ class XttsBatcher:
                 slot=slot,
                 length=positions,
                 length_scale=1.0 / max(stream.job.rate_of(segment), 0.05),
-                history=[FAKE_PREFIX_ID, step.start_token],
             )
             latent, logits = step.prefill(slot, prefix)
             row = self._row(stream.decoding)
@@ -306,7 +303,6 @@ class XttsBatcher:
             length=decoding.length,
             token=decoding.tokens[-1] if decoding.tokens else -1,
             audio_index=len(decoding.tokens),
-            history=decoding.history,
         )
 
     def _decode(self, streams: list[BatchedStream], emissions: list[tuple[BatchedStream, bool]]) -> None:
@@ -343,12 +339,9 @@ class XttsBatcher:
         assert decoding is not None
         self.tokens_generated += 1
         decoding.tokens.append(token)
-        decoding.history.append(token)
         decoding.latents.append(latent)
         decoding.pending += 1
-        decoding.finished = (
-            token == self.step_model.stop_token or len(decoding.tokens) >= self.max_new_tokens
-        )
+        decoding.finished = token == self.step_model.stop_token or len(decoding.tokens) >= self.max_new_tokens
         if decoding.pending >= self.stream_chunk_size:
             emissions.append((stream, False))
             decoding.pending = 0
@@ -360,7 +353,9 @@ class XttsBatcher:
         due: dict[int, BatchedStream] = {}
         for stream, _final in emissions:
             decoding = stream.decoding
-            if decoding is not None and (decoding.decoded is None or decoding.decoded[0] != len(decoding.latents)):
+            if decoding is not None and (
+                decoding.decoded is None or decoding.decoded[0] != len(decoding.latents)
+            ):
                 due[id(stream)] = stream
         self._vocode(list(due.values()))
         for stream, final in emissions:

@@ -13,10 +13,12 @@ the same modules (the checkpoint's `GPT2Block`s, `ln_f`, `final_norm`,
   own slot, its own cache length and its own audio position. The linear layers
   (attention projections, MLP, head) run once for the whole batch, which is
   where batching pays: at batch 1 they are bound by reading the weights.
-- the next token is chosen exactly as coqui chooses it: transformers'
-  repetition penalty (over the request's own ids: the fake prefix ids, the
-  start token and what it generated), temperature, top-k, top-p, then sampling;
-  with greedy decoding (`top_k=1`) the one surviving token is taken by argmax.
+- the next token is chosen exactly as coqui chooses it: the repetition penalty
+  (over the request's own ids: the fake prefix ids, the start token and what it
+  generated; kept as a seen-token mask per slot so that a step builds no id
+  lists), then transformers' temperature, top-k and top-p warpers, then
+  sampling; with greedy decoding (`top_k=1`) the one surviving token is taken by
+  argmax.
 
 **Exact mode** (greedy decoding): a request's tokens and latents are bit for bit
 the same whatever else is in the batch. Three things make that hold on the CPU:
@@ -45,14 +47,13 @@ not installable here (no CUDA) and would pin the service to it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import (
     LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -77,12 +78,16 @@ class Sampling:
     def greedy(self) -> bool:
         return self.top_k == 1
 
-    def processors(self) -> LogitsProcessorList:
-        # The list and order transformers' generate builds for coqui's arguments (checked
-        # against `_get_logits_processor` with transformers 4.57).
+    def penalize(self, scores: Any, seen: Any) -> Any:
+        """transformers' `RepetitionPenaltyLogitsProcessor`, the same arithmetic, over a mask of seen ids."""
+        penalty = self.repetition_penalty
+        return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+
+    def warpers(self) -> LogitsProcessorList:
+        # After the repetition penalty, the list and order transformers' generate builds for
+        # coqui's arguments (checked against `_get_logits_processor` with transformers 4.57).
         return LogitsProcessorList(
             [
-                RepetitionPenaltyLogitsProcessor(penalty=self.repetition_penalty),
                 TemperatureLogitsWarper(self.temperature),
                 TopKLogitsWarper(top_k=self.top_k),
                 TopPLogitsWarper(top_p=self.top_p),
@@ -93,15 +98,20 @@ class Sampling:
 class KvPool:
     """Keys and values of every layer, `[slots, heads, capacity, head_dim]`; a request holds a slot.
 
+    With them, per slot, the ids its request has seen (`[slots, vocab]`), for the repetition penalty.
+
     Grows (slots and capacity) by reallocating, which is rare: the pool keeps its
     size once the service has seen its busiest minute.
     """
 
-    def __init__(self, *, layers: int, heads: int, head_dim: int, dtype: Any, device: Any) -> None:
-        self.layers, self.heads, self.head_dim = layers, heads, head_dim
+    def __init__(
+        self, *, layers: int, heads: int, head_dim: int, vocab: int, dtype: Any, device: Any
+    ) -> None:
+        self.layers, self.heads, self.head_dim, self.vocab = layers, heads, head_dim, vocab
         self.dtype, self.device = dtype, device
         self.keys: list[Any] = []
         self.values: list[Any] = []
+        self.seen: Any = None
         self.slots = 0
         self.capacity = 0
         self._free: list[int] = []  # allocated on first use, on the model's thread
@@ -112,8 +122,11 @@ class KvPool:
         values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
         for old, new in zip(self.keys + self.values, keys + values, strict=False):  # none at first
             new[: self.slots, :, : self.capacity] = old
+        seen = torch.zeros((slots, self.vocab), dtype=torch.bool, device=self.device)
+        if self.seen is not None:
+            seen[: self.slots] = self.seen
         self._free.extend(range(self.slots, slots))
-        self.keys, self.values = keys, values
+        self.keys, self.values, self.seen = keys, values, seen
         self.slots, self.capacity = slots, capacity
 
     def acquire(self, length: int) -> int:
@@ -141,7 +154,6 @@ class Row:
     length: int  # positions already in its cache; the new token goes at this one
     token: int  # the token to feed (the last one generated)
     audio_index: int  # its audio position: 1 for the first generated token (0 is the start token)
-    history: list[int] = field(default_factory=list)  # ids for the repetition penalty
 
 
 class XttsStepModel:
@@ -158,12 +170,13 @@ class XttsStepModel:
         self.dtype = gpt.mel_head.weight.dtype
         self.device = gpt.mel_head.weight.device
         self.sampling = sampling
-        self.processors = sampling.processors()
+        self.warpers = sampling.warpers()
         self.exact = exact
         self.pool = KvPool(
             layers=len(self.blocks),
             heads=self.heads,
             head_dim=self.head_dim,
+            vocab=gpt.mel_head.out_features,
             dtype=self.dtype,
             device=self.device,
         )
@@ -181,7 +194,7 @@ class XttsStepModel:
         return int(self.gpt.max_gen_mel_tokens)
 
     def prefix(self, cond_latents: Any, text_tokens: Any) -> Any:
-        """The prefix coqui's `GPT.compute_embeddings` stores, plus the start-of-audio token: `[1, P+1, d]`."""
+        """coqui's prefix (`GPT.compute_embeddings`) and the start-of-audio token: `[1, P+1, d]`."""
         gpt = self.gpt
         text = F.pad(text_tokens, (0, 1), value=gpt.stop_text_token)
         text = F.pad(text, (1, 0), value=gpt.start_text_token)
@@ -192,6 +205,9 @@ class XttsStepModel:
 
     def prefill(self, slot: int, prefix: Any) -> tuple[Any, Any]:
         """Run one request's prefix into `slot`; the latent and logits of its last position."""
+        seen = self.pool.seen[slot]
+        seen.zero_()
+        seen[[FAKE_PREFIX_ID, self.start_token]] = True  # coqui's input ids: fake prefix, start
         hidden = prefix[0]  # [P+1, d]
         positions = hidden.shape[0]
         for layer, block in enumerate(self.blocks):
@@ -199,7 +215,9 @@ class XttsStepModel:
             self.pool.keys[layer][slot, :, :positions] = key
             self.pool.values[layer][slot, :, :positions] = value
             attended = F.scaled_dot_product_attention(query, key, value, is_causal=True)
-            hidden = self._finish_block(block, hidden, attended.transpose(0, 1).reshape(positions, self.width))
+            hidden = self._finish_block(
+                block, hidden, attended.transpose(0, 1).reshape(positions, self.width)
+            )
         latent = self.gpt.final_norm(self.ln_f(hidden[-1:]))
         return latent, self.gpt.mel_head(latent)
 
@@ -229,26 +247,24 @@ class XttsStepModel:
 
     def next_tokens(self, rows: list[Row], logits: Any) -> list[int]:
         """Each row's next token from its logits, as coqui's `sample_stream` picks it."""
-        longest = max(len(row.history) for row in rows)
-        # Padding with an id every row already holds leaves the penalty unchanged.
-        ids = torch.tensor(
-            [row.history + [FAKE_PREFIX_ID] * (longest - len(row.history)) for row in rows],
-            device=logits.device,
-        )
-        scores = self.processors(ids, logits.float())
+        slots = torch.tensor([row.slot for row in rows], device=logits.device)
+        seen = self.pool.seen.index_select(0, slots)
+        scores = self.warpers(seen, self.sampling.penalize(logits.float(), seen))  # ids unused there
         if self.sampling.greedy:
             chosen = scores.argmax(dim=-1)
         else:
             chosen = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        self.pool.seen[slots, chosen] = True
         return [int(token) for token in chosen.tolist()]
 
     def _qkv(self, block: Any, hidden: Any) -> tuple[Any, Any, Any]:
         """Queries, keys and values of `hidden` `[N, d]`, each `[heads, N, head_dim]`."""
         projected = block.attn.c_attn(block.ln_1(hidden))
-        return tuple(  # type: ignore[return-value]
+        query, key, value = (
             part.reshape(hidden.shape[0], self.heads, self.head_dim).transpose(0, 1)
             for part in projected.split(self.width, dim=-1)
         )
+        return query, key, value
 
     def _finish_block(self, block: Any, hidden: Any, attended: Any) -> Any:
         """The attention output projection, the residuals and the MLP of a GPT-2 block."""

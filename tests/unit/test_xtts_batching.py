@@ -164,7 +164,8 @@ def broken_conditioning(engine: XttsEngine, *, bad_latents: bool) -> bytes:
 async def test_a_failing_request_fails_alone(engine: XttsEngine, bad_latents: bool) -> None:
     expected = await alone(engine, 3)
     broken = SpeechJob(
-        segments=[Speech("This one breaks.")], conditioning=broken_conditioning(engine, bad_latents=bad_latents)
+        segments=[Speech("This one breaks.")],
+        conditioning=broken_conditioning(engine, bad_latents=bad_latents),
     )
     outcomes = await asyncio.gather(
         *(collect(engine.stream(job_for(engine, index))) for index in range(3)),
@@ -184,11 +185,14 @@ async def test_a_slow_consumer_sits_out_without_stalling_the_others(xtts_checkpo
         expected = await alone(small, 4)
         slow = small.stream(job_for(small, 0))
         first = await anext(slow)
-        others = await asyncio.gather(*(collect(small.stream(job_for(small, index))) for index in range(1, 4)))
+        others = await asyncio.gather(
+            *(collect(small.stream(job_for(small, index))) for index in range(1, 4))
+        )
         assert_same_audio(list(others), expected[1:])
         (slow_stream,) = batcher._streams  # still there, its buffer full, not decoding
         assert slow_stream.buffered <= batcher.max_buffered + 1
-        assert slow_stream.decoding is not None and len(slow_stream.decoding.tokens) < 24  # paused
+        assert slow_stream.decoding is not None
+        assert len(slow_stream.decoding.tokens) < 24  # paused part way
         rest = await collect(slow)
         np.testing.assert_array_equal(np.concatenate([first, rest]), expected[0])
 
