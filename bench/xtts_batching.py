@@ -171,9 +171,13 @@ def main() -> None:
     parser.add_argument("--deterministic", action="store_true", help="greedy, exact mode (rows padded)")
     parser.add_argument("--tiny", action="store_true", help="the tiny test checkpoint (a smoke run)")
     parser.add_argument("--checkpoint", type=Path, help="an existing checkpoint directory to reuse")
+    parser.add_argument("--threads", type=int, help="torch threads (on a shared machine 1 avoids spinning)")
     args = parser.parse_args()
     setup_django()
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as directory:
         started = time.perf_counter()
