@@ -259,19 +259,29 @@ class XttsBatcher:
     def _step(self, chosen: list[BatchedStream]) -> None:
         emissions: list[tuple[BatchedStream, bool]] = []
         running: list[BatchedStream] = []
+        starting: list[tuple[BatchedStream, Any]] = []
         for stream in chosen:
             if stream.decoding is not None:
                 running.append(stream)
                 continue
             try:
-                self._start_next_segment(stream, emissions)
+                prefix = self._start_next_segment(stream)
             except Exception as exc:
                 self._fail(stream, exc)
+                continue
+            if prefix is not None:
+                starting.append((stream, prefix))
+        if starting:
+            self._prefill(starting, emissions)
         if running:
             self._decode(running, emissions)
         self._emit(emissions)
 
-    def _start_next_segment(self, stream: BatchedStream, emissions: list[tuple[BatchedStream, bool]]) -> None:
+    def _start_next_segment(self, stream: BatchedStream) -> Any:
+        """Deliver pauses up to the next text segment; its prefix, with a cache slot taken for it.
+
+        None when the request has no segment left (it is finished).
+        """
         while stream.segments:
             segment = stream.segments.popleft()
             if isinstance(segment, Pause):
@@ -285,17 +295,38 @@ class XttsBatcher:
             text_tokens = torch.tensor([tokens], dtype=torch.int32, device=step.device)
             prefix = step.prefix(stream.gpt_cond_latent.to(step.device), text_tokens)
             positions = prefix.shape[1]
-            slot = step.pool.acquire(positions + self.max_new_tokens + 1)
             stream.decoding = _Decoding(
-                slot=slot,
+                slot=step.pool.acquire(positions + self.max_new_tokens + 1),
                 length=positions,
                 length_scale=1.0 / max(stream.job.rate_of(segment), 0.05),
             )
-            latent, logits = step.prefill(slot, prefix)
-            row = self._row(stream.decoding)
-            self._advance(stream, step.next_tokens([row], logits)[0], latent[0], emissions)
-            return
+            return prefix
         self._finish(stream, _DONE)
+        return None
+
+    def _prefill(
+        self, starting: list[tuple[BatchedStream, Any]], emissions: list[tuple[BatchedStream, bool]]
+    ) -> None:
+        """Run the new segments' prefixes (together where the step model may); their first tokens."""
+        step = self.step_model
+        try:
+            items = []
+            for stream, prefix in starting:
+                assert stream.decoding is not None
+                items.append((stream.decoding.slot, prefix))
+            latents, logits = step.prefill(items)
+            rows = [self._row(stream.decoding) for stream, _prefix in starting if stream.decoding]
+            tokens = step.next_tokens(rows, logits)
+        except Exception as exc:
+            if len(starting) == 1:
+                self._fail(starting[0][0], exc)
+                return
+            logger.warning("A batched XTTS prefill failed (%s); retrying one by one", exc)
+            for item in starting:
+                self._prefill([item], emissions)
+            return
+        for index, (stream, _prefix) in enumerate(starting):
+            self._advance(stream, tokens[index], latents[index], emissions)
 
     def _row(self, decoding: _Decoding) -> Row:
         return Row(

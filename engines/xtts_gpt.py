@@ -203,11 +203,24 @@ class XttsStepModel:
         start_emb = gpt.mel_embedding(start) + gpt.mel_pos_embedding(start)
         return torch.cat([cond_latents.to(self.device, self.dtype), text_emb, start_emb], dim=1)
 
-    def prefill(self, slot: int, prefix: Any) -> tuple[Any, Any]:
-        """Run one request's prefix into `slot`; the latent and logits of its last position."""
-        seen = self.pool.seen[slot]
-        seen.zero_()
-        seen[[FAKE_PREFIX_ID, self.start_token]] = True  # coqui's input ids: fake prefix, start
+    def prefill(self, items: list[tuple[int, Any]]) -> tuple[Any, Any]:
+        """Run requests' prefixes `(slot, [1, P+1, d])` into their slots; per request, the latent
+        `[B, d]` and logits `[B, vocab]` of its last position.
+
+        Exact mode runs each alone. Fast mode runs them as one right-padded batch: causal
+        attention plus a mask of each row's own length keeps a row's real positions from
+        seeing any padding, so only rounding differs.
+        """
+        slots = torch.tensor([slot for slot, _prefix in items], device=self.device)
+        self.pool.seen[slots] = False
+        self.pool.seen[slots, FAKE_PREFIX_ID] = True  # coqui's input ids: the fake prefix ids,
+        self.pool.seen[slots, self.start_token] = True  # then the start-of-audio token
+        if self.exact or len(items) == 1:
+            results = [self._prefill_one(slot, prefix) for slot, prefix in items]
+            return torch.cat([latent for latent, _ in results]), torch.cat([logits for _, logits in results])
+        return self._prefill_padded(slots, [prefix[0] for _slot, prefix in items])
+
+    def _prefill_one(self, slot: int, prefix: Any) -> tuple[Any, Any]:
         hidden = prefix[0]  # [P+1, d]
         positions = hidden.shape[0]
         for layer, block in enumerate(self.blocks):
@@ -220,6 +233,33 @@ class XttsStepModel:
             )
         latent = self.gpt.final_norm(self.ln_f(hidden[-1:]))
         return latent, self.gpt.mel_head(latent)
+
+    def _prefill_padded(self, slots: Any, prefixes: list[Any]) -> tuple[Any, Any]:
+        count = len(prefixes)
+        lengths = torch.tensor([prefix.shape[0] for prefix in prefixes], device=self.device)
+        longest = int(lengths.max())
+        hidden = torch.nn.utils.rnn.pad_sequence(prefixes, batch_first=True)  # [B, L, d]
+        valid = torch.arange(longest, device=self.device)[None, :] < lengths[:, None]  # [B, L]
+        causal = torch.ones(longest, longest, dtype=torch.bool, device=self.device).tril()
+        mask = causal[None, None] & valid[:, None, None, :]  # [B, 1, L, L]
+        # Where each real position's key and value go: (slot, position) pairs.
+        slot_index = slots[:, None].expand(count, longest)[valid]
+        position_index = torch.arange(longest, device=self.device).expand(count, longest)[valid]
+        for layer, block in enumerate(self.blocks):
+            flat = hidden.reshape(count * longest, self.width)
+            projected = block.attn.c_attn(block.ln_1(flat))
+            query, key, value = (  # each [B, heads, L, head_dim]
+                part.reshape(count, longest, self.heads, self.head_dim).transpose(1, 2)
+                for part in projected.split(self.width, dim=-1)
+            )
+            self.pool.keys[layer][slot_index, :, position_index] = key.transpose(1, 2)[valid]
+            self.pool.values[layer][slot_index, :, position_index] = value.transpose(1, 2)[valid]
+            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+            merged = attended.transpose(1, 2).reshape(count * longest, self.width)
+            hidden = self._finish_block(block, flat, merged).reshape(count, longest, self.width)
+        last = hidden[torch.arange(count, device=self.device), lengths - 1]  # [B, d]
+        latents = self.gpt.final_norm(self.ln_f(last))
+        return latents, self.gpt.mel_head(latents)
 
     def decode(self, rows: list[Row]) -> tuple[Any, Any]:
         """One step for every row: the latents `[B, d]` and logits `[B, vocab]` of the fed tokens."""
