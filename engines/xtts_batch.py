@@ -10,8 +10,9 @@ One worker thread owns the model. Each step it:
    smallest playback deadline (when its first chunk was delivered plus the
    seconds of audio delivered since: the caller nearest to running dry);
 3. starts the requests that have no segment under way: a pause becomes silence,
-   a text segment is prefilled alone (its own conditioning prefix into its own
-   cache slot), which gives its first token;
+   a text segment is prefilled (its own conditioning prefix into its own cache
+   slot; the segments starting in one step in one padded batch, or each alone in
+   exact mode), which gives its first token;
 4. advances all the others by one token in one batched GPT step
    (engines/xtts_gpt.py): each row with its own cache, length and position;
 5. turns every `stream_chunk_size` tokens (and a segment's end) into audio the

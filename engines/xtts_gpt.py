@@ -6,9 +6,9 @@ embedding kept in shared model state. This module does the same arithmetic with
 the same modules (the checkpoint's `GPT2Block`s, `ln_f`, `final_norm`,
 `mel_head`, the audio embeddings and their learned positions), but for a batch:
 
-- **prefill** runs one request's prefix (conditioning latents, text tokens, the
-  start-of-audio token) alone, with causal attention, and writes its keys and
-  values into a slot of the `KvPool`;
+- **prefill** runs requests' prefixes (conditioning latents, text tokens, the
+  start-of-audio token) with causal attention and writes their keys and values
+  into their slots of the `KvPool`;
 - **decode** advances every row of a batch by one audio token: each row has its
   own slot, its own cache length and its own audio position. The linear layers
   (attention projections, MLP, head) run once for the whole batch, which is
@@ -22,7 +22,7 @@ the same modules (the checkpoint's `GPT2Block`s, `ln_f`, `final_norm`,
 
 **Exact mode** (greedy decoding): a request's tokens and latents are bit for bit
 the same whatever else is in the batch. Three things make that hold on the CPU:
-prefill is always per request; attention runs per row, over that row's own cache
+prefill runs per request; attention runs per row, over that row's own cache
 length (a padded batched attention sums over a different length and rounds
 differently); and the batch's row count is padded to a multiple of
 `EXACT_ROW_QUANTUM`, because MKL's sgemm computes a row identically, wherever it
@@ -31,9 +31,11 @@ sits, only for such row counts (measured with torch 2.11: rows of a 1-, 2-, 3-,
 in a larger one; 4, 8 and 12 and more agree). The test suite checks the whole
 property end to end (tests/unit/test_xtts_batching.py).
 
-**Fast mode** (sampling, the default in production): no padding rows, and one
-batched attention per layer over the rows' slots (gathered from the pool, masked
-past each row's length). Results equal exact mode up to rounding.
+**Fast mode** (sampling, the default in production): prefixes starting in the
+same step are prefilled as one right-padded batch, decode steps have no padding
+rows, and attention is one batched call per layer over the rows' slots (gathered
+from the pool, masked past each row's length). Results equal exact mode up to
+rounding (tests/unit/test_xtts_batching.py compares them at 1e-5).
 
 Why not a library: transformers 4.57's `generate` batches only requests that
 start together (left padding, one shared cache length) and its continuous
