@@ -15,7 +15,7 @@ from engines import EngineFailure, SpeechJob
 from engines.text import Pause, Speech
 from engines.xtts import XttsEngine
 from engines.xtts_batch import BatchedStream, XttsBatcher
-from engines.xtts_gpt import Sampling, XttsStepModel
+from engines.xtts_gpt import KvPool, Sampling, XttsStepModel
 from tests.support.waiting import async_wait_until
 from tests.support.xtts import loaded_tiny_xtts
 
@@ -227,3 +227,20 @@ async def test_fast_mode_batches_attention_and_the_vocoder_and_agrees_to_roundin
             np.testing.assert_allclose(audio, expected[index], atol=1e-5, err_msg=f"request {index}")
         assert fast.largest_batch == 4
         assert max(vocoded) > 1  # requests in step decoded by one vocoder call
+
+
+def test_the_cache_pool_grows_without_losing_what_its_slots_hold() -> None:
+    pool = KvPool(layers=2, heads=2, head_dim=3, vocab=5, dtype=torch.float32, device="cpu")
+    first = pool.acquire(10)
+    pool.keys[1][first, :, :10] = 7.0
+    pool.seen[first, 4] = True
+    taken = [pool.acquire(10) for _ in range(3)]  # the first four slots
+    grown = pool.acquire(500)  # more slots and more room
+    assert pool.slots == 8
+    assert pool.capacity >= 500
+    assert len({first, grown, *taken}) == 5
+    assert bool((pool.keys[1][first, :, :10] == 7.0).all())
+    assert bool(pool.seen[first, 4])
+    pool.release(grown)
+    assert pool.acquire(20) == grown
+    assert pool.in_use == 5
