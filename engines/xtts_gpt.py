@@ -12,7 +12,8 @@ the same modules (the checkpoint's `GPT2Block`s, `ln_f`, `final_norm`,
 - **decode** advances every row of a batch by one audio token: each row has its
   own slot, its own cache length and its own audio position. The linear layers
   (attention projections, MLP, head) run once for the whole batch, which is
-  where batching pays: at batch 1 they are bound by reading the weights.
+  where batching pays: at batch 1 they are bound by reading the weights (by far
+  on a GPU; only in part on a CPU, see bench/RESULTS.md).
 - the next token is chosen exactly as coqui chooses it: the repetition penalty
   (over the request's own ids: the fake prefix ids, the start token and what it
   generated; kept as a seen-token mask per slot so that a step builds no id
@@ -29,7 +30,8 @@ differently); and the batch's row count is padded to a multiple of
 sits, only for such row counts (measured with torch 2.11: rows of a 1-, 2-, 3-,
 5-, 6-, 7-, 9-, 10- or 11-row product differ in the last bits from the same rows
 in a larger one; 4, 8 and 12 and more agree). The test suite checks the whole
-property end to end (tests/unit/test_xtts_batching.py).
+property end to end (tests/unit/test_xtts_batching.py). On a GPU it is not
+claimed: cuBLAS also picks kernels by shape, and no test runs there.
 
 **Fast mode** (sampling, the default in production): prefixes starting in the
 same step are prefilled as one right-padded batch, decode steps have no padding
