@@ -242,6 +242,9 @@ XTTS_STREAM_CHUNK_TOKENS = env_int("XTTS_STREAM_CHUNK_TOKENS", 20, minimum=1)
 _xtts_max_tokens = env_int("XTTS_MAX_AUDIO_TOKENS", 0, minimum=0)
 XTTS_MAX_AUDIO_TOKENS = _xtts_max_tokens or None  # 0: the checkpoint's own limit
 XTTS_DETERMINISTIC = env_bool("XTTS_DETERMINISTIC", False)  # greedy decoding (tests, benchmarks)
+# Requests decoded together in one GPT step; more running requests take turns by deadline.
+XTTS_MAX_BATCH = env_int("XTTS_MAX_BATCH", 16, minimum=1)
+XTTS_HALF_DTYPE = env_choice("XTTS_HALF_DTYPE", "float16", ("float16", "bfloat16"))  # with XTTS_HALF
 PIPER_WORKERS = env_int("PIPER_WORKERS", os.cpu_count() or 1, minimum=1)
 _piper_noise = env_float("PIPER_NOISE_SCALE", -1.0)
 PIPER_NOISE_SCALE = _piper_noise if _piper_noise >= 0 else None  # unset: the voice's own

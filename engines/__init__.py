@@ -63,6 +63,8 @@ def build_engine() -> SpeechEngine:
             stream_chunk_size=settings.XTTS_STREAM_CHUNK_TOKENS,
             max_audio_tokens=settings.XTTS_MAX_AUDIO_TOKENS,
             deterministic=settings.XTTS_DETERMINISTIC,
+            max_batch=settings.XTTS_MAX_BATCH,
+            half_dtype=settings.XTTS_HALF_DTYPE,
         )
     from engines.piper import PiperEngine
 

@@ -15,8 +15,9 @@ time, so concurrent requests interleave instead of queueing whole. Which one nex
 - a cancelled request is dropped before its next chunk.
 
 One request is advanced by one worker at a time (its iterator is not shared between
-threads). `workers` is 1 for a model that must never run two requests at once (XTTS);
-Piper's ONNX session may run on several threads. Each step's wall time and audio go to
+threads). Piper's ONNX session runs on several worker threads. XTTS batches its
+requests' decoding steps in a loop of its own (engines/xtts_batch.py), which chooses who
+runs in the same order. Each step's wall time and audio go to
 the engine's ThroughputMeter (engines/capacity.py), which admission reads.
 
 Chunks travel to the event loop with `call_soon_threadsafe`: the loop never waits on a

@@ -1,9 +1,13 @@
 """XTTS v2 through coqui-tts: one model per process, pinned to one device.
 
-The model is not safe for concurrent calls (`store_prefix_emb` writes shared
-state), so every use goes through one ChunkScheduler thread. Each request's
-GPT prefix embedding is put back before each of its chunks, which is what lets
-requests interleave chunk by chunk on one model.
+coqui's own `inference_stream` decodes one request at a time (its GPT prefix is
+shared model state), so a GPU's throughput would be one stream's. Instead every
+use of the model goes through one XttsBatcher thread (engines/xtts_batch.py):
+the running requests advance one audio token per step together, each with its
+own conditioning prefix and KV cache (engines/xtts_gpt.py), up to `max_batch`
+(XTTS_MAX_BATCH) at a time; requests join and leave between steps. With greedy
+decoding (`deterministic`) a request's audio is exactly the same whatever else
+runs with it.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +28,10 @@ from engines.base import (
     QueuePolicy,
     SpeechEngine,
     SpeechJob,
-    silence_chunk,
     voice_slug,
 )
-from engines.scheduler import ChunkScheduler
-from engines.text import Pause
+from engines.xtts_batch import XttsBatcher
+from engines.xtts_gpt import Sampling, XttsStepModel
 
 logger = logging.getLogger(__name__)
 XTTS_SAMPLE_RATE = 24000
@@ -69,30 +72,6 @@ def check_checkpoint_dir(path: str) -> Path:
     return directory
 
 
-class _PrefixRestoringIterator:
-    """Wraps one request's chunk generator so that it can share the model with others."""
-
-    def __init__(self, model: Any, inner: Iterator[np.ndarray]) -> None:
-        self._gpt_inference = model.gpt.gpt_inference
-        self._inner = inner
-        self._prefix: Any = None
-
-    def __iter__(self) -> _PrefixRestoringIterator:
-        return self
-
-    def __next__(self) -> np.ndarray:
-        if self._prefix is not None:
-            self._gpt_inference.store_prefix_emb(self._prefix)
-        chunk = next(self._inner)
-        self._prefix = getattr(self._gpt_inference, "cached_prefix_emb", None)
-        return chunk
-
-    def close(self) -> None:
-        close = getattr(self._inner, "close", None)
-        if close is not None:
-            close()
-
-
 class XttsEngine(SpeechEngine):
     name = "xtts"
     sample_rate = XTTS_SAMPLE_RATE
@@ -110,6 +89,8 @@ class XttsEngine(SpeechEngine):
         stream_chunk_size: int = 20,
         max_audio_tokens: int | None = None,
         deterministic: bool = False,
+        max_batch: int = 16,
+        half_dtype: str = "float16",
     ) -> None:
         super().__init__(
             max_active_jobs=max_active_jobs,
@@ -124,10 +105,16 @@ class XttsEngine(SpeechEngine):
         self.stream_chunk_size = stream_chunk_size
         self.max_audio_tokens = max_audio_tokens
         self.deterministic = deterministic
+        self.max_batch = max_batch
+        if half_dtype not in ("float16", "bfloat16"):
+            raise EngineConfigurationError(
+                f"XTTS half precision must be float16 or bfloat16, not {half_dtype!r}."
+            )
+        self.half_dtype = half_dtype
         self._model: Any = None
         self._voices: list[BuiltinVoice] = []
         self._speaker_latents: dict[str, tuple[Any, Any]] = {}
-        self._scheduler: ChunkScheduler | None = None
+        self._scheduler: XttsBatcher | None = None
         self._identity = ""
 
     def load(self) -> None:
@@ -153,7 +140,7 @@ class XttsEngine(SpeechEngine):
             ) from exc
         model.to(self.device)
         if self.half:
-            model.gpt.half()
+            model.gpt.to(getattr(torch, self.half_dtype))
         model.eval()
         self._model = model
         self.languages = tuple(config.languages)
@@ -176,12 +163,18 @@ class XttsEngine(SpeechEngine):
         with weights.open("rb") as handle:
             digest.update(handle.read(1 << 20))
         self._identity = f"xtts:{self.model}:{digest.hexdigest()[:16]}"
-        # The engine's own count (`admitted`) is the limit; the scheduler's is only a backstop,
+        # coqui's stream generator always samples; top-1 sampling is greedy.
+        sampling = Sampling(top_k=1) if self.deterministic else Sampling()
+        # The engine's admission is the limit; the batcher's is only a backstop,
         # with room for jobs cancelled but not yet dropped at its next step.
-        self._scheduler = ChunkScheduler(
-            "xtts",
-            max_jobs=2 * self.max_active_jobs,
-            duration_of=lambda chunk: len(chunk) / self.sample_rate,
+        self._scheduler = XttsBatcher(
+            model,
+            XttsStepModel(model.gpt, sampling=sampling, exact=self.deterministic),
+            sample_rate=self.sample_rate,
+            max_batch=self.max_batch,
+            max_streams=2 * self.max_active_jobs,
+            stream_chunk_size=self.stream_chunk_size,
+            max_audio_tokens=self.max_audio_tokens,
             meter=self.throughput,
         )
         torch.set_grad_enabled(False)
@@ -201,12 +194,13 @@ class XttsEngine(SpeechEngine):
         return self._identity
 
     @property
-    def scheduler(self) -> ChunkScheduler:
+    def scheduler(self) -> XttsBatcher:
         assert self._scheduler is not None, "XttsEngine.load() has not run"
         return self._scheduler
 
     def info(self) -> dict[str, Any]:
         info = super().info()
+        info["max_batch"] = self.max_batch
         info["languages"] = list(self.languages)
         return info
 
@@ -238,36 +232,11 @@ class XttsEngine(SpeechEngine):
         voice = job.voice or self.default_voice()
         return self._speaker_latents[voice.voice_id]
 
-    def _generate(self, job: SpeechJob, gpt_cond_latent: Any, speaker_embedding: Any) -> Iterator[np.ndarray]:
-        """Runs on the scheduler thread only."""
-        generation: dict[str, Any] = {"stream_chunk_size": self.stream_chunk_size}
-        if self.max_audio_tokens is not None:
-            generation["max_new_tokens"] = self.max_audio_tokens
-        if self.deterministic:
-            # coqui's stream generator always samples; top-1 sampling is greedy.
-            generation["top_k"] = 1
-        for segment in job.segments:
-            if isinstance(segment, Pause):
-                yield silence_chunk(segment.seconds, self.sample_rate)
-                continue
-            for chunk in self._model.inference_stream(
-                segment.text,
-                job.language,
-                gpt_cond_latent,
-                speaker_embedding,
-                speed=job.rate_of(segment),
-                **generation,
-            ):
-                yield chunk.detach().float().cpu().numpy().astype(np.float32, copy=False)
-
     async def make_audio(self, job: SpeechJob) -> AsyncIterator[np.ndarray]:
         try:
-            gpt_cond_latent, speaker_embedding = self._latents_for(job)
+            conditioning = self._latents_for(job)
         except Exception as exc:
             raise EngineFailure(f"The voice's conditioning cannot be used: {exc}") from exc
-        iterator = _PrefixRestoringIterator(
-            self._model, self._generate(job, gpt_cond_latent, speaker_embedding)
-        )
-        scheduled = self.scheduler.submit(iterator)
+        scheduled = self.scheduler.submit(job, conditioning)
         async for chunk in scheduled.chunks():
             yield chunk
