@@ -26,6 +26,10 @@ _CLAUSE_END = re.compile(r"""[.!?;:\u2026\u3002\uff01\uff1f]["')\]]*\s+|\n+""")
 # Text without any punctuation is still spoken once it is this long (cut at a
 # space), so a run-on LLM reply does not wait for its end.
 RUN_ON_CHARS = 200
+# An SSML document is spoken whole: its sentences are not cut apart (a part of a document
+# is not a document), however its text arrives. A document starts at `<speak` or `<?xml`.
+_SSML_START = re.compile(r"<(?:speak|\?xml)\b", re.IGNORECASE)
+_SSML_END = re.compile(r"</speak\s*>", re.IGNORECASE)
 
 CONTEXT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 
@@ -35,11 +39,29 @@ CONTEXT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 MAX_FRAME_AUDIO_BYTES = 256 * 1024
 
 
-def ready_text(buffer: str, *, final: bool = False) -> tuple[str, str]:
-    """Split buffered text into (ready to speak, still waiting for more).
+def ready_pieces(buffer: str, *, final: bool = False) -> tuple[list[str], str]:
+    """Split buffered text into (pieces ready to speak, text still waiting for more).
 
-    With `final` (flush or end) everything is ready.
+    Plain text is ready up to its last clause end (or, run on past RUN_ON_CHARS, its last
+    space); an SSML document once it is closed (`</speak>`), as a piece of its own, and the
+    plain text before one as soon as the document starts. With `final` (flush or end)
+    everything is ready, still in those pieces.
     """
+    pieces: list[str] = []
+    while True:
+        ready, buffer = _ready_once(buffer, final=final)
+        if not ready:
+            return pieces, buffer
+        pieces.append(ready)
+
+
+def _ready_once(buffer: str, *, final: bool) -> tuple[str, str]:
+    if (document := _SSML_START.search(buffer)) is not None:
+        if buffer[: document.start()].strip():
+            return buffer[: document.start()], buffer[document.start() :]
+        if (closed := _SSML_END.search(buffer, document.start())) is not None:
+            return buffer[: closed.end()], buffer[closed.end() :]
+        return (buffer, "") if final else ("", buffer)
     if final:
         return buffer, ""
     last_end = 0

@@ -22,7 +22,7 @@ from synthesis.admission import service_error_for
 from synthesis.audio import AudioEncoder
 from synthesis.services import SynthesisSetup, encoded_audio, output_budget, text_segments
 from synthesis.stream.flow import TransportFlow
-from synthesis.stream.protocol import ProtocolError, frame_pieces, labelled_frame, ready_text
+from synthesis.stream.protocol import ProtocolError, frame_pieces, labelled_frame, ready_pieces
 from synthesis.stream.twilio import TWILIO, TwilioFramer
 from usage.quotas import quota_estimate
 from usage.recorder import UsageMeter
@@ -87,11 +87,14 @@ class Utterance:
                 self.context_id,
                 abort=True,
             )
-        ready, self.buffer = ready_text(self.buffer + text, final=final)
-        if not ready.strip():
-            return
+        ready, self.buffer = ready_pieces(self.buffer + text, final=final)
+        for piece in ready:
+            if piece.strip():
+                self._add_piece(piece)
+
+    def _add_piece(self, piece: str) -> None:
         try:
-            segments = text_segments(ready, opening=not self.opened)
+            segments = text_segments(piece, opening=not self.opened)
             self.budget.spend(segments)
             if (reservation := self.meter.quota_reservation) is not None:
                 reservation.grow(quota_estimate(segments, self.setup.speed))
