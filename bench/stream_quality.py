@@ -15,8 +15,8 @@ runs dry (an underrun) when the audio played so far catches up with the audio re
 before the stream has ended; playback then pauses until more audio arrives, and the pause
 is a stall (the gap the caller hears). Per N: first audio p50/p95 (from sending the
 request), streams with zero underruns, underruns, total and longest stall, refusals
-(429/503 by code), other errors, the peak of any `*queue*` gauge on /metrics (a queue the
-server reports; "-" when it exports none) and of the engine's jobs in flight, and the
+(429/503 by code), other errors, the peak of the engine's admission queue depth on
+/metrics ("-" when the server exports none) and of the engine's jobs in flight, and the
 audio delivered per wall second.
 
 Beside it, the engine's raw throughput: the same texts synthesized by the Piper engine in
@@ -69,6 +69,7 @@ REFUSAL_CODES = frozenset(
 )
 METRICS_TOKEN = secrets.token_urlsafe(16)  # for the bench servers this process starts
 ENGINE_JOBS_GAUGE = "cwt_engine_jobs_in_flight"
+QUEUE_GAUGE = "cwt_engine_queue_depth"
 
 # A receptionist's replies; each caller starts at a different sentence, so no two texts match.
 SENTENCES = [
@@ -227,8 +228,8 @@ async def ws_caller(
 
 
 class GaugeWatcher:
-    """Polls /metrics while a row runs: the peak of the engine's jobs in flight and of every
-    gauge with "queue" in its name (none today; the admission queue of issue #19 will have one)."""
+    """Polls /metrics while a row runs: the peak of the engine's jobs in flight and of its
+    admission queue depth (`cwt_engine_queue_depth`)."""
 
     def __init__(self, base_url: str, token: str | None) -> None:
         self.base_url = base_url
@@ -257,7 +258,7 @@ class GaugeWatcher:
                     for line in response.text.splitlines():
                         name, _, value = line.partition(" ")
                         name = name.partition("{")[0]
-                        if line.startswith("#") or not (name == ENGINE_JOBS_GAUGE or "queue" in name):
+                        if line.startswith("#") or name not in (ENGINE_JOBS_GAUGE, QUEUE_GAUGE):
                             continue
                         try:
                             number = float(value.split()[0])
@@ -268,8 +269,7 @@ class GaugeWatcher:
 
     @property
     def queued_peak(self) -> float | None:
-        queues = [v for name, v in self.peaks.items() if "queue" in name]
-        return max(queues) if queues else None
+        return self.peaks.get(QUEUE_GAUGE)
 
 
 # --- one row: N callers at once -------------------------------------------------------------

@@ -257,9 +257,11 @@ ENGINE_MAX_JOBS_PER_TENANT = env_int(
     "ENGINE_MAX_JOBS_PER_TENANT", max(1, ENGINE_MAX_ACTIVE_JOBS // 2), minimum=1
 )
 # Admission by real-time capacity (engines/capacity.py): streams are admitted up to this
-# share of the audio seconds per second the engine is measured to make; past it a request
+# share of the audio seconds per second the engine is measured to make (the engine's own
+# steps; the server's encoding and sockets share the machine: 0.65 keeps every admitted
+# stream real-time on a 2-core Piper machine, bench/RESULTS.md); past it a request
 # waits in a queue of at most ENGINE_QUEUE_MAX for at most ENGINE_QUEUE_SECONDS, then 503.
-ENGINE_REALTIME_HEADROOM = env_float("ENGINE_REALTIME_HEADROOM", 0.9, minimum=0.0)
+ENGINE_REALTIME_HEADROOM = env_float("ENGINE_REALTIME_HEADROOM", 0.65, minimum=0.0)
 ENGINE_QUEUE_MAX = env_int("ENGINE_QUEUE_MAX", 16, minimum=0)
 ENGINE_QUEUE_SECONDS = env_float("ENGINE_QUEUE_SECONDS", 2.0, minimum=0.0)
 # A request's first chunk is at most this many words (or its first clause if shorter), so

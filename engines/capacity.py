@@ -13,7 +13,11 @@ number of audio seconds per second of its workers' time. So:
   of text, which arrive as an LLM writes them: it will need real time when they come).
 - **Admission** (`RealtimeAdmission`): a new slot is granted now if demand + 1 stays
   within capacity times `headroom` (and under the hard `max_active` and the owner's fair
-  share). Otherwise it waits in a short FIFO queue, bounded in length and in time, and is
+  share), and no stream the engine holds is at risk (`at_risk`, from the scheduler: one is
+  near running dry at its caller, or as many as there are workers still wait for their
+  first chunk). The last rule paces a burst of arrivals: each new stream starts once the
+  ones before it have a lead, instead of all starting together and all running dry.
+  Otherwise it waits in a short FIFO queue, bounded in length and in time, and is
   granted when slots end: its first audio is later, but once started it never stutters.
   A request whose expected wait is past the queue's time bound is refused at once
   (`EngineOverloaded`, 503) with a Retry-After from that expected wait, as is one that
@@ -36,6 +40,7 @@ import math
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engines.errors import EngineOverloaded, EngineShareExceeded
@@ -52,7 +57,7 @@ MAX_RETRY_AFTER_SECONDS = 120
 class QueuePolicy:
     """How close to its measured capacity an engine admits, and how long a request may wait."""
 
-    headroom: float = 0.9  # admit up to this share of the measured capacity
+    headroom: float = 0.65  # admit up to this share of the measured capacity
     queue_max: int = 16  # requests waiting at most
     queue_seconds: float = 2.0  # the longest a request waits before 503
 
@@ -134,6 +139,9 @@ class RealtimeAdmission:
         self.headroom = policy.headroom
         self.queue_max = policy.queue_max
         self.queue_seconds = policy.queue_seconds
+        # Whether a stream the engine holds is near running dry, or too many are still waiting
+        # for their first chunk (set by the engine from its scheduler; None: never).
+        self.at_risk: Callable[[], bool] | None = None
         self._lock = threading.Lock()
         self._slots: list[EngineSlot] = []
         self._by_owner: Counter[str] = Counter()  # slots held and queued, per owner
@@ -180,10 +188,16 @@ class RealtimeAdmission:
         (the owner already holds or awaits its share)."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            if not self._queue and self._room_now():
+            capacity_room = self._capacity_room()
+            if not self._queue and capacity_room and not self._streams_at_risk():
                 self._check_share(owner)
                 return self._grant(owner)
-            wait = self._expected_wait(len(self._queue) + 1)
+            if capacity_room:
+                self._check_share(owner)  # 429: the engine is not full, the owner's share is
+            position = len(self._queue) + 1
+            # Queued behind a stream at risk only (there is capacity for it): a moment's wait.
+            free = max(0, math.floor(self.realtime_limit()) - len(self._slots))
+            wait = 0.0 if position <= free else self._expected_wait(position - free)
             # A full engine answers 503 first, whoever asks: also to an owner at its share.
             if (
                 len(self._queue) >= self.queue_max
@@ -216,6 +230,12 @@ class RealtimeAdmission:
                 raise EngineOverloaded(retry_after_s=retry) from None
             raise
 
+    def poke(self) -> None:
+        """Grant waiting requests if there is room now (the engine calls it after each step:
+        a stream that was at risk may no longer be). Safe from any thread."""
+        with self._lock:
+            self._grant_waiting()
+
     def release(self, slot: EngineSlot) -> None:
         with self._lock:
             if slot.released:
@@ -234,10 +254,16 @@ class RealtimeAdmission:
 
     # --- with the lock held ---
 
-    def _room_now(self) -> bool:
+    def _capacity_room(self) -> bool:
         if not self._slots:
             return True  # an idle engine always takes one, however slow it measures
         return len(self._slots) + 1 <= self.realtime_limit()
+
+    def _streams_at_risk(self) -> bool:
+        return bool(self._slots) and self.at_risk is not None and self.at_risk()
+
+    def _room_now(self) -> bool:
+        return self._capacity_room() and not self._streams_at_risk()
 
     def _check_share(self, owner: str) -> None:
         if owner and self._by_owner[owner] >= self.max_per_owner:
@@ -264,6 +290,10 @@ class RealtimeAdmission:
             except RuntimeError:  # the waiter's loop is gone: nobody will use the slot
                 self._slots.remove(slot)
                 self._drop_owner(waiter.owner)
+            if self.at_risk is not None:
+                # One at a time: the scheduler sees the new stream only once its waiter runs
+                # and submits it; the next step's `poke` considers the next waiter.
+                return
 
     def _drop_owner(self, owner: str) -> None:
         self._by_owner[owner] -= 1

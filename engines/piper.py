@@ -122,7 +122,9 @@ class PiperEngine(SpeechEngine):
             workers=self.workers,
             duration_of=lambda chunk: len(chunk) / self.sample_rate,
             meter=self.throughput,
+            on_step=self.admission.poke,
         )
+        self.admission.at_risk = self._scheduler.at_risk
         digest = hashlib.sha256(self.config_path.read_bytes())
         digest.update(str(self.model_path.stat().st_size).encode())
         self._identity = f"piper:{self.model}:{digest.hexdigest()[:16]}"

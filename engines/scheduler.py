@@ -40,6 +40,8 @@ from engines.errors import EngineFailure, EngineOverloaded
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _DONE = object()
+# A stream with less audio than this ahead of its caller's playback is at risk of running dry.
+MIN_LEAD_SECONDS = 0.75
 
 
 def no_duration(item: Any) -> float:
@@ -100,12 +102,15 @@ class ChunkScheduler:
         workers: int = 1,
         duration_of: Callable[[Any], float] = no_duration,
         meter: ThroughputMeter | None = None,
+        on_step: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.max_jobs = max_jobs
         self.max_buffered = max_buffered
         self._duration_of = duration_of
         self._meter = meter
+        self._on_step = on_step
+        self._workers = workers
         self._jobs: list[ScheduledJob] = []
         self._condition = threading.Condition()
         self._arrivals = itertools.count()
@@ -120,6 +125,17 @@ class ChunkScheduler:
     @property
     def active_jobs(self) -> int:
         return len(self._jobs)
+
+    def at_risk(self, min_lead_seconds: float = MIN_LEAD_SECONDS) -> bool:
+        """Whether a stream is near running dry at its caller (less than `min_lead_seconds`
+        of audio ahead of its playback), or every worker's worth of streams still waits for
+        its first chunk: then taking on another stream would put one at risk."""
+        now = time.monotonic()
+        with self._condition:
+            live = [job for job in self._jobs if not job.cancelled]
+            if sum(1 for job in live if not job.started) >= self._workers:
+                return True
+            return any(job.deadline - now < min_lead_seconds for job in live if job.started)
 
     def submit(self, iterator: Iterator[Any]) -> ScheduledJob:
         """Queue a request; raises EngineOverloaded when the queue is full. Call on the event loop."""
@@ -231,3 +247,5 @@ class ChunkScheduler:
                     self._deliver(job, item)
                 # Another worker may be waiting for this job (it was running) or for any job.
                 self._condition.notify_all()
+            if self._on_step is not None:
+                self._on_step()  # outside the lock: it takes the admission's

@@ -152,3 +152,25 @@ async def test_an_owner_at_its_share_gets_429_with_room_and_503_when_the_engine_
     for slot in (held[1], other, waiting.result()):
         slot.release()
     assert gate.state().demand == 0
+
+
+async def test_while_a_held_stream_is_at_risk_a_new_one_waits_and_starts_once_it_is_not() -> None:
+    gate = admission(capacity=10.0, queue_seconds=30.0)
+    risky = True
+    gate.at_risk = lambda: risky
+    first = await gate.acquire()  # an idle engine takes one whatever
+    waiting = [asyncio.create_task(gate.acquire()), asyncio.create_task(gate.acquire())]
+    await asyncio.sleep(0)
+    assert gate.state().queued == 2  # capacity for both, but a held stream is at risk
+    gate.poke()
+    await asyncio.sleep(0)
+    assert not any(task.done() for task in waiting)
+    risky = False
+    gate.poke()  # the engine's next step: one is granted, the other waits for the step after
+    granted = await asyncio.wait_for(waiting[0], 30)
+    assert not waiting[1].done()
+    gate.poke()
+    second = await asyncio.wait_for(waiting[1], 30)
+    for slot in (first, granted, second):
+        slot.release()
+    assert gate.state().refused_total == 0

@@ -66,6 +66,19 @@ def test_the_stream_that_would_run_dry_first_goes_next(stopped: ChunkScheduler) 
     assert stopped._pick() is stopped._jobs[2]
 
 
+def test_a_stream_near_running_dry_or_a_worker_s_worth_of_first_chunks_is_a_risk(
+    stopped: ChunkScheduler,
+) -> None:
+    now = time.monotonic()
+    ahead = job(stopped, started_at=now - 1.0, audio=5.0)  # 4 s of audio ahead of playback
+    assert not stopped.at_risk()
+    ahead.audio_delivered = 1.5  # 0.5 s ahead
+    assert stopped.at_risk(min_lead_seconds=0.75)
+    ahead.audio_delivered = 5.0
+    job(stopped)  # one waiting for its first chunk; the stopped scheduler has one worker
+    assert stopped.at_risk()
+
+
 def test_a_request_being_advanced_by_another_worker_is_not_picked(stopped: ChunkScheduler) -> None:
     busy = job(stopped)
     other = job(stopped, started_at=100.0, audio=1.0)
