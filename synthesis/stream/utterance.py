@@ -1,6 +1,8 @@
 """One utterance of a stream: its text arrives in pieces, each spoken as soon as it is
-ready; its audio, through one encoder, is one continuous stream of labelled frames (or
-Twilio messages). Whatever fails, the utterance ends through its owner with one outcome.
+ready; its audio, through one encoder, is one continuous stream, which its owner (the
+connection, in its dialect: labelled frames, Twilio messages, ElevenLabs' or Cartesia's
+JSON) sends on, with character timings when asked (engines.alignment). Whatever fails, the
+utterance ends through its owner with one outcome.
 
 An utterance is a request of its own, with one request's limits: its text (MAX_TEXT_CHARS),
 its SSML breaks and its estimated audio (an OutputBudget, spent as each piece becomes
@@ -11,18 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Protocol
+from typing import Protocol
 
 from django.conf import settings
 
 from core.errors import ServiceError
+from engines.alignment import CharTimeline, CharTimings, chunks_are_sentences, sentences
 from engines.text import Segment
 from synthesis.admission import service_error_for
 from synthesis.audio import AudioEncoder
 from synthesis.services import SynthesisSetup, encoded_audio, output_budget, text_segments
 from synthesis.stream.flow import TransportFlow
-from synthesis.stream.protocol import ProtocolError, frame_pieces, labelled_frame, ready_text
-from synthesis.stream.twilio import TWILIO, TwilioFramer
+from synthesis.stream.protocol import ProtocolError, ready_text
+from synthesis.stream.twilio import TwilioFramer
 from usage.quotas import quota_estimate
 from usage.recorder import UsageMeter
 
@@ -30,13 +33,14 @@ logger = logging.getLogger(__name__)
 
 
 class UtteranceOwner(Protocol):
-    """What an utterance needs of its connection: the socket, and where its outcome goes."""
+    """What an utterance needs of its connection: the socket's flow, where its audio goes
+    (in the connection's dialect), and where its outcome goes."""
 
     flow: TransportFlow
 
-    async def send(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None: ...
-
-    async def send_event(self, kind: str, context_id: str | None, **fields: Any) -> None: ...
+    async def send_audio(
+        self, utterance: Utterance, data: bytes, timings: CharTimings | None, *, final: bool
+    ) -> None: ...
 
     async def utterance_finished(self, utterance: Utterance) -> None: ...
 
@@ -53,6 +57,9 @@ class Utterance:
         setup: SynthesisSetup,
         meter: UsageMeter,
         twilio: TwilioFramer | None,
+        *,
+        eager: bool = False,
+        timings: bool = False,
     ) -> None:
         self.owner = owner
         self.context_id = context_id
@@ -62,10 +69,22 @@ class Utterance:
         self.buffer = ""
         self.chars = 0
         self.ended = False
+        self.finished = False  # ended with all its audio sent (not failed, not cancelled)
         self.encoder = AudioEncoder(setup.spec, setup.engine.sample_rate, streaming=True)
         self.budget = output_budget(setup.speed)
-        self.pieces: asyncio.Queue[list[Segment] | None] = asyncio.Queue()
-        self.started_audio = False
+        # Each piece: its text (for character timings) and its segments.
+        self.pieces: asyncio.Queue[tuple[str, list[Segment]] | None] = asyncio.Queue()
+        self.started_audio = False  # the owner's: whether it has announced this audio
+        self.eager = eager
+        self.queued = 0  # pieces of text queued for the engine so far
+        self.timeline = (
+            CharTimeline(whole_pieces=chunks_are_sentences(setup.engine.name), speed=setup.speed)
+            if timings
+            else None
+        )
+        # Seconds of audio sent so far (the encoder's clock at the end of the last chunk sent).
+        self.sent_until_s = 0.0
+        self.chunk_start_s = 0.0  # where the audio being sent starts on that clock
         self.task = asyncio.create_task(self._run(), name=f"utterance {context_id}")
 
     @property
@@ -82,11 +101,24 @@ class Utterance:
                 self.context_id,
                 abort=True,
             )
-        ready, self.buffer = ready_text(self.buffer + text, final=final)
+        ready, self.buffer = ready_text(self.buffer + text, final=final or self._sentence_complete(text))
         if not ready.strip():
             return
+        # With timings from an engine that renders whole sentences, each sentence is its own
+        # piece, so that each piece's audio is one chunk (engines.alignment). Markup stays whole.
+        split = self.timeline is not None and self.timeline.whole_pieces and "<" not in ready
+        for piece in sentences(ready) if split else [ready]:
+            self._queue(piece)
+
+    def _sentence_complete(self, text: str) -> bool:
+        """Eager mode: a message that ends a sentence is spoken without waiting for more."""
+        return self.eager and text.rstrip()[-1:] in (".", "!", "?", "\u2026", "\u3002", "\uff01", "\uff1f")
+
+    def _queue(self, piece: str) -> None:
+        if not piece.strip():
+            return
         try:
-            segments = text_segments(ready)
+            segments = text_segments(piece)
             self.budget.spend(segments)
             if (reservation := self.meter.quota_reservation) is not None:
                 reservation.grow(quota_estimate(segments, self.setup.speed))
@@ -94,7 +126,8 @@ class Utterance:
             if exc.code == "empty_text":  # a piece of only punctuation or markup
                 return
             raise ProtocolError(exc.code, exc.message, self.context_id, abort=True) from exc
-        self.pieces.put_nowait(segments)
+        self.queued += 1
+        self.pieces.put_nowait((piece, segments))
 
     def end(self) -> None:
         self.add_text("", final=True)
@@ -104,9 +137,12 @@ class Utterance:
     async def _run(self) -> None:
         spoken = False
         try:
-            while (segments := await self.pieces.get()) is not None:
+            while (piece := await self.pieces.get()) is not None:
                 spoken = True
+                text, segments = piece
                 plan = self.setup.plan_segments(segments)
+                if self.timeline is not None:
+                    self.timeline.begin(text, self.sent_until_s)
                 # The same engine -> encoder loop as HTTP; one encoder for the whole utterance.
                 audio = encoded_audio(plan, self.encoder)
                 try:
@@ -114,6 +150,8 @@ class Utterance:
                         await self._send_audio(data)
                 finally:
                     await audio.aclose()  # type: ignore[attr-defined]
+                if self.timeline is not None and (rest := self.timeline.finish(self.sent_until_s)):
+                    await self._send_audio(b"", rest)
             if not spoken:
                 # Every piece was only punctuation or markup (each skipped as it came): the
                 # utterance as a whole had nothing to say, as an HTTP request with its text would.
@@ -131,30 +169,20 @@ class Utterance:
         else:
             await self.owner.utterance_finished(self)
 
-    async def _send_audio(self, data: bytes, *, final: bool = False) -> None:
-        if not data and not (final and self.twilio is not None):
+    async def _send_audio(
+        self, data: bytes, timings: CharTimings | None = None, *, final: bool = False
+    ) -> None:
+        if not data and not timings and not (final and self.twilio is not None):
             return
         # A slow reader: wait here, so the engine (whose queue is bounded) waits too.
         await self.owner.flow.writable()
-        if not self.started_audio and data:
-            self.started_audio = True
-            await self.owner.send_event(
-                "audio_start",
-                self.context_id,
-                request_id=self.request_id,
-                format=TWILIO if self.twilio else self.setup.spec.format.value,
-                sample_rate=self.setup.spec.sample_rate,
-            )
-        # An engine chunk can be larger than the server sends in one message: cut it.
-        pieces = list(frame_pieces(data)) or [b""]
-        for index, piece in enumerate(pieces):
-            if self.twilio is not None:
-                message = self.twilio.media(piece, final=final and index == len(pieces) - 1)
-                if message is not None:
-                    await self.owner.send(text_data=message)
-            else:
-                await self.owner.send(bytes_data=labelled_frame(self.context_id, piece))
-            self.meter.audio_sent(len(piece), self.encoder.duration_s)
+        self.chunk_start_s = self.sent_until_s
+        if data:
+            self.sent_until_s = self.encoder.duration_s
+            if self.timeline is not None and timings is None:
+                timings = self.timeline.advance(self.sent_until_s)
+        await self.owner.send_audio(self, data, timings, final=final)
+        self.meter.audio_sent(len(data), self.encoder.duration_s)
 
     async def stop(self) -> None:
         """Stop generating and sending: when this returns, no more audio of it goes out.

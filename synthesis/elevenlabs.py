@@ -1,0 +1,222 @@
+"""ElevenLabs' text-to-speech API, so that ElevenLabs clients (their SDK, Pipecat's and
+LiveKit's ElevenLabs plugins) work against this service by changing the base URL.
+
+This module holds what the WebSocket (synthesis.stream.elevenlabs) and HTTP dialects share
+(output formats, alignment, the error shape) and the HTTP routes:
+
+    POST /v1/text-to-speech/{voice_id}                        the whole file
+    POST /v1/text-to-speech/{voice_id}/stream                 the audio as it is made
+    POST /v1/text-to-speech/{voice_id}/stream/with-timestamps JSON lines: audio and alignment
+    POST /v1/text-to-speech/{voice_id}/with-timestamps        one JSON: audio and alignment
+
+The same auth, limits, quotas, usage rows (endpoint `elevenlabs-tts`) and synthesis path as
+/v1/synthesize; only the request, the response framing and the error shape are ElevenLabs':
+
+    {"detail": {"status": "<our stable code>", "message": "..."}}
+
+The key comes as ElevenLabs clients send it, `xi-api-key: <key>` (or `Authorization:
+Bearer <key>`). `voice_id` is one of our voice ids (GET /v1/voices); `model_id` is accepted
+whatever it names. Alignment (character timings) is estimated (engines.alignment).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from django.http import HttpRequest, JsonResponse
+from django.http.response import HttpResponseBase
+from django.views.decorators.csrf import csrf_exempt
+
+from api.views import async_api_view
+from core.errors import ServiceError
+from core.request_ids import REQUEST_ID_HEADER, request_id_for
+from engines.alignment import CharTimeline, CharTimings, chunks_are_sentences
+from synthesis.admission import SynthesisRequest, synthesis_admit
+from synthesis.services import SynthesisResult
+from synthesis.views import audio_response, json_object_body, stream_body_closing
+from tenants.authentication import Principal
+from tenants.limits import StreamLease
+from usage.recorder import ELEVENLABS_TTS, usage_meter_of
+
+API_KEY_HEADER = "xi-api-key"
+DEFAULT_OUTPUT_FORMAT = "mp3_44100_128"
+_PCM_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
+_MP3_FORMATS = (
+    "mp3_22050_32",
+    "mp3_44100_32",
+    "mp3_44100_64",
+    "mp3_44100_96",
+    "mp3_44100_128",
+    "mp3_44100_192",
+)
+OUTPUT_FORMATS = (*(f"pcm_{rate}" for rate in _PCM_RATES), "ulaw_8000", *_MP3_FORMATS)
+MAX_TEXT_CHARS = 5000  # ElevenLabs' own limit for most models
+
+
+def output_format(name: str | None) -> tuple[str, int]:
+    """ElevenLabs' `output_format` as our (format, sample rate); the MP3 bit rate is the encoder's."""
+    name = name or DEFAULT_OUTPUT_FORMAT
+    if name not in OUTPUT_FORMATS:
+        raise ServiceError(
+            400,
+            "unsupported_format",
+            f"output_format {name!r} is not offered; use one of: {', '.join(OUTPUT_FORMATS)}.",
+            details={"output_format": [f"One of: {', '.join(OUTPUT_FORMATS)}."]},
+        )
+    kind, rate = name.split("_")[:2]
+    return {"pcm": "pcm", "ulaw": "mulaw", "mp3": "mp3"}[kind], int(rate)
+
+
+def speed_of(voice_settings: Any) -> float:
+    """`voice_settings.speed` (ElevenLabs' range is 0.7 to 1.2; ours is wider); 1 otherwise."""
+    speed = voice_settings.get("speed") if isinstance(voice_settings, dict) else None
+    if isinstance(speed, int | float) and not isinstance(speed, bool):
+        return float(speed)
+    return 1.0
+
+
+def alignment_ms(timings: CharTimings, offset_ms: int) -> dict[str, list[Any]]:
+    """The WebSocket's `alignment`: times relative to the message's own audio, as ElevenLabs'
+    ("relative to the returned chunk, not the full audio response")."""
+    shifted = timings.shifted(offset_ms)
+    return {
+        "chars": shifted.chars,
+        "charStartTimesMs": shifted.starts_ms,
+        "charDurationsMs": shifted.durations_ms,
+    }
+
+
+def alignment_seconds(timings: CharTimings) -> dict[str, list[Any]]:
+    """The HTTP `alignment`: start and end seconds of each character from the audio's start."""
+    return {
+        "characters": timings.chars,
+        "character_start_times_seconds": [start / 1000 for start in timings.starts_ms],
+        "character_end_times_seconds": [
+            (start + duration) / 1000
+            for start, duration in zip(timings.starts_ms, timings.durations_ms, strict=True)
+        ],
+    }
+
+
+def error_body(error: ServiceError) -> dict[str, Any]:
+    return {"detail": {"status": error.code, "message": error.message}}
+
+
+def elevenlabs_error_response(request: HttpRequest, error: ServiceError) -> HttpResponseBase:
+    """A ServiceError in ElevenLabs' shape (their SDK raises ApiError with it as the body)."""
+    response = JsonResponse(error_body(error), status=error.status_code)
+    for name, value in error.headers.items():
+        response[name] = value
+    response[REQUEST_ID_HEADER] = request_id_for(request)
+    response.error_code = error.code  # type: ignore[attr-defined]  # for usage metering
+    return response
+
+
+def _parse(request: HttpRequest, voice_id: str, *, streaming: bool) -> SynthesisRequest:
+    _check_key_not_in_url(request)
+    body = json_object_body(request)
+    text = body.get("text")
+    if not isinstance(text, str) or not text:
+        raise ServiceError(
+            400, "invalid_request", "`text` is required: the text to speak.", details={"text": ["Required."]}
+        )
+    if len(text) > MAX_TEXT_CHARS:
+        raise ServiceError(400, "text_too_long", f"`text` is at most {MAX_TEXT_CHARS} characters.")
+    for name in ("model_id", "language_code"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise ServiceError(
+                400, "invalid_request", f"`{name}` must be a string.", details={name: ["A string."]}
+            )
+    audio_format, sample_rate = output_format(request.GET.get("output_format"))
+    return SynthesisRequest(
+        text=text,
+        voice_id=voice_id,
+        language=body.get("language_code") or None,
+        audio_format=audio_format,
+        sample_rate=sample_rate,
+        speed=speed_of(body.get("voice_settings")),
+        streaming=streaming,
+    )
+
+
+def _with_xi_api_key(request: HttpRequest) -> None:
+    """ElevenLabs clients send the key as `xi-api-key`; the one authentication path reads
+    `Authorization: Bearer`, so the key is handed on in that form (never logged either way)."""
+    key = request.headers.get(API_KEY_HEADER)
+    if key and "HTTP_AUTHORIZATION" not in request.META:
+        request.META["HTTP_AUTHORIZATION"] = f"Bearer {key}"
+
+
+def _check_key_not_in_url(request: HttpRequest) -> None:
+    if any(name.lower() in ("xi-api-key", "xi_api_key", "api_key") for name in request.GET):
+        raise ServiceError(
+            400,
+            "api_key_in_url",
+            "Never put the API key in the URL (URLs end up in logs): send `xi-api-key`.",
+        )
+
+
+def _elevenlabs_view(*, streaming: bool, timestamps: bool) -> Any:
+    @async_api_view("POST", usage_endpoint=ELEVENLABS_TTS, render_error=elevenlabs_error_response)
+    async def view(request: HttpRequest, principal: Principal, voice_id: str) -> HttpResponseBase:
+        return await _text_to_speech(request, principal, voice_id, streaming=streaming, timestamps=timestamps)
+
+    @csrf_exempt
+    async def with_key(request: HttpRequest, voice_id: str) -> HttpResponseBase:
+        _with_xi_api_key(request)
+        return await view(request, voice_id)  # type: ignore[misc]  # async_api_view returns a coroutine view
+
+    return with_key
+
+
+async def _text_to_speech(
+    request: HttpRequest, principal: Principal, voice_id: str, *, streaming: bool, timestamps: bool
+) -> HttpResponseBase:
+    """Timestamps come only streamed here (JSON lines); the whole-file JSON form is
+    ElevenLabs' /with-timestamps, which this service does not offer."""
+    wanted = _parse(request, voice_id, streaming=streaming)
+    meter = usage_meter_of(request)
+    admission = await synthesis_admit(
+        tenant=principal.tenant, request=wanted, meter=meter, lease=wanted.streaming
+    )
+    if not timestamps:
+        return await audio_response(request, admission)
+    # Character timings over the audio as it comes (one piece: the whole text).
+    timeline = CharTimeline(
+        whole_pieces=chunks_are_sentences(admission.setup.engine.name), speed=admission.setup.speed
+    )
+    timeline.begin(wanted.text or "", 0.0)
+
+    async def lines(
+        first: bytes, rest: AsyncIterator[bytes], lease: StreamLease, result: SynthesisResult
+    ) -> AsyncIterator[bytes]:
+        async for audio in stream_body_closing(first, rest, lease):
+            if meter is not None:
+                meter.audio_sent(len(audio), result.audio_seconds)
+            yield _line(audio, timeline.advance(result.audio_seconds))
+        if tail := timeline.finish(result.audio_seconds):
+            yield _line(b"", tail)
+
+    return await audio_response(request, admission, stream_body=lines, content_type="application/x-ndjson")
+
+
+def _line(audio: bytes, timings: CharTimings) -> bytes:
+    alignment = alignment_seconds(timings) if timings else None
+    return (
+        json.dumps(
+            {
+                "audio_base64": base64.b64encode(audio).decode("ascii"),
+                "alignment": alignment,
+                "normalized_alignment": alignment,
+            }
+        )
+        + "\n"
+    ).encode()
+
+
+text_to_speech = _elevenlabs_view(streaming=False, timestamps=False)
+text_to_speech_stream = _elevenlabs_view(streaming=True, timestamps=False)
+text_to_speech_stream_with_timestamps = _elevenlabs_view(streaming=True, timestamps=True)
