@@ -145,9 +145,10 @@ def _parse(request: HttpRequest, voice_id: str, *, streaming: bool) -> Synthesis
 def _with_xi_api_key(request: HttpRequest) -> None:
     """ElevenLabs clients send the key as `xi-api-key`; the one authentication path reads
     `Authorization: Bearer`, so the key is handed on in that form (never logged either way)."""
-    key = request.headers.get(API_KEY_HEADER)
+    key = request.META.get("HTTP_XI_API_KEY")
     if key and "HTTP_AUTHORIZATION" not in request.META:
         request.META["HTTP_AUTHORIZATION"] = f"Bearer {key}"
+        request.__dict__.pop("headers", None)  # a cached view of META (middleware may have read it)
 
 
 def _check_key_not_in_url(request: HttpRequest) -> None:
@@ -167,7 +168,7 @@ def _elevenlabs_view(*, streaming: bool, timestamps: bool) -> Any:
     @csrf_exempt
     async def with_key(request: HttpRequest, voice_id: str) -> HttpResponseBase:
         _with_xi_api_key(request)
-        return await view(request, voice_id)  # type: ignore[misc]  # async_api_view returns a coroutine view
+        return await view(request, voice_id)  # type: ignore[misc,no-any-return]  # async_api_view: a coroutine view
 
     return with_key
 

@@ -17,7 +17,7 @@ A dialect subclasses `StreamConnection` and supplies:
   bad one);
 - `send_error`, `send_audio`, `send_end`: its shapes of an error, of audio (with character
   timings when `char_timings` is on) and of an utterance's end;
-- `usage_endpoint`, and optionally `authenticated()`, `close_code_for()`, `idle_seconds`,
+- `usage_endpoint`, and optionally `authenticated()`, `idle_seconds`,
   `eager_text`, `char_timings`.
 """
 
@@ -105,10 +105,6 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
     async def send_end(self, utterance: Utterance, *, cancelled: bool) -> None:
         """The utterance has ended (finished, failed, cancelled): no more of its audio follows."""
 
-    def close_code_for(self, close_code: int) -> int:
-        """The close code the dialect uses for one of ours (protocol.CLOSE_*)."""
-        return close_code
-
     @property
     def idle_seconds(self) -> float:
         return float(settings.WS_IDLE_SECONDS)
@@ -180,7 +176,7 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
         self._closing = True
         with suppress(Exception):
             await self.send_error(None, code, message)
-        await self.close(code=self.close_code_for(close_code))
+        await self.close(code=close_code)
 
     async def close_all(self, close_code: int = 1000) -> None:
         """End every utterance (cancelled) and close the socket (a client's close_socket)."""

@@ -22,7 +22,8 @@ Server messages: `{"audio": "<base64>", "alignment": {"chars", "charStartTimesMs
 "charDurationsMs"}, "normalizedAlignment": {...}}` (times relative to that message's audio,
 as ElevenLabs'), then `{"isFinal": true}`; on multi-stream-input each carries `contextId`.
 Errors: `{"message", "error": "<stable code>"}`; a refused connection
-(bad key, unknown voice, bad query) gets its error, then close 1008 (policy violation).
+(bad key, unknown voice, bad query) gets its error, then closes (4001 for the key, 4400 for
+the voice or query; ElevenLabs' 1008 is not a code Daphne can send).
 """
 
 from __future__ import annotations
@@ -39,8 +40,6 @@ from synthesis.elevenlabs import API_KEY_HEADER, alignment_ms, output_format, sp
 from synthesis.services import synthesis_setup
 from synthesis.stream.connection import StreamConnection
 from synthesis.stream.protocol import (
-    CLOSE_SERVER_ERROR,
-    CLOSE_STREAM_LIMIT,
     CONTEXT_ID,
     ProtocolError,
     frame_pieces,
@@ -51,8 +50,11 @@ from synthesis.stream.utterance import Utterance
 from tenants.authentication import ApiKeyError, bearer_token
 from usage.recorder import ELEVENLABS_MULTI_STREAM, ELEVENLABS_STREAM
 
-CLOSE_POLICY_VIOLATION = 1008  # what ElevenLabs closes with for a refused or idle connection
-CLOSE_TRY_AGAIN_LATER = 1013
+# ElevenLabs closes a refused connection with 1008 (policy violation); Daphne's WebSocket
+# layer (Autobahn) lets a server close only with 1000 or 3000-4999, so refusals close with
+# our codes (protocol.CLOSE_*): 4001 a bad or missing key, 4003 access revoked, 4008 idle,
+# 4029 the tenant's streams all in use, and 4400 a connection whose query or voice is refused.
+CLOSE_REFUSED = 4400
 DEFAULT_INACTIVITY_SECONDS = 20.0
 MAX_INACTIVITY_SECONDS = 180.0
 SINGLE_CONTEXT = "default"  # stream-input's one context, and multi-stream-input's when none is named
@@ -74,7 +76,7 @@ class ElevenLabsStreamConsumer(StreamConnection):
         try:
             self._parse_query()
         except ServiceError as exc:
-            await self.refuse(CLOSE_POLICY_VIOLATION, exc.code, exc.message)
+            await self.refuse(CLOSE_REFUSED, exc.code, exc.message)
             return
         authorization = header(self.scope, API_KEY_HEADER.encode()) or self._bearer(
             header(self.scope, b"authorization")
@@ -139,14 +141,7 @@ class ElevenLabsStreamConsumer(StreamConnection):
                 sample_rate=wanted.sample_rate,
             )
         except ServiceError as exc:
-            await self.refuse(CLOSE_POLICY_VIOLATION, exc.code, exc.message)
-
-    def close_code_for(self, close_code: int) -> int:
-        if close_code == CLOSE_SERVER_ERROR:
-            return CLOSE_SERVER_ERROR
-        if close_code == CLOSE_STREAM_LIMIT:
-            return CLOSE_TRY_AGAIN_LATER
-        return CLOSE_POLICY_VIOLATION
+            await self.refuse(CLOSE_REFUSED, exc.code, exc.message)
 
     def _request(self) -> SynthesisRequest:
         return SynthesisRequest(
