@@ -14,8 +14,9 @@ Key: the `xi-api-key` header (or `Authorization: Bearer`), or `xi-api-key` / `xi
 Client messages: `{"text": " ", "voice_settings"?, ...}` opens a context; `{"text": "..."}`
 adds text, spoken clause by clause (`flush: true` speaks what is buffered now); on
 stream-input `{"text": ""}` ends the context, on multi-stream-input it only keeps the
-context alive; `{"context_id", "close_context": true}` ends a context (text already flushed
-is still spoken, unflushed text is dropped; its `isFinal` follows its last audio);
+context alive; `{"context_id", "close_context": true}` ends a context: one that was flushed
+speaks what it was given and then sends `isFinal` (a framework's end of turn: flush, then
+close), one that was not stops at once and sends `isFinal` (a framework's interruption);
 `{"close_socket": true}` stops everything and closes.
 
 Server messages: `{"audio": "<base64>", "alignment": {"chars", "charStartTimesMs",
@@ -72,6 +73,7 @@ class ElevenLabsStreamConsumer(StreamConnection):
     async def connected(self) -> None:
         self.voice_id = str(self.scope["url_route"]["kwargs"]["voice_id"])
         self.voice_settings: dict[str, Any] = {}
+        self.flushed: set[str] = set()  # open contexts that have been flushed
         self.inactivity_s = DEFAULT_INACTIVITY_SECONDS
         try:
             self._parse_query()
@@ -180,8 +182,11 @@ class ElevenLabsStreamConsumer(StreamConnection):
             raise ProtocolError("invalid_message", "`text` must be a string.", context_id)
         if message.get("close_context") is True:
             if (utterance := self.utterances.get(context_id)) is not None and not utterance.ended:
-                utterance.buffer = ""  # unflushed text is dropped; what was flushed is still spoken
-                await self._end_input(utterance)
+                if context_id in self.flushed:
+                    utterance.buffer = ""  # what was flushed is still spoken; nothing after it
+                    await self._end_input(utterance)
+                else:
+                    await self.cancel_utterance(utterance)  # never flushed: stop at once (barge-in)
             return
         utterance = self.utterances.get(context_id)
         if text == "" and not message.get("flush"):
@@ -198,6 +203,7 @@ class ElevenLabsStreamConsumer(StreamConnection):
             utterance.add_text(text)
         if message.get("flush") is True:
             utterance.add_text("", final=True)
+            self.flushed.add(context_id)
 
     async def _end_input(self, utterance: Utterance) -> None:
         """No more text: speak what is queued, then `isFinal`; a context that was given nothing
@@ -256,6 +262,7 @@ class ElevenLabsStreamConsumer(StreamConnection):
             await self.send(text_data=self._with_context(utterance.context_id, body))
 
     async def send_end(self, utterance: Utterance, *, cancelled: bool) -> None:
+        self.flushed.discard(utterance.context_id)
         await self.send(text_data=self._with_context(utterance.context_id, {"isFinal": True}))
         if not self.multi and not self._closing:
             # stream-input is one context: the connection ends with it.
