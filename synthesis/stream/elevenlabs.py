@@ -6,7 +6,7 @@
 Query: `output_format` (pcm_8000 ... pcm_48000, ulaw_8000, mp3_*; mp3_44100_128 by default),
 `language_code`, `model_id` (accepted whatever it names), `inactivity_timeout` (seconds, at
 most 180; 20 by default), `auto_mode` (a message that ends a sentence is spoken at once),
-`sync_alignment` (accepted: alignment always comes with the audio it describes).
+`sync_alignment` (below).
 
 Key: the `xi-api-key` header (or `Authorization: Bearer`), or `xi-api-key` / `xi_api_key` /
 `authorization` in the first message; never in the URL.
@@ -20,8 +20,12 @@ close), one that was not stops at once and sends `isFinal` (a framework's interr
 `{"close_socket": true}` stops everything and closes.
 
 Server messages: `{"audio": "<base64>", "alignment": {"chars", "charStartTimesMs",
-"charDurationsMs"}, "normalizedAlignment": {...}}` (times relative to that message's audio,
-as ElevenLabs'), then `{"isFinal": true}`; on multi-stream-input each carries `contextId`.
+"charDurationsMs"}, "normalizedAlignment": {...}}`, then `{"isFinal": true}`; on
+multi-stream-input each carries `contextId`. Alignment always comes in the message of the
+audio it describes. Its times are relative to that message's audio (what ElevenLabs' SDK
+types say, and what Pipecat, which never asks for `sync_alignment`, adds up), or with
+`sync_alignment=true` relative to the start of the context's audio (what LiveKit's plugin,
+which always asks for it, reads them as).
 Errors: `{"message", "error": "<stable code>"}`; a refused connection
 (bad key, unknown voice, bad query) gets its error, then closes (4001 for the key, 4400 for
 the voice or query; ElevenLabs' 1008 is not a code Daphne can send).
@@ -110,6 +114,7 @@ class ElevenLabsStreamConsumer(StreamConnection):
         self.audio_format, self.sample_rate = output_format(query.get("output_format"))
         self.language = query.get("language_code") or None
         self.eager_text = query.get("auto_mode", "false").lower() == "true"
+        self.sync_alignment = query.get("sync_alignment", "false").lower() == "true"
         if "inactivity_timeout" in query:
             try:
                 seconds = float(query["inactivity_timeout"])
@@ -253,7 +258,7 @@ class ElevenLabsStreamConsumer(StreamConnection):
                         mine.chars.append(char)
                         mine.starts_ms.append(start)
                         mine.durations_ms.append(duration)
-            alignment = alignment_ms(mine, piece_start_ms) if mine else None
+            alignment = alignment_ms(mine, 0 if self.sync_alignment else piece_start_ms) if mine else None
             body = {
                 "audio": base64.b64encode(piece).decode("ascii"),
                 "alignment": alignment,

@@ -10,16 +10,14 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import aiohttp
 import pytest
 from django.conf import settings
-
-from tests.support.servers import ServiceEnv, daphne_server
-from tests.support.tenants import committed_tenant
-from tests.support.waiting import async_wait_until, wait_until
-from usage.models import UsageLog
-
-pipecat_frames = pytest.importorskip("pipecat.frames.frames")
-from pipecat.frames.frames import (  # noqa: E402
+from elevenlabs.client import ElevenLabs
+from elevenlabs.core.api_error import ApiError
+from livekit.agents.types import USERDATA_TIMED_TRANSCRIPT
+from livekit.plugins import elevenlabs as livekit_elevenlabs
+from pipecat.frames.frames import (
     EndFrame,
     Frame,
     InterruptionFrame,
@@ -30,12 +28,17 @@ from pipecat.frames.frames import (  # noqa: E402
     TTSStoppedFrame,
     TTSTextFrame,
 )
-from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
-from pipecat.pipeline.worker import PipelineWorker  # noqa: E402
-from pipecat.processors.frame_processor import FrameDirection, FrameProcessor  # noqa: E402
-from pipecat.services.cartesia.tts import CartesiaTTSService  # noqa: E402
-from pipecat.services.elevenlabs.tts import ElevenLabsTTSService  # noqa: E402
-from pipecat.workers.runner import WorkerRunner  # noqa: E402
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineWorker
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.services.cartesia.tts import CartesiaTTSService
+from pipecat.services.elevenlabs.tts import ElevenLabsTTSService
+from pipecat.workers.runner import WorkerRunner
+
+from tests.support.servers import ServiceEnv, daphne_server
+from tests.support.tenants import committed_tenant
+from tests.support.waiting import async_wait_until, wait_until
+from usage.models import UsageLog
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -57,7 +60,7 @@ def _rows(django_db_blocker: Any, tenant: Any) -> list[tuple[str, int, str]]:
         return sorted((row.endpoint, row.status_code, row.error_code or "") for row in rows)
 
 
-class Recorder(FrameProcessor):  # type: ignore[misc]  # pipecat's types are partial
+class Recorder(FrameProcessor):
     """The end of the pipeline: every frame that reaches it, with when it arrived."""
 
     def __init__(self) -> None:
@@ -202,3 +205,80 @@ def test_pipecat_cartesia_service_interrupted_mid_utterance_stops(
         service = CartesiaTTSService(api_key=issued.plaintext, voice_id="joe", url=url, sample_rate=16000)
         recorder = run_pipeline(service, _interrupts_a_reply)
         _check_interrupted(recorder, django_db_blocker, tenant, "cartesia-websocket")
+
+
+# --- LiveKit Agents ---
+
+
+@pytest.mark.django_db(transaction=True)
+def test_livekit_elevenlabs_plugin_streams_pushed_text_with_alignment(
+    server: str, django_db_blocker: Any
+) -> None:
+    with committed_tenant(django_db_blocker, "livekit-el", **UNLIMITED) as (tenant, issued):
+
+        async def main() -> tuple[int, float, list[Any]]:
+            async with aiohttp.ClientSession() as session:
+                tts = livekit_elevenlabs.TTS(
+                    api_key=issued.plaintext,
+                    base_url=f"{server}/v1",
+                    voice_id="joe",
+                    encoding="pcm_16000",
+                    http_session=session,
+                )
+                stream = tts.stream()
+                for piece in REPLY:
+                    stream.push_text(piece)
+                stream.end_input()
+                rates, samples, timed = set(), 0, []
+                async with asyncio.timeout(120):
+                    async for event in stream:
+                        rates.add(event.frame.sample_rate)
+                        samples += event.frame.samples_per_channel
+                        timed += event.frame.userdata.get(USERDATA_TIMED_TRANSCRIPT, [])
+                await stream.aclose()
+                await tts.aclose()
+                [rate] = rates
+                return rate, samples / rate, timed
+
+        rate, seconds, timed = asyncio.run(main())
+        assert rate == 16000
+        assert 1.0 < seconds < 10.0
+        words = "".join(str(word) for word in timed).split()
+        assert words == ["Thanks", "for", "calling.", "Your", "table", "is", "booked", "for", "eight."]
+        starts = [word.start_time for word in timed]
+        assert starts == sorted(starts)
+        assert timed[-1].end_time <= seconds + 0.01
+        expected = [("elevenlabs-multi-stream", 200, "")]
+        wait_until(lambda: _rows(django_db_blocker, tenant) == expected, what="one row for the reply")
+
+
+# --- The official ElevenLabs SDK ---
+
+
+@pytest.mark.django_db(transaction=True)
+def test_elevenlabs_sdk_streams_speech_and_raises_its_own_errors(server: str, django_db_blocker: Any) -> None:
+    with committed_tenant(django_db_blocker, "el-sdk", **UNLIMITED) as (tenant, issued):
+        client = ElevenLabs(api_key=issued.plaintext, base_url=server)
+        chunks = list(
+            client.text_to_speech.stream(
+                voice_id="joe",
+                text="Thanks for calling. Your table is booked for eight.",
+                model_id="eleven_flash_v2_5",
+                output_format="pcm_22050",
+            )
+        )
+        assert len(chunks) > 1, "the audio came in one piece, not streamed"
+        assert 1.0 < len(b"".join(chunks)) / 2 / 22050 < 10.0
+
+        with pytest.raises(ApiError) as unknown:
+            b"".join(client.text_to_speech.stream(voice_id="nobody", text="Hello."))
+        assert unknown.value.status_code == 404
+        assert unknown.value.body["detail"]["status"] == "voice_not_found"
+        with pytest.raises(ApiError) as bad_key:
+            b"".join(
+                ElevenLabs(api_key="nope", base_url=server).text_to_speech.stream(voice_id="joe", text="Hi.")
+            )
+        assert bad_key.value.status_code == 401
+
+        expected = sorted([("elevenlabs-tts", 200, ""), ("elevenlabs-tts", 404, "voice_not_found")])
+        wait_until(lambda: _rows(django_db_blocker, tenant) == expected, what="a row per request")
