@@ -1,18 +1,19 @@
 """ElevenLabs' text-to-speech API, so that ElevenLabs clients (their SDK, Pipecat's and
 LiveKit's ElevenLabs plugins) work against this service by changing the base URL.
 
-This module holds what the WebSocket (synthesis.stream.elevenlabs) and HTTP dialects share
-(output formats, alignment, the error shape) and the HTTP routes:
+Its HTTP routes (the wire formats they share with the WebSockets of
+synthesis.stream.elevenlabs are in synthesis.elevenlabs_wire):
 
     POST /v1/text-to-speech/{voice_id}                        the whole file
     POST /v1/text-to-speech/{voice_id}/stream                 the audio as it is made
     POST /v1/text-to-speech/{voice_id}/stream/with-timestamps JSON lines: audio and alignment
-    POST /v1/text-to-speech/{voice_id}/with-timestamps        one JSON: audio and alignment
 
 The same auth, limits, quotas, usage rows (endpoint `elevenlabs-tts`) and synthesis path as
 /v1/synthesize; only the request, the response framing and the error shape are ElevenLabs':
 
-    {"detail": {"status": "<our stable code>", "message": "..."}}
+    {"detail": {"status": "<our stable code>", "message": "..."}, "error": {...}}
+
+(`error` is the service's own error object, the same on every route.)
 
 The key comes as ElevenLabs clients send it, `xi-api-key: <key>` (or `Authorization:
 Bearer <key>`). `voice_id` is one of our voice ids (GET /v1/voices); `model_id` is accepted
@@ -23,95 +24,33 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 
+from api.errors import service_error_response
 from api.views import async_api_view
 from core.errors import ServiceError
-from core.request_ids import REQUEST_ID_HEADER, request_id_for
 from engines.alignment import CharTimeline, CharTimings, chunks_are_sentences
 from synthesis.admission import SynthesisRequest, synthesis_admit
+from synthesis.elevenlabs_wire import alignment_seconds, output_format, speed_of
 from synthesis.services import SynthesisResult
 from synthesis.views import audio_response, json_object_body, stream_body_closing
 from tenants.authentication import Principal
 from tenants.limits import StreamLease
 from usage.recorder import ELEVENLABS_TTS, usage_meter_of
 
-API_KEY_HEADER = "xi-api-key"
-DEFAULT_OUTPUT_FORMAT = "mp3_44100_128"
-_PCM_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
-_MP3_FORMATS = (
-    "mp3_22050_32",
-    "mp3_44100_32",
-    "mp3_44100_64",
-    "mp3_44100_96",
-    "mp3_44100_128",
-    "mp3_44100_192",
-)
-OUTPUT_FORMATS = (*(f"pcm_{rate}" for rate in _PCM_RATES), "ulaw_8000", *_MP3_FORMATS)
-MAX_TEXT_CHARS = 5000  # ElevenLabs' own limit for most models
-
-
-def output_format(name: str | None) -> tuple[str, int]:
-    """ElevenLabs' `output_format` as our (format, sample rate); the MP3 bit rate is the encoder's."""
-    name = name or DEFAULT_OUTPUT_FORMAT
-    if name not in OUTPUT_FORMATS:
-        raise ServiceError(
-            400,
-            "unsupported_format",
-            f"output_format {name!r} is not offered; use one of: {', '.join(OUTPUT_FORMATS)}.",
-            details={"output_format": [f"One of: {', '.join(OUTPUT_FORMATS)}."]},
-        )
-    kind, rate = name.split("_")[:2]
-    return {"pcm": "pcm", "ulaw": "mulaw", "mp3": "mp3"}[kind], int(rate)
-
-
-def speed_of(voice_settings: Any) -> float:
-    """`voice_settings.speed` (ElevenLabs' range is 0.7 to 1.2; ours is wider); 1 otherwise."""
-    speed = voice_settings.get("speed") if isinstance(voice_settings, dict) else None
-    if isinstance(speed, int | float) and not isinstance(speed, bool):
-        return float(speed)
-    return 1.0
-
-
-def alignment_ms(timings: CharTimings, offset_ms: int) -> dict[str, list[Any]]:
-    """The WebSocket's `alignment`: times relative to the message's own audio, as ElevenLabs'
-    ("relative to the returned chunk, not the full audio response")."""
-    shifted = timings.shifted(offset_ms)
-    return {
-        "chars": shifted.chars,
-        "charStartTimesMs": shifted.starts_ms,
-        "charDurationsMs": shifted.durations_ms,
-    }
-
-
-def alignment_seconds(timings: CharTimings) -> dict[str, list[Any]]:
-    """The HTTP `alignment`: start and end seconds of each character from the audio's start."""
-    return {
-        "characters": timings.chars,
-        "character_start_times_seconds": [start / 1000 for start in timings.starts_ms],
-        "character_end_times_seconds": [
-            (start + duration) / 1000
-            for start, duration in zip(timings.starts_ms, timings.durations_ms, strict=True)
-        ],
-    }
-
-
-def error_body(error: ServiceError) -> dict[str, Any]:
-    return {"detail": {"status": error.code, "message": error.message}}
-
 
 def elevenlabs_error_response(request: HttpRequest, error: ServiceError) -> HttpResponseBase:
-    """A ServiceError in ElevenLabs' shape (their SDK raises ApiError with it as the body)."""
-    response = JsonResponse(error_body(error), status=error.status_code)
-    for name, value in error.headers.items():
-        response[name] = value
-    response[REQUEST_ID_HEADER] = request_id_for(request)
-    response.error_code = error.code  # type: ignore[attr-defined]  # for usage metering
+    """A ServiceError in ElevenLabs' shape (`detail`: their SDK raises ApiError with this
+    body), next to the service's own `error` object, so that every client of the API finds
+    the one shape too."""
+    response = service_error_response(request, error)
+    body = json.loads(response.content)
+    body["detail"] = {"status": error.code, "message": error.message}
+    response.content = json.dumps(body).encode()
     return response
 
 
@@ -123,8 +62,6 @@ def _parse(request: HttpRequest, voice_id: str, *, streaming: bool) -> Synthesis
         raise ServiceError(
             400, "invalid_request", "`text` is required: the text to speak.", details={"text": ["Required."]}
         )
-    if len(text) > MAX_TEXT_CHARS:
-        raise ServiceError(400, "text_too_long", f"`text` is at most {MAX_TEXT_CHARS} characters.")
     for name in ("model_id", "language_code"):
         if body.get(name) is not None and not isinstance(body[name], str):
             raise ServiceError(
@@ -160,7 +97,10 @@ def _check_key_not_in_url(request: HttpRequest) -> None:
         )
 
 
-def _elevenlabs_view(*, streaming: bool, timestamps: bool) -> Any:
+ElevenLabsView = Callable[[HttpRequest, str], Awaitable[HttpResponseBase]]
+
+
+def _elevenlabs_view(*, streaming: bool, timestamps: bool) -> ElevenLabsView:
     @async_api_view("POST", usage_endpoint=ELEVENLABS_TTS, render_error=elevenlabs_error_response)
     async def view(request: HttpRequest, principal: Principal, voice_id: str) -> HttpResponseBase:
         return await _text_to_speech(request, principal, voice_id, streaming=streaming, timestamps=timestamps)
@@ -176,8 +116,8 @@ def _elevenlabs_view(*, streaming: bool, timestamps: bool) -> Any:
 async def _text_to_speech(
     request: HttpRequest, principal: Principal, voice_id: str, *, streaming: bool, timestamps: bool
 ) -> HttpResponseBase:
-    """Timestamps come only streamed here (JSON lines); the whole-file JSON form is
-    ElevenLabs' /with-timestamps, which this service does not offer."""
+    """Timestamps come streamed (JSON lines); ElevenLabs' whole-file JSON form
+    (/with-timestamps) is not offered."""
     wanted = _parse(request, voice_id, streaming=streaming)
     meter = usage_meter_of(request)
     admission = await synthesis_admit(

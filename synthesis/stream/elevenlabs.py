@@ -41,7 +41,7 @@ from urllib.parse import parse_qs
 from core.errors import ServiceError
 from engines.alignment import CharTimings
 from synthesis.admission import SynthesisRequest, identifier_problems, invalid_request
-from synthesis.elevenlabs import API_KEY_HEADER, alignment_ms, output_format, speed_of
+from synthesis.elevenlabs_wire import API_KEY_HEADER, alignment_ms, output_format, speed_of
 from synthesis.services import synthesis_setup
 from synthesis.stream.connection import StreamConnection
 from synthesis.stream.protocol import (
