@@ -8,8 +8,11 @@ share of it in proportion to its weight (a letter or digit counts 1, a space or 
 
 - Piper renders one whole sentence per chunk: each chunk takes the next sentence of the
   piece (`sentences`), so sentence boundaries are exact where our sentence ends are
-  espeak's, and times within a sentence are proportional. (The WebSocket stream also sends
-  each sentence to the engine as a piece of its own, so one piece is one chunk.)
+  espeak's. (The WebSocket stream also sends each sentence to the engine as a piece of its
+  own, so one piece is one chunk.) Within a sentence, Piper's own phoneme durations place
+  each word (`piper_word_spans`, reported through `report_word_spans` as the chunk is
+  yielded) when its words are the text's (a number read as two words is not: that sentence
+  falls back to proportions).
 - XTTS streams a sentence in several chunks. Each chunk's audio takes the characters an
   estimated speaking rate says it holds; whatever the estimate left over when the piece
   ends takes the tail of its last chunk (0 ms long when the estimate was short).
@@ -20,7 +23,13 @@ Times are milliseconds from the start of the context's (utterance's) audio.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+
+# Where each word of a chunk lies, as fractions (start, end) of the chunk's audio.
+WordSpans = list[tuple[float, float]]
 
 # About 14 characters a second at speed 1 (English speech): the estimate XTTS's chunks use.
 SECONDS_PER_WEIGHT = 1 / 14
@@ -79,6 +88,60 @@ def spread(chars: str, start_s: float, end_s: float) -> CharTimings:
     return timings
 
 
+# The word spans an engine reported for the chunks it yielded, in order, to whoever listens
+# in this task (an utterance); None when nobody listens. A context variable keeps the
+# engine's interface (a stream of audio arrays) as it is.
+_word_spans: ContextVar[list[WordSpans | None] | None] = ContextVar("word_spans", default=None)
+
+
+def report_word_spans(spans: WordSpans | None) -> None:
+    """Called by an engine just before it yields the chunk these spans describe."""
+    if (listener := _word_spans.get()) is not None:
+        listener.append(spans)
+
+
+@contextmanager
+def word_spans_reported() -> Iterator[list[WordSpans | None]]:
+    """Listen, in this task, for the word spans of the chunks an engine yields."""
+    listener: list[WordSpans | None] = []
+    token = _word_spans.set(listener)
+    try:
+        yield listener
+    finally:
+        _word_spans.reset(token)
+
+
+def piper_word_spans(
+    phonemes: Sequence[str], phoneme_id_samples: Sequence[int], id_map: Mapping[str, Sequence[int]]
+) -> WordSpans | None:
+    """Each word's span in a Piper sentence, from the samples of each phoneme id: the ids
+    are BOS, then each phoneme's ids followed by PAD, then EOS (piper.phoneme_ids); words are
+    the runs of phonemes between spaces. None when the ids do not line up."""
+    pad = len(id_map.get("_", ()))
+    total = float(sum(phoneme_id_samples))
+    if total <= 0:
+        return None
+    index = len(id_map.get("^", ())) + pad
+    position = float(sum(phoneme_id_samples[:index]))
+    spans: WordSpans = []
+    word_start: float | None = None
+    for phoneme in phonemes:
+        width = len(id_map.get(phoneme, ())) + pad
+        if phoneme.isspace():
+            if word_start is not None:
+                spans.append((word_start / total, position / total))
+                word_start = None
+        elif word_start is None:
+            word_start = position
+        position += float(sum(phoneme_id_samples[index : index + width]))
+        index += width
+    if word_start is not None:
+        spans.append((word_start / total, position / total))
+    if index + len(id_map.get("$", ())) != len(phoneme_id_samples):
+        return None
+    return spans
+
+
 def chunks_are_sentences(engine_name: str) -> bool:
     """Whether the engine renders each sentence as one chunk (Piper), so that a piece of one
     sentence is one chunk and its characters' span is exact."""
@@ -122,12 +185,16 @@ class CharTimeline:
         self._placed_until_s = audio_end_s
         self._placed_weight = 0.0
 
-    def advance(self, audio_end_s: float) -> CharTimings:
+    def advance(self, audio_end_s: float, words: WordSpans | None = None) -> CharTimings:
+        """`words`: the engine's word spans in this chunk, when it reported them."""
         if not self._pending or audio_end_s <= self._placed_until_s:
             return CharTimings()
         if self.whole_pieces:
             # The next sentence, whole (the last chunk the engine makes takes the rest).
-            return self._place(len(self._sentences.pop(0)) if self._sentences else 0, audio_end_s)
+            count = len(self._sentences.pop(0)) if self._sentences else 0
+            if words and count and (timed := self._by_words(count, audio_end_s, words)):
+                return timed
+            return self._place(count, audio_end_s)
         # The weight of text this much audio holds at the estimated rate, less what is placed.
         heard = (audio_end_s - self._piece_start_s) * self.speed / SECONDS_PER_WEIGHT - self._placed_weight
         count, weight = 0, 0.0
@@ -145,6 +212,34 @@ class CharTimeline:
         if not self._pending:
             return CharTimings()
         return self._place(len(self._pending), max(audio_end_s, self._placed_until_s))
+
+    def _by_words(self, count: int, end_s: float, words: WordSpans) -> CharTimings | None:
+        """The first `count` pending characters over [placed, end_s], word by word where the
+        engine's words are the text's; None where they are not."""
+        text = self._pending[:count]
+        tokens = list(re.finditer(r"\S+", text))
+        if len(tokens) != len(words):
+            return None
+        start_s = self._placed_until_s
+        span = end_s - start_s
+
+        def at(fraction: float) -> float:
+            return start_s + span * min(max(fraction, 0.0), 1.0)
+
+        timings = CharTimings()
+        cursor, cursor_s = 0, start_s
+        for token, (word_start, word_end) in zip(tokens, words, strict=True):
+            # The gap before a word (its spaces, the pause) runs up to where the word starts.
+            timings.extend(spread(text[cursor : token.start()], cursor_s, max(cursor_s, at(word_start))))
+            begin_s = max(cursor_s, at(word_start))
+            cursor_s = max(begin_s, at(word_end))
+            timings.extend(spread(token.group(), begin_s, cursor_s))
+            cursor = token.end()
+        timings.extend(spread(text[cursor:], cursor_s, end_s))
+        self._pending = self._pending[count:]
+        self._placed_weight += sum(char_weight(char) for char in text)
+        self._placed_until_s = end_s
+        return timings
 
     def _place(self, count: int, end_s: float) -> CharTimings:
         if count == 0:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from engines.alignment import WordSpans, piper_word_spans, report_word_spans
 from engines.base import (
     BuiltinVoice,
     EngineConfigurationError,
@@ -74,7 +75,8 @@ class PiperEngine(SpeechEngine):
                 raise EngineConfigurationError(f"Piper voice file {path} does not exist.")
         from piper import PiperVoice
 
-        self._voice = PiperVoice.load(self.model_path, config_path=self.config_path)
+        # With alignments (the voice patched in memory): each phoneme's duration, for word timings.
+        self._voice = PiperVoice.load(self.model_path, config_path=self.config_path, include_alignments=True)
         self.sample_rate = int(self._voice.config.sample_rate)
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="piper")
         digest = hashlib.sha256(self.config_path.read_bytes())
@@ -100,27 +102,36 @@ class PiperEngine(SpeechEngine):
         with self._phonemize_lock:
             return list(self._voice.phonemize(text))
 
-    def _render(self, phonemes: list[str], rate: float) -> np.ndarray:
+    def _render(self, phonemes: list[str], rate: float) -> tuple[np.ndarray, WordSpans | None]:
         from piper import SynthesisConfig
 
         # The voice's own length scale (None): its natural pace, which `stretched` then scales.
         config = SynthesisConfig(noise_scale=self._noise_scale, noise_w_scale=self._noise_w_scale)
-        audio = np.asarray(self._voice.phoneme_ids_to_audio(self._voice.phonemes_to_ids(phonemes), config))
+        ids = self._voice.phonemes_to_ids(phonemes)
+        audio, samples = self._voice.phoneme_ids_to_audio(ids, config, include_alignments=True)
+        audio = np.asarray(audio)
+        # Where each word lies, as fractions of the sentence (a time-stretch keeps them).
+        words = None
+        if samples is not None and len(samples) == len(ids):
+            words = piper_word_spans(phonemes, samples, self._voice.config.phoneme_id_map)
         # Same loudness normalisation as PiperVoice.synthesize, per sentence.
         peak = float(np.max(np.abs(audio))) if audio.size else 0.0
         audio = audio / peak if peak > 1e-8 else np.zeros_like(audio)
         audio = np.clip(audio, -1.0, 1.0).astype(np.float32)
-        return stretched(audio, rate, self.sample_rate)
+        return stretched(audio, rate, self.sample_rate), words
 
     async def stream(self, job: SpeechJob) -> AsyncIterator[np.ndarray]:
         loop = asyncio.get_running_loop()
         with self.admitted(job.owner):
             for segment in job.segments:
                 if isinstance(segment, Pause):
+                    report_word_spans(None)
                     yield silence_chunk(segment.seconds, self.sample_rate)
                     continue
                 rate = job.rate_of(segment)
                 sentences = await loop.run_in_executor(self._pool, self._phonemize, segment.text)
                 for phonemes in sentences:
                     if phonemes:
-                        yield await loop.run_in_executor(self._pool, self._render, phonemes, rate)
+                        audio, words = await loop.run_in_executor(self._pool, self._render, phonemes, rate)
+                        report_word_spans(words)
+                        yield audio

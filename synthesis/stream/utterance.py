@@ -18,7 +18,14 @@ from typing import Protocol
 from django.conf import settings
 
 from core.errors import ServiceError
-from engines.alignment import CharTimeline, CharTimings, chunks_are_sentences, sentences
+from engines.alignment import (
+    CharTimeline,
+    CharTimings,
+    WordSpans,
+    chunks_are_sentences,
+    sentences,
+    word_spans_reported,
+)
 from engines.text import Segment
 from synthesis.admission import service_error_for
 from synthesis.audio import AudioEncoder
@@ -85,6 +92,7 @@ class Utterance:
         # Seconds of audio sent so far (the encoder's clock at the end of the last chunk sent).
         self.sent_until_s = 0.0
         self.chunk_start_s = 0.0  # where the audio being sent starts on that clock
+        self.word_spans: list[WordSpans | None] = []  # the engine's reports, one per chunk
         self.task = asyncio.create_task(self._run(), name=f"utterance {context_id}")
 
     @property
@@ -135,6 +143,11 @@ class Utterance:
         self.pieces.put_nowait(None)
 
     async def _run(self) -> None:
+        # The engine's word spans for its chunks (Piper), heard in this task only.
+        with word_spans_reported() as self.word_spans:
+            await self._speak()
+
+    async def _speak(self) -> None:
         spoken = False
         try:
             while (piece := await self.pieces.get()) is not None:
@@ -179,8 +192,10 @@ class Utterance:
         self.chunk_start_s = self.sent_until_s
         if data:
             self.sent_until_s = self.encoder.duration_s
+            # One engine chunk, one report (when the engine reports): pair them in order.
+            words = self.word_spans.pop(0) if self.word_spans else None
             if self.timeline is not None and timings is None:
-                timings = self.timeline.advance(self.sent_until_s)
+                timings = self.timeline.advance(self.sent_until_s, words)
         await self.owner.send_audio(self, data, timings, final=final)
         self.meter.audio_sent(len(data), self.encoder.duration_s)
 

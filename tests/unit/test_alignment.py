@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import pytest
 
-from engines.alignment import CharTimeline, CharTimings, sentences, spread
+from engines import SpeechJob
+from engines.alignment import (
+    CharTimeline,
+    CharTimings,
+    piper_word_spans,
+    report_word_spans,
+    sentences,
+    spread,
+    word_spans_reported,
+)
+from engines.piper import PiperEngine
+from engines.text import prepare_text
 
 
 def _check_contiguous(timings: CharTimings, start_ms: int, end_ms: int) -> None:
@@ -68,3 +79,56 @@ def test_shifted_timings_are_relative_to_a_message_and_never_negative() -> None:
     timings = spread("ab", 1.0, 1.2)
     assert timings.shifted(1000).starts_ms == [0, 100]
     assert timings.shifted(5000).starts_ms == [0, 0]
+
+
+def test_piper_word_spans_follow_the_phoneme_ids_of_each_word() -> None:
+    # BOS ^, then each phoneme and a PAD _, then EOS $: one id each here.
+    id_map = {"^": [1], "_": [0], "$": [2], "a": [3], "b": [4], " ": [5]}
+    phonemes = ["a", "b", " ", "a"]
+    # samples per id:   ^  _  a  _  b  _  ' ' _  a  _  $
+    samples = [10, 0, 20, 0, 20, 0, 30, 0, 20, 0, 0]
+    spans = piper_word_spans(phonemes, samples, id_map)
+    assert spans == [(10 / 100, 50 / 100), (80 / 100, 100 / 100)]
+    assert piper_word_spans(phonemes, samples[:-2], id_map) is None  # ids that do not line up
+
+
+def test_engine_word_spans_place_each_word_of_a_sentence_where_the_engine_spoke_it() -> None:
+    timeline = CharTimeline(whole_pieces=True)
+    timeline.begin("Hi there. ", 0.0)
+    timings = timeline.advance(1.0, [(0.1, 0.3), (0.6, 0.9)])
+    assert "".join(timings.chars) == "Hi there. "
+    _check_contiguous(timings, 100, 1000)  # the silence before the first word holds no character
+    starts = dict(zip(timings.chars, timings.starts_ms, strict=False))
+    assert starts["H"] == 100
+    assert starts["t"] == 600
+    # Words that are not the text's (a number read as two words): proportions instead.
+    fallback = CharTimeline(whole_pieces=True)
+    fallback.begin("It is 42. ", 0.0)
+    assert fallback.advance(1.0, [(0.1, 0.2), (0.3, 0.4), (0.5, 0.6), (0.7, 0.8)]).starts_ms[0] == 0
+
+
+def test_word_spans_reach_only_the_task_that_listens() -> None:
+    report_word_spans([(0.0, 1.0)])  # nobody listens: nothing happens
+    with word_spans_reported() as heard:
+        report_word_spans([(0.0, 0.5)])
+        report_word_spans(None)
+    assert heard == [[(0.0, 0.5)], None]
+
+
+async def test_piper_reports_each_sentences_words_as_it_yields_the_sentence() -> None:
+    engine = PiperEngine(workers=1)
+    engine.load()
+    try:
+        job = SpeechJob(segments=prepare_text("Thanks for calling. Your table is booked.", max_chars=5000))
+        with word_spans_reported() as heard:
+            chunks = [chunk async for chunk in engine.stream(job)]
+    finally:
+        engine.close()
+    assert len(heard) == len(chunks) == 2
+    assert [len(spans or []) for spans in heard] == [3, 4]
+    for spans in heard:
+        assert spans is not None
+        edges = [edge for span in spans for edge in span]
+        assert edges == sorted(edges)
+        assert edges[0] > 0.0
+        assert edges[-1] <= 1.0
