@@ -182,6 +182,8 @@ class ElevenLabsStreamConsumer(StreamConnection):
             await self.close_all()
             return
         context_id = self._context_id_of(message)
+        if message.get("keep_alive") is True:
+            return  # `{"context_id", "keep_alive": true}`: only resets the inactivity clock
         text = message.get("text")
         if text is not None and not isinstance(text, str):
             raise ProtocolError("invalid_message", "`text` must be a string.", context_id)
