@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -346,3 +347,42 @@ def test_cartesia_contexts_stream_chunks_word_timestamps_and_done_and_cancel_sto
             ]
         )
         wait_until(lambda: _rows(django_db_blocker, tenant) == expected, what="a row per context")
+
+
+# --- Estimated timings: XTTS streams a sentence in several chunks ---
+
+
+@pytest.fixture(scope="module")
+def xtts_server(xtts_checkpoint: Path, service_env: ServiceEnv) -> Iterator[str]:
+    env = service_env(
+        TTS_ENGINE="xtts",
+        XTTS_MODEL_PATH=str(xtts_checkpoint),
+        XTTS_DEVICE="cpu",
+        XTTS_STREAM_CHUNK_TOKENS="4",  # several chunks a sentence
+        XTTS_MAX_AUDIO_TOKENS="12",
+        XTTS_DETERMINISTIC="1",
+    )
+    with daphne_server(env, startup_timeout=120) as base_url:
+        yield base_url
+
+
+@pytest.mark.django_db(transaction=True)
+def test_xtts_chunks_carry_estimated_alignment_within_their_audio(
+    xtts_server: str, django_db_blocker: Any
+) -> None:
+    with committed_tenant(django_db_blocker, "el-xtts", **UNLIMITED) as (tenant, issued):
+
+        async def main() -> list[dict[str, Any]]:
+            query = "output_format=pcm_24000&sync_alignment=false"
+            url = _ws(xtts_server, f"/v1/text-to-speech/ana-florence/multi-stream-input?{query}")
+            async with connect(url, additional_headers={"xi-api-key": issued.plaintext}) as ws:
+                await ws.send(json.dumps({"text": SENTENCES, "context_id": "x", "flush": True}))
+                await ws.send(json.dumps({"context_id": "x", "close_context": True}))
+                return await _until_final(ws)
+
+        messages = asyncio.run(main())
+        audio_messages = [body for body in messages if body.get("audio")]
+        assert len(audio_messages) > 2, "XTTS streamed each sentence in one chunk"
+        _check_alignment_matches_audio(messages[:-1], 24000, SENTENCES)
+        expected = [("elevenlabs-multi-stream", 200, "")]
+        wait_until(lambda: _rows(django_db_blocker, tenant) == expected, what="the row")
