@@ -102,7 +102,9 @@ class CartesiaStreamConsumer(StreamConnection):
             try:
                 key = bearer_token(header(self.scope, b"authorization"))
             except ApiKeyError as exc:
-                await self.refuse(CLOSE_UNAUTHORIZED, exc.code, "Send your API key as the X-API-Key header.")
+                await self.refuse(
+                    CLOSE_UNAUTHORIZED, exc.code, "Send your API key as the X-API-Key header.", status=401
+                )
                 return
         await self.authenticate(key)
 
@@ -173,13 +175,19 @@ class CartesiaStreamConsumer(StreamConnection):
         )
 
     async def send_error(
-        self, context_id: str | None, code: str, message: str, *, request_id: str | None = None
+        self,
+        context_id: str | None,
+        code: str,
+        message: str,
+        *,
+        request_id: str | None = None,
+        status: int = 400,
     ) -> None:
         body: dict[str, Any] = {
             "type": "error",
             "error": message,
             "code": code,
-            "status_code": 400,
+            "status_code": status,
             "done": True,
             "context_id": context_id,
         }

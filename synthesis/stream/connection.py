@@ -92,7 +92,13 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
 
     @abc.abstractmethod
     async def send_error(
-        self, context_id: str | None, code: str, message: str, *, request_id: str | None = None
+        self,
+        context_id: str | None,
+        code: str,
+        message: str,
+        *,
+        request_id: str | None = None,
+        status: int = 400,
     ) -> None: ...
 
     @abc.abstractmethod
@@ -141,7 +147,9 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
             logger.exception("WebSocket handler for %r failed", message.get("type"))
             if message.get("type") == "websocket.disconnect":
                 raise StopConsumer() from None  # the cleanup has had its turn; end
-            await self.refuse(CLOSE_SERVER_ERROR, "internal_error", "The server failed; reconnect.")
+            await self.refuse(
+                CLOSE_SERVER_ERROR, "internal_error", "The server failed; reconnect.", status=500
+            )
 
     async def disconnect(self, code: int) -> None:
         # Every step runs whatever an earlier one raised: a leaked lease or counter
@@ -171,11 +179,11 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
         self._forget(utterance)
         utterance.meter.finish(status, code)
 
-    async def refuse(self, close_code: int, code: str, message: str) -> None:
+    async def refuse(self, close_code: int, code: str, message: str, *, status: int = 400) -> None:
         """The dialect's error, then the socket closes."""
         self._closing = True
         with suppress(Exception):
-            await self.send_error(None, code, message)
+            await self.send_error(None, code, message, status=status)
         await self.close(code=close_code)
 
     async def close_all(self, close_code: int = 1000) -> None:
@@ -191,15 +199,15 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
         try:
             principal = await aauthenticate_token(key)
         except ApiKeyError as exc:
-            await self.refuse(CLOSE_UNAUTHORIZED, exc.code, exc.message)
+            await self.refuse(CLOSE_UNAUTHORIZED, exc.code, exc.message, status=exc.status_code)
             return
         except ServiceError as exc:  # the database is away and the key was never seen
-            await self.refuse(CLOSE_SERVER_ERROR, exc.code, exc.message)
+            await self.refuse(CLOSE_SERVER_ERROR, exc.code, exc.message, status=exc.status_code)
             return
         try:
             lease = await stream_lease_acquire(principal.tenant)
         except ServiceError as exc:
-            await self.refuse(CLOSE_STREAM_LIMIT, exc.code, exc.message)
+            await self.refuse(CLOSE_STREAM_LIMIT, exc.code, exc.message, status=exc.status_code)
             return
         lease.keep_alive()
         self.principal, self.lease = principal, lease
@@ -256,7 +264,9 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
             await asyncio.sleep(min(1.0, idle_limit / 4))
             idle = time.monotonic() - self.last_activity
             if not self.utterances and idle >= idle_limit and not self._closing:
-                await self.refuse(CLOSE_IDLE, "idle_timeout", f"Nothing received for {idle_limit:g} s.")
+                await self.refuse(
+                    CLOSE_IDLE, "idle_timeout", f"Nothing received for {idle_limit:g} s.", status=408
+                )
                 return
 
     def _watch_expiry(self, expires_at: datetime | None) -> None:
@@ -282,7 +292,7 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
         self._closing = True
         for utterance in list(self.utterances.values()):
             await self._end_utterance(utterance, 200, check.refusal.code)
-        await self.refuse(CLOSE_ACCESS_REVOKED, check.refusal.code, check.refusal.message)
+        await self.refuse(CLOSE_ACCESS_REVOKED, check.refusal.code, check.refusal.message, status=403)
 
     # --- messages from the client ---
 
@@ -305,10 +315,12 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
                 # An utterance ended by its text (too long, bad SSML, over its limits) ends
                 # as any started utterance does: its error, then its end.
                 await self._end_utterance(utterance, 400, exc.code)
-                await self.send_error(exc.context_id, exc.code, exc.message, request_id=utterance.request_id)
+                await self.send_error(
+                    exc.context_id, exc.code, exc.message, request_id=utterance.request_id, status=exc.status
+                )
                 await self.send_end(utterance, cancelled=False)
                 return
-            await self.send_error(exc.context_id, exc.code, exc.message)
+            await self.send_error(exc.context_id, exc.code, exc.message, status=exc.status)
 
     # --- utterances ---
 
@@ -360,7 +372,7 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
     def _start_refused(meter: UsageMeter, context_id: str, exc: ServiceError) -> NoReturn:
         """A refused utterance is still a request: it leaves its usage row."""
         meter.finish(exc.status_code, exc.code)
-        raise ProtocolError(exc.code, exc.message, context_id) from exc
+        raise ProtocolError(exc.code, exc.message, context_id, status=exc.status_code) from exc
 
     async def cancel_utterance(self, utterance: Utterance) -> None:
         """Stop at once (barge-in): when this returns no more of its audio goes out."""
@@ -390,7 +402,9 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
         self._forget(utterance)
         utterance.meter.finish(status, code)
         try:
-            await self.send_error(utterance.context_id, code, message, request_id=utterance.request_id)
+            await self.send_error(
+                utterance.context_id, code, message, request_id=utterance.request_id, status=status
+            )
             await self.send_end(utterance, cancelled=False)
         except Exception:
             logger.warning(

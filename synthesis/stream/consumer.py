@@ -202,7 +202,13 @@ class StreamConsumer(StreamConnection):
         )
 
     async def send_error(
-        self, context_id: str | None, code: str, message: str, *, request_id: str | None = None
+        self,
+        context_id: str | None,
+        code: str,
+        message: str,
+        *,
+        request_id: str | None = None,
+        status: int = 400,
     ) -> None:
         fields: dict[str, Any] = {"code": code, "message": message}
         if request_id is not None:

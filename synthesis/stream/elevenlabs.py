@@ -82,7 +82,7 @@ class ElevenLabsStreamConsumer(StreamConnection):
         try:
             self._parse_query()
         except ServiceError as exc:
-            await self.refuse(CLOSE_REFUSED, exc.code, exc.message)
+            await self.refuse(CLOSE_REFUSED, exc.code, exc.message, status=exc.status_code)
             return
         authorization = header(self.scope, API_KEY_HEADER.encode()) or self._bearer(
             header(self.scope, b"authorization")
@@ -148,7 +148,7 @@ class ElevenLabsStreamConsumer(StreamConnection):
                 sample_rate=wanted.sample_rate,
             )
         except ServiceError as exc:
-            await self.refuse(CLOSE_REFUSED, exc.code, exc.message)
+            await self.refuse(CLOSE_REFUSED, exc.code, exc.message, status=exc.status_code)
 
     def _request(self) -> SynthesisRequest:
         return SynthesisRequest(
@@ -276,7 +276,13 @@ class ElevenLabsStreamConsumer(StreamConnection):
             await self.close(code=1000)
 
     async def send_error(
-        self, context_id: str | None, code: str, message: str, *, request_id: str | None = None
+        self,
+        context_id: str | None,
+        code: str,
+        message: str,
+        *,
+        request_id: str | None = None,
+        status: int = 400,
     ) -> None:
         body: dict[str, Any] = {"message": message, "error": code}
         if request_id is not None:

@@ -327,15 +327,21 @@ def test_cartesia_contexts_stream_chunks_word_timestamps_and_done_and_cancel_sto
                 bad["voice"]["id"] = "nobody"
                 await ws.send(json.dumps(bad))
                 error = await _json(ws)
-                assert (error["type"], error["code"], error["context_id"]) == (
+                assert (error["type"], error["code"], error["status_code"], error["context_id"]) == (
                     "error",
                     "voice_not_found",
+                    404,
                     "four",
                 )
 
             async with connect(_ws(server, "/tts/websocket"), additional_headers={"X-API-Key": "x"}) as ws:
                 body, code = await _refusal(ws)
-                assert (body["type"], body["code"], code) == ("error", "invalid_api_key", 4001)
+                assert (body["type"], body["code"], body["status_code"], code) == (
+                    "error",
+                    "invalid_api_key",
+                    401,
+                    4001,
+                )
 
         asyncio.run(main())
         expected = sorted(
