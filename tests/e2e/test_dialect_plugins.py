@@ -165,7 +165,12 @@ def test_pipecat_elevenlabs_service_speaks_streamed_text_with_word_timestamps(
 ) -> None:
     with committed_tenant(django_db_blocker, "pipecat-el", **UNLIMITED) as (tenant, issued):
         url = server.replace("http://", "ws://")
-        service = ElevenLabsTTSService(api_key=issued.plaintext, voice_id="joe", url=url, sample_rate=16000)
+        service = ElevenLabsTTSService(
+            api_key=issued.plaintext,
+            url=url,
+            sample_rate=16000,
+            settings=ElevenLabsTTSService.Settings(voice="joe"),
+        )
         recorder = run_pipeline(service, _speaks_a_reply)
         _check_reply(recorder, 16000)
         expected = [("elevenlabs-multi-stream", 200, "")]
@@ -178,7 +183,12 @@ def test_pipecat_elevenlabs_service_interrupted_mid_utterance_stops(
 ) -> None:
     with committed_tenant(django_db_blocker, "pipecat-el-int", **UNLIMITED) as (tenant, issued):
         url = server.replace("http://", "ws://")
-        service = ElevenLabsTTSService(api_key=issued.plaintext, voice_id="joe", url=url, sample_rate=16000)
+        service = ElevenLabsTTSService(
+            api_key=issued.plaintext,
+            url=url,
+            sample_rate=16000,
+            settings=ElevenLabsTTSService.Settings(voice="joe"),
+        )
         recorder = run_pipeline(service, _interrupts_a_reply)
         _check_interrupted(recorder, django_db_blocker, tenant, "elevenlabs-multi-stream")
 
@@ -189,7 +199,12 @@ def test_pipecat_cartesia_service_speaks_streamed_text_with_word_timestamps(
 ) -> None:
     with committed_tenant(django_db_blocker, "pipecat-cartesia", **UNLIMITED) as (tenant, issued):
         url = server.replace("http://", "ws://") + "/tts/websocket"
-        service = CartesiaTTSService(api_key=issued.plaintext, voice_id="joe", url=url, sample_rate=16000)
+        service = CartesiaTTSService(
+            api_key=issued.plaintext,
+            url=url,
+            sample_rate=16000,
+            settings=CartesiaTTSService.Settings(voice="joe"),
+        )
         recorder = run_pipeline(service, _speaks_a_reply)
         _check_reply(recorder, 16000)
         expected = [("cartesia-websocket", 200, "")]
@@ -202,7 +217,12 @@ def test_pipecat_cartesia_service_interrupted_mid_utterance_stops(
 ) -> None:
     with committed_tenant(django_db_blocker, "pipecat-cartesia-int", **UNLIMITED) as (tenant, issued):
         url = server.replace("http://", "ws://") + "/tts/websocket"
-        service = CartesiaTTSService(api_key=issued.plaintext, voice_id="joe", url=url, sample_rate=16000)
+        service = CartesiaTTSService(
+            api_key=issued.plaintext,
+            url=url,
+            sample_rate=16000,
+            settings=CartesiaTTSService.Settings(voice="joe"),
+        )
         recorder = run_pipeline(service, _interrupts_a_reply)
         _check_interrupted(recorder, django_db_blocker, tenant, "cartesia-websocket")
 
