@@ -205,6 +205,26 @@ def test_elevenlabs_refusals_come_in_its_shape_and_close_the_socket(
 
 
 @pytest.mark.django_db(transaction=True)
+def test_inactivity_timeout_closes_an_idle_socket_and_a_keep_alive_holds_it_open(
+    server: str, django_db_blocker: Any
+) -> None:
+    with committed_tenant(django_db_blocker, "el-idle", **UNLIMITED) as (_tenant, issued):
+
+        async def main() -> None:
+            url = _ws(server, "/v1/text-to-speech/joe/multi-stream-input?inactivity_timeout=2")
+            async with connect(url, additional_headers={"xi-api-key": issued.plaintext}) as ws:
+                for _ in range(3):  # keep-alives every second: 3 s without a close
+                    await asyncio.sleep(1)
+                    await ws.send(json.dumps({"text": ""}))
+                started = asyncio.get_running_loop().time()
+                body, code = await _refusal(ws)
+                assert (body["error"], code) == ("idle_timeout", 4008)
+                assert asyncio.get_running_loop().time() - started >= 1.0
+
+        asyncio.run(main())
+
+
+@pytest.mark.django_db(transaction=True)
 def test_an_utterance_over_its_text_limit_ends_with_an_error_a_final_and_a_row(
     server: str, django_db_blocker: Any
 ) -> None:
