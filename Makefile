@@ -61,8 +61,10 @@ run: $(RUNTIME_STAMP) .env
 	$(BIN)/python manage.py prepare
 	$(BIN)/python -m callwaiting_tts.serve
 
+# Postgres and Redis up; Debian's chromium installed for the browser tests (as root, once).
 services:
 	scripts/ensure_services.sh
+	scripts/ensure_chromium.sh
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .

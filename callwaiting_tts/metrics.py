@@ -28,9 +28,30 @@ class _ServiceState:
         self.utterances = Gauge("cwt_stream_utterances_active", "WebSocket utterances being spoken.")
         self.utterances.set_function(lambda: stream_stats.utterances_active)
         self.engine_jobs = Gauge(
-            "cwt_engine_jobs_in_flight", "Synthesis jobs admitted by the engine (its queue)."
+            "cwt_engine_jobs_in_flight",
+            "Streams the engine holds (HTTP syntheses and WebSocket utterances): its demand.",
         )
         self.engine_jobs.set_function(lambda: _engine_value("active_jobs"))
+        self.engine_queue = Gauge(
+            "cwt_engine_queue_depth", "Requests waiting for the engine to have real-time room for them."
+        )
+        self.engine_queue.set_function(lambda: _engine_value("queued_jobs"))
+        self.engine_capacity = Gauge(
+            "cwt_engine_capacity_audio_seconds_per_second",
+            "Audio seconds per second the engine is measured to make: the real-time streams it can feed.",
+        )
+        self.engine_capacity.set_function(lambda: _engine_value("capacity_audio_seconds_per_second"))
+        self.engine_limit = Gauge(
+            "cwt_engine_realtime_limit", "Streams admission lets the engine hold (capacity times headroom)."
+        )
+        self.engine_limit.set_function(lambda: _engine_value("realtime_limit"))
+        self.engine_queued = Gauge("cwt_engine_queued_total", "Requests that waited in the engine's queue.")
+        self.engine_queued.set_function(lambda: _engine_value("jobs_queued"))
+        self.engine_refused = Gauge(
+            "cwt_engine_refused_total",
+            "Requests the engine refused (no real-time room soon enough, or share).",
+        )
+        self.engine_refused.set_function(lambda: _engine_value("jobs_refused"))
         self.engine_busy = Gauge(
             "cwt_engine_busy_seconds_total", "Seconds the engine has spent with at least one job in flight."
         )
@@ -50,7 +71,8 @@ class _ServiceState:
 
 def _engine_value(name: str) -> float:
     engine = loaded_engine()
-    return float(engine.info().get(name, 0)) if engine is not None else 0.0
+    value = engine.info().get(name) if engine is not None else None
+    return float(value) if value is not None else 0.0
 
 
 def _spool() -> tuple[int, int]:

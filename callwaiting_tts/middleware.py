@@ -1,20 +1,25 @@
 """Request ids (every response carries X-Request-ID, every log line names it), rate headers,
-and the one method policy (HEAD wherever GET is; 405 naming the documented methods)."""
+CORS for the tenants' browser origins, and the one method policy (HEAD wherever GET is; 405
+naming the documented methods)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from urllib.parse import SplitResult
 
 import sentry_sdk
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from corsheaders.middleware import CorsMiddleware
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.security import SecurityMiddleware
+from django.utils.cache import patch_vary_headers
 
 from core.metrics import HTTP_DURATION, HTTP_REQUESTS
 from core.request_ids import REQUEST_ID_HEADER, SANE_REQUEST_ID, current_request_id, new_request_id
+from tenants.origins import preflight_origins
 
 
 def _annotate(request: HttpRequest, response: HttpResponseBase, request_id: str) -> None:
@@ -118,6 +123,31 @@ class InlineSecurityMiddleware(InlineHooksMixin, SecurityMiddleware):
 
 class InlineXFrameOptionsMiddleware(InlineHooksMixin, XFrameOptionsMiddleware):
     pass
+
+
+class TenantCorsMiddleware(CorsMiddleware):
+    """django-cors-headers with the tenants' origins (tenants.origins) as its allow list.
+
+    It answers preflights and adds the CORS headers for any origin some active tenant
+    allows; whether this request's tenant allows it is decided after authentication
+    (tenants.authentication), which refuses it otherwise. A request without Origin (every
+    server-side client) reads nothing from the database."""
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        if "HTTP_ORIGIN" not in request.META:
+            # A server-side client (the hot path): nothing of CORS applies, but a cache must
+            # still not hand this answer (without CORS headers) to a browser's request.
+            response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
+            if "Vary" in response:
+                patch_vary_headers(response, ("origin",))
+            else:
+                response["Vary"] = "origin"
+            return response
+        await preflight_origins.refresh_if_stale()
+        return await super().__acall__(request)
+
+    def origin_found_in_white_lists(self, origin: str, url: SplitResult) -> bool:
+        return preflight_origins.allows(origin)
 
 
 def _documented_allow(allow: str) -> str:

@@ -79,9 +79,11 @@ def _common_responses(method: str, operation: dict[str, Any], openai: bool) -> d
     secured = bool(operation.get("security"))
     if secured:
         responses["401"] = {
-            **shape("missing_api_key, invalid_api_key"),
+            **shape("missing_api_key, invalid_api_key, invalid_token, token_expired"),
             "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
         }
+        # A client token outside its scope, or a browser origin the tenant does not allow.
+        responses["403"] = shape("token_scope, origin_not_allowed")
         responses["429"] = {
             **shape("rate_limited, stream_limit, quota_exceeded, engine_share_exceeded"),
             "headers": {**_RETRY_AFTER, **RATE_HEADERS},

@@ -46,6 +46,7 @@ def main() -> None:
     from callwaiting_tts.asgi import application
     from callwaiting_tts.http_server import RedactingAccessLog, ServiceServer
     from callwaiting_tts.lifecycle import lifecycle
+    from engines import loaded_engine
     from tenants.limits import limits_warm_up
 
     # JSON logs come from the service's own request log; Daphne's access lines are plain text.
@@ -90,6 +91,11 @@ def main() -> None:
     signal.signal(signal.SIGINT, on_signal)
     logger.info("Starting server at %s:%s", settings.HOST, settings.PORT)
     server.run()
+    # The engine's workers finish the step they are in and stop: a thread left inside the
+    # model (ONNX Runtime, torch) while the interpreter exits takes the process down (SIGABRT).
+    engine = loaded_engine()
+    if engine is not None:
+        engine.close()
     if server.listen_failure:
         sys.exit(
             f"error: cannot listen on {settings.HOST}:{settings.PORT} ({server.listen_failure}); "

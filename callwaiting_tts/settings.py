@@ -76,6 +76,7 @@ INSTALLED_APPS = [
     "usage",
     "axes",
     "django_prometheus",
+    "corsheaders",
     # The composition root, listed for its management commands (`prepare`) only.
     "callwaiting_tts",
 ]
@@ -101,6 +102,8 @@ MIDDLEWARE = [
 # them in its one sync thread, which the streaming API must never wait on.
 API_MIDDLEWARE = [
     "callwaiting_tts.middleware.RequestIdMiddleware",
+    # Before the method policy: a CORS preflight (OPTIONS) is answered here, not refused there.
+    "callwaiting_tts.middleware.TenantCorsMiddleware",
     "callwaiting_tts.middleware.MethodMiddleware",
     "callwaiting_tts.middleware.InlineSecurityMiddleware",
     "callwaiting_tts.middleware.InlineXFrameOptionsMiddleware",
@@ -250,6 +253,15 @@ ENGINE_MAX_ACTIVE_JOBS = env_int("ENGINE_MAX_ACTIVE_JOBS", 32, minimum=1)
 ENGINE_MAX_JOBS_PER_TENANT = env_int(
     "ENGINE_MAX_JOBS_PER_TENANT", max(1, ENGINE_MAX_ACTIVE_JOBS // 2), minimum=1
 )
+# Admission by real-time capacity (engines/capacity.py): streams are admitted up to this
+# share of the audio seconds per second the engine is measured to make; past it a request
+# waits in a queue of at most ENGINE_QUEUE_MAX for at most ENGINE_QUEUE_SECONDS, then 503.
+ENGINE_REALTIME_HEADROOM = env_float("ENGINE_REALTIME_HEADROOM", 0.9, minimum=0.0)
+ENGINE_QUEUE_MAX = env_int("ENGINE_QUEUE_MAX", 16, minimum=0)
+ENGINE_QUEUE_SECONDS = env_float("ENGINE_QUEUE_SECONDS", 2.0, minimum=0.0)
+# A request's first chunk is at most this many words (or its first clause if shorter), so
+# first audio costs a fraction of a second of engine time even under load; 0: first clause.
+FIRST_CHUNK_WORDS = env_int("FIRST_CHUNK_WORDS", 5, minimum=0, maximum=50)
 MAX_TEXT_CHARS = env_int("MAX_TEXT_CHARS", 5000, minimum=1)
 # Output bounded by input (engines/text.py): a few kilobytes must not ask for hours of audio.
 MAX_AUDIO_SECONDS_PER_REQUEST = env_float("MAX_AUDIO_SECONDS_PER_REQUEST", 600.0, minimum=1.0)
@@ -316,6 +328,35 @@ WS_AUTH_SECONDS = env_float("WS_AUTH_SECONDS", 5.0, minimum=0.5)
 # A stream's slot in its tenant's cap is a lease renewed while it runs; a
 # crashed process's streams free their slots after this long.
 STREAM_LEASE_SECONDS = env_float("STREAM_LEASE_SECONDS", 30.0, minimum=1.0)
+
+# --- Browsers: client tokens and CORS (tenants.tokens, tenants.origins) ------------------
+
+# POST /v1/tokens: a client token lives this long unless asked for less; never longer than the cap.
+CLIENT_TOKEN_MAX_SECONDS = env_int("CLIENT_TOKEN_MAX_SECONDS", 900, minimum=10, maximum=24 * 3600)
+CLIENT_TOKEN_DEFAULT_SECONDS = min(
+    CLIENT_TOKEN_MAX_SECONDS, env_int("CLIENT_TOKEN_DEFAULT_SECONDS", 300, minimum=1)
+)
+# django-cors-headers, on /v1/ only; the origins are each tenant's (TenantCorsMiddleware).
+CORS_URLS_REGEX = r"^/v1/"
+CORS_ALLOW_METHODS = ("GET", "HEAD", "POST")
+CORS_ALLOW_HEADERS = ("authorization", "content-type", "idempotency-key", "range", "x-request-id")
+# What a page's script may read of an answer (the rest a browser hides cross-origin).
+CORS_EXPOSE_HEADERS = (
+    "X-Request-ID",
+    "X-Audio-Format",
+    "X-Sample-Rate",
+    "X-Audio-Duration",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "Retry-After",
+    "Accept-Ranges",
+    "Content-Range",
+    "Content-Length",
+)
+CORS_PREFLIGHT_MAX_AGE = env_int("CORS_PREFLIGHT_MAX_AGE", 600, minimum=0)
+# How long a preflight trusts the union of tenants' origins it last read.
+CORS_ORIGINS_CACHE_SECONDS = env_float("CORS_ORIGINS_CACHE_SECONDS", 5.0, minimum=0.0)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -5,12 +5,13 @@ from django.urls import path
 
 from callwaiting_tts.health import health
 from callwaiting_tts.metrics import metrics_view
+from callwaiting_tts.playground import playground
 from callwaiting_tts.readiness import ready
 from callwaiting_tts.schema import DocsView, SchemaView
 from synthesis.elevenlabs import text_to_speech, text_to_speech_stream, text_to_speech_stream_with_timestamps
 from synthesis.openai_api import audio_speech
 from synthesis.views import audio_download, synthesize, synthesize_url, twiml_play
-from tenants.views import tenant_detail
+from tenants.views import tenant_detail, token_mint
 from usage.views import usage_report
 from voices.views import voice_detail, voice_list, voice_upload
 
@@ -22,7 +23,8 @@ handler500 = "api.errors.server_error_view"
 # Endpoints that answer without an API key (audio-download checks a signed,
 # expiring link instead). Everything else under /v1 needs one;
 # tests/test_auth_coverage.py holds every route to this list.
-PUBLIC_URL_NAMES = frozenset({"health", "ready", "openapi-schema", "docs", "audio-download"})
+# The playground page holds no data: its visitor brings a client token (or a staff login).
+PUBLIC_URL_NAMES = frozenset({"health", "ready", "openapi-schema", "docs", "audio-download", "playground"})
 # Protected by a credential of their own rather than an API key (tests/test_metrics.py).
 OWN_CREDENTIAL_URL_NAMES = frozenset({"metrics"})
 
@@ -30,6 +32,7 @@ urlpatterns = [
     path("v1/health", health, name="health"),
     path("v1/ready", ready, name="ready"),
     path("v1/tenant", tenant_detail, name="tenant-detail"),
+    path("v1/tokens", token_mint, name="tokens"),
     path("v1/synthesize", synthesize, name="synthesize"),
     path("v1/synthesize-url", synthesize_url, name="synthesize-url"),
     path("v1/audio/speech", audio_speech, name="audio-speech"),
@@ -50,6 +53,7 @@ urlpatterns = [
     path("v1/openapi.json", SchemaView.as_view(), name="openapi-schema"),
     path("v1/docs", DocsView.as_view(url_name="openapi-schema"), name="docs"),
     path("admin/", admin.site.urls),
+    path("playground", playground, name="playground"),
     # Outside /v1: for the scraper, with its own token (METRICS_TOKEN), not an API key.
     path("metrics", metrics_view, name="metrics"),
 ]

@@ -13,6 +13,8 @@ from engines.base import (
     EngineFailure,
     EngineOverloaded,
     EngineShareExceeded,
+    EngineSlot,
+    QueuePolicy,
     SpeechEngine,
     SpeechJob,
 )
@@ -24,6 +26,8 @@ __all__ = [
     "EngineFailure",
     "EngineOverloaded",
     "EngineShareExceeded",
+    "EngineSlot",
+    "QueuePolicy",
     "SpeechEngine",
     "SpeechJob",
     "get_engine",
@@ -32,6 +36,14 @@ __all__ = [
 
 _engine: SpeechEngine | None = None
 _engine_lock = threading.Lock()
+
+
+def queue_policy() -> QueuePolicy:
+    return QueuePolicy(
+        headroom=settings.ENGINE_REALTIME_HEADROOM,
+        queue_max=settings.ENGINE_QUEUE_MAX,
+        queue_seconds=settings.ENGINE_QUEUE_SECONDS,
+    )
 
 
 def build_engine() -> SpeechEngine:
@@ -47,6 +59,7 @@ def build_engine() -> SpeechEngine:
             half=settings.XTTS_HALF,
             max_active_jobs=settings.ENGINE_MAX_ACTIVE_JOBS,
             max_jobs_per_owner=settings.ENGINE_MAX_JOBS_PER_TENANT,
+            queue_policy=queue_policy(),
             stream_chunk_size=settings.XTTS_STREAM_CHUNK_TOKENS,
             max_audio_tokens=settings.XTTS_MAX_AUDIO_TOKENS,
             deterministic=settings.XTTS_DETERMINISTIC,
@@ -57,6 +70,7 @@ def build_engine() -> SpeechEngine:
         workers=settings.PIPER_WORKERS,
         max_active_jobs=settings.ENGINE_MAX_ACTIVE_JOBS,
         max_jobs_per_owner=settings.ENGINE_MAX_JOBS_PER_TENANT,
+        queue_policy=queue_policy(),
         noise_scale=settings.PIPER_NOISE_SCALE,
         noise_w_scale=settings.PIPER_NOISE_W_SCALE,
     )

@@ -190,8 +190,7 @@ class CharTimeline:
         if not self._pending or audio_end_s <= self._placed_until_s:
             return CharTimings()
         if self.whole_pieces:
-            # The next sentence, whole (the last chunk the engine makes takes the rest).
-            count = len(self._sentences.pop(0)) if self._sentences else 0
+            count = self._next_chunk_chars(words)
             if words and count and (timed := self._by_words(count, audio_end_s, words)):
                 return timed
             return self._place(count, audio_end_s)
@@ -212,6 +211,23 @@ class CharTimeline:
         if not self._pending:
             return CharTimings()
         return self._place(len(self._pending), max(audio_end_s, self._placed_until_s))
+
+    def _next_chunk_chars(self, words: WordSpans | None) -> int:
+        """How many pending characters a whole-sentence engine's chunk speaks: the next
+        sentence, or, when the engine said how many words the chunk holds and the sentence has
+        more (a quick first chunk: the sentence's first words, then the rest), that many of its
+        words and the spaces after them."""
+        if not self._sentences:
+            return 0
+        sentence = self._sentences[0]
+        if words:
+            tokens = list(re.finditer(r"\S+\s*", sentence))
+            if len(words) < len(tokens):
+                head = tokens[len(words) - 1].end()
+                self._sentences[0] = sentence[head:]
+                return head
+        self._sentences.pop(0)
+        return len(sentence)
 
     def _by_words(self, count: int, end_s: float, words: WordSpans) -> CharTimings | None:
         """The first `count` pending characters over [placed, end_s], word by word where the

@@ -4,44 +4,36 @@ from __future__ import annotations
 
 import abc
 import re
-import time
-from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from django.core.exceptions import ImproperlyConfigured
 
+from engines.capacity import EngineSlot, QueuePolicy, RealtimeAdmission, ThroughputMeter
+from engines.errors import (
+    CloningNotSupported,
+    EngineConfigurationError,
+    EngineFailure,
+    EngineOverloaded,
+    EngineShareExceeded,
+)
 from engines.text import Segment, Speech, effective_rate
 
-
-class EngineConfigurationError(ImproperlyConfigured):
-    """The engine cannot start with the configured settings (raised at start-up)."""
-
-
-class EngineOverloaded(Exception):
-    def __init__(self, retry_after_s: int) -> None:
-        super().__init__(f"The speech engine is at capacity; retry in {retry_after_s} s.")
-        self.retry_after_s = retry_after_s
-
-
-class EngineShareExceeded(EngineOverloaded):
-    """One owner (a tenant) already runs its share of the engine's jobs; others may not."""
-
-    def __init__(self, share: int) -> None:
-        super().__init__(retry_after_s=1)
-        self.args = (f"This tenant already runs {share} syntheses, its share of the engine; retry shortly.",)
-        self.share = share
-
-
-class CloningNotSupported(Exception):
-    pass
-
-
-class EngineFailure(Exception):
-    """The engine failed while generating audio for one request."""
+__all__ = [
+    "BuiltinVoice",
+    "CloningNotSupported",
+    "EngineConfigurationError",
+    "EngineFailure",
+    "EngineOverloaded",
+    "EngineShareExceeded",
+    "EngineSlot",
+    "QueuePolicy",
+    "SpeechEngine",
+    "SpeechJob",
+    "silence_chunk",
+    "voice_slug",
+]
 
 
 @dataclass(frozen=True)
@@ -62,6 +54,9 @@ class SpeechJob:
     speed: float = 1.0
     # Whose job this is (a tenant), for the engine's fair share; "" for the service's own.
     owner: str = ""
+    # A slot already held for this job (a WebSocket utterance holds one across its pieces of
+    # text); None: `stream` takes one for the job's own life.
+    slot: EngineSlot | None = None
 
     def rate_of(self, segment: Speech) -> float:
         """The speed an engine speaks `segment` at: held to the range of `speed`."""
@@ -75,8 +70,11 @@ def voice_slug(name: str) -> str:
 class SpeechEngine(abc.ABC):
     """Load once per process; stream float32 mono audio at `sample_rate`.
 
-    `stream` is an async iterator: a consumer that stops iterating (or is
-    cancelled) stops the engine's work for that request.
+    `stream` is an async iterator: a consumer that stops iterating (or is cancelled)
+    stops the engine's work for that request. It first takes a slot from the engine's
+    admission (engines/capacity.py: by real-time capacity, with a short queue and a fair
+    share per owner) unless the job brings one; an engine makes the audio in `make_audio`
+    and reports its steps to `throughput`.
     """
 
     name: str
@@ -86,17 +84,25 @@ class SpeechEngine(abc.ABC):
     supports_cloning = False
     languages: tuple[str, ...] = ()
 
-    def __init__(self, *, max_active_jobs: int, max_jobs_per_owner: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_active_jobs: int,
+        max_jobs_per_owner: int | None = None,
+        parallelism: int = 1,
+        queue_policy: QueuePolicy | None = None,
+    ) -> None:
         self.max_active_jobs = max_active_jobs
         # One tenant's burst must not take every slot: others always find some free.
         self.max_jobs_per_owner = max_jobs_per_owner or max_active_jobs
         self.loaded = False
-        self._active_jobs = 0
-        self._jobs_by_owner: Counter[str] = Counter()
-        self.jobs_started = 0  # a counter for health and metrics
-        # Busy time: seconds with at least one job in flight (utilisation = its rate).
-        self._busy_seconds = 0.0
-        self._busy_since = 0.0
+        self.throughput = ThroughputMeter(parallelism)
+        self.admission = RealtimeAdmission(
+            meter=self.throughput,
+            max_active=max_active_jobs,
+            max_per_owner=self.max_jobs_per_owner,
+            policy=queue_policy or QueuePolicy(),
+        )
 
     @abc.abstractmethod
     def load(self) -> None: ...
@@ -110,7 +116,21 @@ class SpeechEngine(abc.ABC):
         """Changes whenever the model's weights or config change (keys caches and conditioning)."""
 
     @abc.abstractmethod
-    def stream(self, job: SpeechJob) -> AsyncIterator[np.ndarray]: ...
+    def make_audio(self, job: SpeechJob) -> AsyncIterator[np.ndarray]:
+        """The job's audio, chunk by chunk; called with the job's slot held."""
+
+    async def reserve(self, owner: str = "") -> EngineSlot:
+        """A slot to hold across several jobs (SpeechJob.slot); the caller releases it."""
+        return await self.admission.acquire(owner)
+
+    async def stream(self, job: SpeechJob) -> AsyncIterator[np.ndarray]:
+        slot = job.slot or await self.admission.acquire(job.owner)
+        try:
+            async for chunk in self.make_audio(job):
+                yield chunk
+        finally:
+            if job.slot is None:
+                slot.release()
 
     async def compute_conditioning(self, audio: np.ndarray, sample_rate: int) -> bytes:
         raise CloningNotSupported(f"The {self.name} engine cannot clone voices.")
@@ -125,6 +145,7 @@ class SpeechEngine(abc.ABC):
         return next((voice for voice in self.builtin_voices() if voice.voice_id == voice_id), None)
 
     def info(self) -> dict[str, Any]:
+        state = self.admission.state()
         return {
             "name": self.name,
             "model": self.model,
@@ -132,44 +153,21 @@ class SpeechEngine(abc.ABC):
             "sample_rate": self.sample_rate,
             "loaded": self.loaded,
             "supports_cloning": self.supports_cloning,
-            "active_jobs": self._active_jobs,
-            "jobs_started": self.jobs_started,
+            "active_jobs": state.demand,
+            "queued_jobs": state.queued,
+            "jobs_started": state.admitted_total,
+            "jobs_queued": state.queued_total,
+            "jobs_refused": state.refused_total,
             "max_active_jobs": self.max_active_jobs,
             "max_jobs_per_tenant": self.max_jobs_per_owner,
-            "busy_seconds": round(self.busy_seconds, 3),
+            # Audio seconds per second it makes now (None until measured): the real-time
+            # streams it can hold; `realtime_limit` is what admission lets in.
+            "capacity_audio_seconds_per_second": (
+                round(state.capacity, 2) if state.capacity is not None else None
+            ),
+            "realtime_limit": round(self.admission.realtime_limit(), 2),
+            "busy_seconds": round(state.busy_seconds, 3),
         }
-
-    @property
-    def busy_seconds(self) -> float:
-        running = time.monotonic() - self._busy_since if self._active_jobs else 0.0
-        return self._busy_seconds + running
-
-    @contextmanager
-    def admitted(self, owner: str = "") -> Iterator[None]:
-        """Count a job as active for its whole life; refuse it when the engine is full, or
-        when its owner already runs its share (`max_jobs_per_owner`).
-
-        Runs on the event loop only, so the counters need no lock.
-        """
-        # A full engine first: that is capacity (503), whoever holds it; then the owner's share.
-        if self._active_jobs >= self.max_active_jobs:
-            raise EngineOverloaded(retry_after_s=1)
-        if owner and self._jobs_by_owner[owner] >= self.max_jobs_per_owner:
-            raise EngineShareExceeded(self.max_jobs_per_owner)
-        if self._active_jobs == 0:
-            self._busy_since = time.monotonic()
-        self._active_jobs += 1
-        self._jobs_by_owner[owner] += 1
-        self.jobs_started += 1
-        try:
-            yield
-        finally:
-            self._active_jobs -= 1
-            self._jobs_by_owner[owner] -= 1
-            if not self._jobs_by_owner[owner]:
-                del self._jobs_by_owner[owner]
-            if self._active_jobs == 0:
-                self._busy_seconds += time.monotonic() - self._busy_since
 
 
 def silence_chunk(seconds: float, sample_rate: int) -> np.ndarray:

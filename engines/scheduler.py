@@ -1,17 +1,26 @@
-"""One worker thread that owns a model which must never run two requests at once.
+"""The engines' one scheduler: worker threads that advance requests chunk by chunk, the
+chunk whose caller would run out of audio soonest first.
 
-Requests are iterators of audio chunks. The worker advances one request by one
-chunk at a time, so concurrent requests interleave instead of queueing whole:
+Requests are iterators of audio chunks. A worker advances one request by one chunk at a
+time, so concurrent requests interleave instead of queueing whole. Which one next:
 
-- a request that has not produced its first chunk yet goes first (first audio
-  is what a caller waits on; later chunks have the audio already sent as slack);
-- otherwise requests take turns, least recently served first;
-- a request whose consumer has `max_buffered` chunks unread is skipped until
-  the consumer catches up (backpressure: a slow reader pauses its generation);
+- a request that has not produced its first chunk yet goes first, in order of arrival
+  (first audio is what a caller waits on; nothing plays until it comes);
+- otherwise the one with the nearest playback deadline: the moment its caller, playing
+  from its first chunk on, would have played everything made so far (first delivery plus
+  the audio delivered). A stream with seconds of audio ahead yields to one about to run
+  dry (earliest deadline first);
+- a request whose consumer has `max_buffered` chunks unread is skipped until the
+  consumer catches up (backpressure: a slow reader pauses its generation);
 - a cancelled request is dropped before its next chunk.
 
-Chunks travel to the event loop with `call_soon_threadsafe`: the loop never
-waits on the model.
+One request is advanced by one worker at a time (its iterator is not shared between
+threads). `workers` is 1 for a model that must never run two requests at once (XTTS);
+Piper's ONNX session may run on several threads. Each step's wall time and audio go to
+the engine's ThroughputMeter (engines/capacity.py), which admission reads.
+
+Chunks travel to the event loop with `call_soon_threadsafe`: the loop never waits on a
+model.
 """
 
 from __future__ import annotations
@@ -20,29 +29,48 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
-from engines.base import EngineFailure, EngineOverloaded
+from engines.capacity import ThroughputMeter
+from engines.errors import EngineFailure, EngineOverloaded
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _DONE = object()
 
 
+def no_duration(item: Any) -> float:
+    return 0.0
+
+
 class ScheduledJob:
     def __init__(
-        self, scheduler: ChunkScheduler, iterator: Iterator[Any], loop: asyncio.AbstractEventLoop
+        self,
+        scheduler: ChunkScheduler,
+        iterator: Iterator[Any],
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._scheduler = scheduler
         self.iterator = iterator
         self.loop = loop
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.arrival = next(scheduler._arrivals)
-        self.last_served = -1
-        self.started = False
+        self.started = False  # its first chunk has been made
+        self.running = False  # a worker is advancing it now
         self.cancelled = False
         self.buffered = 0  # chunks delivered but not yet taken; guarded by the scheduler's lock
+        # Playback: when its first chunk was delivered, and the audio delivered since.
+        self.first_delivery: float | None = None
+        self.audio_delivered = 0.0
+
+    @property
+    def deadline(self) -> float:
+        """When a caller playing from the first chunk on would run out of audio."""
+        if self.first_delivery is None:
+            return float("-inf")
+        return self.first_delivery + self.audio_delivered
 
     def cancel(self) -> None:
         self._scheduler._cancel(self)
@@ -62,17 +90,31 @@ class ScheduledJob:
 
 
 class ChunkScheduler:
-    def __init__(self, name: str, *, max_jobs: int, max_buffered: int = 4) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        max_jobs: int,
+        max_buffered: int = 4,
+        workers: int = 1,
+        duration_of: Callable[[Any], float] = no_duration,
+        meter: ThroughputMeter | None = None,
+    ) -> None:
         self.name = name
         self.max_jobs = max_jobs
         self.max_buffered = max_buffered
+        self._duration_of = duration_of
+        self._meter = meter
         self._jobs: list[ScheduledJob] = []
         self._condition = threading.Condition()
         self._arrivals = itertools.count()
-        self._ticks = itertools.count()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=f"{name}-scheduler", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"{name}-worker-{index}", daemon=True)
+            for index in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def active_jobs(self) -> int:
@@ -89,7 +131,7 @@ class ChunkScheduler:
         return job
 
     async def run(self, function: Callable[[], T]) -> T:
-        """Run one call on the worker thread (for other uses of the model), with first-chunk priority."""
+        """Run one call on a worker (for other uses of the model), with first-chunk priority."""
 
         def single() -> Iterator[T]:
             yield function()
@@ -103,7 +145,8 @@ class ChunkScheduler:
         with self._condition:
             self._stopping = True
             self._condition.notify_all()
-        self._thread.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
 
     def _cancel(self, job: ScheduledJob) -> None:
         with self._condition:
@@ -118,16 +161,20 @@ class ChunkScheduler:
 
     def _pick(self) -> ScheduledJob | None:
         """The next job to advance, or None to wait. Called with the lock held."""
-        for job in [job for job in self._jobs if job.cancelled]:
+        for job in [job for job in self._jobs if job.cancelled and not job.running]:
             self._jobs.remove(job)
             self._close(job)
-        runnable = [job for job in self._jobs if job.buffered < self.max_buffered]
+        runnable = [
+            job
+            for job in self._jobs
+            if not job.running and not job.cancelled and job.buffered < self.max_buffered
+        ]
         if not runnable:
             return None
         fresh = [job for job in runnable if not job.started]
         if fresh:
             return min(fresh, key=lambda job: job.arrival)
-        return min(runnable, key=lambda job: job.last_served)
+        return min(runnable, key=lambda job: (job.deadline, job.arrival))
 
     def _close(self, job: ScheduledJob) -> None:
         close = getattr(job.iterator, "close", None)
@@ -138,12 +185,12 @@ class ChunkScheduler:
                 logger.exception("Closing a cancelled %s job failed", self.name)
 
     def _deliver(self, job: ScheduledJob, item: Any) -> None:
-        with self._condition:
-            job.buffered += 1
+        """Hand `item` to the job's consumer. Called with the lock held."""
+        job.buffered += 1
         try:
             job.loop.call_soon_threadsafe(job.queue.put_nowait, item)
         except RuntimeError:  # the consumer's loop is gone
-            self._cancel(job)
+            job.cancelled = True
 
     def _run(self) -> None:
         while True:
@@ -155,20 +202,31 @@ class ChunkScheduler:
                 if self._stopping:
                     return
                 assert job is not None
-                job.started = True
-                job.last_served = next(self._ticks)
+                job.running = True
+            final: Any = None
+            step_started = time.perf_counter()
             try:
                 item = next(job.iterator)
             except StopIteration:
-                self._finish(job, _DONE)
+                final = _DONE
             except Exception as exc:
                 logger.exception("%s job failed", self.name)
-                self._finish(job, exc)
-            else:
-                self._deliver(job, item)
-
-    def _finish(self, job: ScheduledJob, final: Any) -> None:
-        with self._condition:
-            if job in self._jobs:
-                self._jobs.remove(job)
-        self._deliver(job, final)
+                final = exc
+            with self._condition:
+                job.running = False
+                if final is not None:
+                    if job in self._jobs:
+                        self._jobs.remove(job)
+                    self._deliver(job, final)
+                else:
+                    now = time.monotonic()
+                    if job.first_delivery is None:
+                        job.first_delivery = now
+                    job.started = True
+                    audio_seconds = self._duration_of(item)
+                    job.audio_delivered += audio_seconds
+                    if self._meter is not None:
+                        self._meter.observe(time.perf_counter() - step_started, audio_seconds)
+                    self._deliver(job, item)
+                # Another worker may be waiting for this job (it was running) or for any job.
+                self._condition.notify_all()

@@ -21,6 +21,7 @@ from engines.base import (
     BuiltinVoice,
     EngineConfigurationError,
     EngineFailure,
+    QueuePolicy,
     SpeechEngine,
     SpeechJob,
     silence_chunk,
@@ -105,11 +106,16 @@ class XttsEngine(SpeechEngine):
         half: bool = False,
         max_active_jobs: int = 16,
         max_jobs_per_owner: int | None = None,
+        queue_policy: QueuePolicy | None = None,
         stream_chunk_size: int = 20,
         max_audio_tokens: int | None = None,
         deterministic: bool = False,
     ) -> None:
-        super().__init__(max_active_jobs=max_active_jobs, max_jobs_per_owner=max_jobs_per_owner)
+        super().__init__(
+            max_active_jobs=max_active_jobs,
+            max_jobs_per_owner=max_jobs_per_owner,
+            queue_policy=queue_policy,
+        )
         self.checkpoint_dir = check_checkpoint_dir(checkpoint_dir)
         self.model = self.checkpoint_dir.name
         self._requested_device = device
@@ -172,7 +178,12 @@ class XttsEngine(SpeechEngine):
         self._identity = f"xtts:{self.model}:{digest.hexdigest()[:16]}"
         # The engine's own count (`admitted`) is the limit; the scheduler's is only a backstop,
         # with room for jobs cancelled but not yet dropped at its next step.
-        self._scheduler = ChunkScheduler("xtts", max_jobs=2 * self.max_active_jobs)
+        self._scheduler = ChunkScheduler(
+            "xtts",
+            max_jobs=2 * self.max_active_jobs,
+            duration_of=lambda chunk: len(chunk) / self.sample_rate,
+            meter=self.throughput,
+        )
         torch.set_grad_enabled(False)
         self.loaded = True
         logger.info(
@@ -196,7 +207,6 @@ class XttsEngine(SpeechEngine):
 
     def info(self) -> dict[str, Any]:
         info = super().info()
-        info["active_jobs"] = self._scheduler.active_jobs if self._scheduler else 0
         info["languages"] = list(self.languages)
         return info
 
@@ -250,7 +260,7 @@ class XttsEngine(SpeechEngine):
             ):
                 yield chunk.detach().float().cpu().numpy().astype(np.float32, copy=False)
 
-    async def stream(self, job: SpeechJob) -> AsyncIterator[np.ndarray]:
+    async def make_audio(self, job: SpeechJob) -> AsyncIterator[np.ndarray]:
         try:
             gpt_cond_latent, speaker_embedding = self._latents_for(job)
         except Exception as exc:
@@ -258,7 +268,6 @@ class XttsEngine(SpeechEngine):
         iterator = _PrefixRestoringIterator(
             self._model, self._generate(job, gpt_cond_latent, speaker_embedding)
         )
-        with self.admitted(job.owner):  # the fair share; the scheduler holds the jobs
-            scheduled = self.scheduler.submit(iterator)
-            async for chunk in scheduled.chunks():
-                yield chunk
+        scheduled = self.scheduler.submit(iterator)
+        async for chunk in scheduled.chunks():
+            yield chunk

@@ -38,7 +38,7 @@ from synthesis.admission import SynthesisRequest, synthesis_admit
 from synthesis.elevenlabs_wire import alignment_seconds, output_format, speed_of
 from synthesis.services import SynthesisResult
 from synthesis.views import audio_response, json_object_body, stream_body_closing
-from tenants.authentication import Principal
+from tenants.authentication import Principal, principal_require_voice
 from tenants.limits import StreamLease
 from usage.recorder import ELEVENLABS_TTS, usage_meter_of
 
@@ -120,6 +120,7 @@ async def _text_to_speech(
     """Timestamps come streamed (JSON lines); ElevenLabs' whole-file JSON form
     (/with-timestamps) is not offered."""
     wanted = _parse(request, voice_id, streaming=streaming)
+    principal_require_voice(principal, wanted.voice_id)
     meter = usage_meter_of(request)
     admission = await synthesis_admit(
         tenant=principal.tenant, request=wanted, meter=meter, lease=wanted.streaming

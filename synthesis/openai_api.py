@@ -30,7 +30,7 @@ from engines import get_engine
 from synthesis.admission import SynthesisRequest, synthesis_admit
 from synthesis.services import SynthesisResult
 from synthesis.views import audio_response, json_object_body, stream_body_closing
-from tenants.authentication import Principal
+from tenants.authentication import Principal, principal_require_voice
 from tenants.limits import StreamLease
 from usage.recorder import AUDIO_SPEECH, usage_meter_of
 
@@ -169,6 +169,7 @@ def _sse(event: dict[str, Any]) -> bytes:
 @async_api_view("POST", usage_endpoint=AUDIO_SPEECH, render_error=openai_error_response)
 async def audio_speech(request: HttpRequest, principal: Principal) -> HttpResponseBase:
     wanted, stream_format = _parse(request)
+    principal_require_voice(principal, wanted.voice_id)  # our voice id, after OpenAI's names are mapped
     text = wanted.text or ""
     meter = usage_meter_of(request)
     admission = await synthesis_admit(

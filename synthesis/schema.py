@@ -365,13 +365,30 @@ AUDIO_DOWNLOAD_OPERATION: dict[str, Any] = {
         {"name": "expires", "in": "query", "required": True, "schema": {"type": "string"}},
         {"name": "signature", "in": "query", "required": True, "schema": {"type": "string"}},
         {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"}},
+        {
+            "name": "Range",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "One byte range (`bytes=0-99`, `bytes=100-`, `bytes=-500`); others get the whole.",
+        },
+        {"name": "If-Range", "in": "header", "required": False, "schema": {"type": "string"}},
     ],
     "responses": {
         "200": {
             "description": "The audio, with ETag, Last-Modified and Cache-Control until the link expires.",
             "content": {media_type: _BINARY for media_type in AUDIO_MEDIA_TYPES.values()},
         },
+        "206": {
+            "description": "Partial content: the bytes `Content-Range` names.",
+            "content": {media_type: _BINARY for media_type in AUDIO_MEDIA_TYPES.values()},
+            "headers": {"Content-Range": {"schema": {"type": "string"}}},
+        },
         "304": {"description": "Not modified (If-None-Match)."},
+        "416": error_response(
+            "range_not_satisfiable: the range starts past the end",
+            headers={"Content-Range": {"schema": {"type": "string"}}},
+        ),
         "403": error_response("invalid_signature, link_expired"),
         "404": error_response("not_found: the audio no longer exists"),
         "503": error_response("database_unavailable", headers={"Retry-After": _INTEGER_HEADER}),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from core.errors import ServiceError
-from engines import BuiltinVoice, SpeechEngine, SpeechJob, get_engine
+from engines import BuiltinVoice, EngineSlot, SpeechEngine, SpeechJob, get_engine
 from engines.text import MAX_RATE, MIN_RATE, OutputBudget, Segment, SsmlLimits, prepare_text
 from synthesis.audio import AudioEncoder, OutputSpec
 from tenants.models import Tenant
@@ -114,8 +114,9 @@ class SynthesisSetup:
     # The tenant, for the engine's fair share (engines know no tenants: an opaque name).
     owner: str = ""
 
-    def plan_segments(self, segments: list[Segment]) -> SynthesisPlan:
+    def plan_segments(self, segments: list[Segment], *, slot: EngineSlot | None = None) -> SynthesisPlan:
         job = SpeechJob(
+            slot=slot,
             segments=segments,
             voice=self.voice.builtin,
             conditioning=self.voice.conditioning,
@@ -132,10 +133,17 @@ class SynthesisSetup:
         )
 
 
-def text_segments(text: str) -> list[Segment]:
-    """A request's text as segments under the configured limits; raises ServiceError."""
+def text_segments(text: str, *, opening: bool = True) -> list[Segment]:
+    """A request's text as segments under the configured limits; raises ServiceError.
+    `opening`: the text starts the audio (a request's, or an utterance's first piece), so
+    its first chunk is kept short (FIRST_CHUNK_WORDS)."""
     limits = SsmlLimits(max_depth=settings.SSML_MAX_DEPTH, max_break_seconds=settings.SSML_MAX_BREAK_SECONDS)
-    return prepare_text(text, max_chars=settings.MAX_TEXT_CHARS, ssml=limits)
+    return prepare_text(
+        text,
+        max_chars=settings.MAX_TEXT_CHARS,
+        ssml=limits,
+        first_chunk_words=settings.FIRST_CHUNK_WORDS if opening else 0,
+    )
 
 
 def output_budget(speed: float) -> OutputBudget:

@@ -5,6 +5,12 @@ decides it (SynthesisPlan.cache_key); a repeat within PHRASE_CACHE_SECONDS is
 answered from storage without running the engine. URLs are S3 presigned GETs
 when the default storage is S3, else links to our own download view signed
 with Django's signing over (object name, expiry).
+
+The download view answers byte ranges (`Range: bytes=0-99` -> 206 Partial Content), as
+browsers' `<audio>` elements and Twilio's fetcher ask for them; S3 does the same for its
+presigned links itself. One range per request: a header naming several, or one that does
+not parse, is ignored and the whole object is sent (RFC 9110 allows both), which every
+client handles.
 """
 
 from __future__ import annotations
@@ -148,6 +154,52 @@ def verify_local_signature(name: str, expires: str, signature: str) -> None:
         raise ServiceError(403, "invalid_signature", "This audio link is not valid.")
     if int(expires) < time.time():
         raise ServiceError(403, "link_expired", "This audio link has expired; ask for a new one.")
+
+
+# `bytes=<first>-<last>`, `bytes=<first>-` or `bytes=-<suffix length>`: one range.
+_BYTE_RANGE = re.compile(r"bytes=([0-9]{0,20})-([0-9]{0,20})", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    start: int
+    end: int  # inclusive, as Content-Range writes it
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+
+class RangeNotSatisfiable(ServiceError):
+    def __init__(self, size: int) -> None:
+        super().__init__(
+            416,
+            "range_not_satisfiable",
+            f"The range starts past the end: this audio is {size} bytes.",
+            headers={"Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes"},
+        )
+
+
+def requested_range(header: str | None, size: int) -> ByteRange | None:
+    """The one byte range a `Range` header asks of an object of `size` bytes; None to send
+    it whole; RangeNotSatisfiable when the range lies wholly past the end."""
+    match = _BYTE_RANGE.fullmatch((header or "").strip().replace(" ", ""))
+    if match is None:
+        return None  # absent, another unit, several ranges, or malformed
+    first, last = match.groups()
+    if not first:
+        if not last:
+            return None
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise RangeNotSatisfiable(size)
+        return ByteRange(max(0, size - suffix), size - 1)
+    start = int(first)
+    if last and int(last) < start:
+        return None  # invalid: ignored
+    if start >= size:
+        raise RangeNotSatisfiable(size)
+    return ByteRange(start, min(int(last), size - 1) if last else size - 1)
 
 
 def _iso(moment: datetime) -> str:

@@ -30,15 +30,17 @@ from synthesis.admission import Admission, native_request, service_error_for, sy
 from synthesis.models import PhraseAudio
 from synthesis.services import SynthesisResult, synthesis_audio
 from synthesis.stored_audio import (
+    RangeNotSatisfiable,
     idempotency_record,
     idempotent_replay,
     request_fingerprint,
+    requested_range,
     stored_audio_body,
     stored_audio_for,
     verify_local_signature,
 )
 from synthesis.stream.stats import stream_stats
-from tenants.authentication import Principal
+from tenants.authentication import Principal, principal_require_voice
 from tenants.limits import StreamLease
 from usage.recorder import SYNTHESIZE, SYNTHESIZE_URL, TWIML_PLAY, usage_meter_of
 
@@ -77,6 +79,7 @@ async def stream_body_closing(
 @async_api_view("POST", usage_endpoint=SYNTHESIZE)
 async def synthesize(request: HttpRequest, principal: Principal) -> HttpResponseBase:
     wanted = native_request(json_object_body(request))
+    principal_require_voice(principal, wanted.voice_id)
     admission = await synthesis_admit(
         tenant=principal.tenant, request=wanted, meter=usage_meter_of(request), lease=wanted.streaming
     )
@@ -170,6 +173,7 @@ async def _stored_audio_answer(request: HttpRequest, principal: Principal, endpo
     """Synthesize-and-store (or find in the phrase cache), honouring an Idempotency-Key."""
     payload = json_object_body(request)
     wanted = native_request(payload)
+    principal_require_voice(principal, wanted.voice_id)
     idempotency_key = request.headers.get("Idempotency-Key", "").strip()
     if not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
         raise ServiceError(
@@ -244,18 +248,34 @@ async def audio_download(request: HttpRequest, name: str) -> HttpResponseBase:
     if phrase is None or not await sync_to_async(default_storage.exists, thread_sensitive=False)(name):
         return error_response(request, 404, "not_found", "This audio no longer exists.")
 
-    def read() -> bytes:
-        with default_storage.open(name, "rb") as handle:
-            return bytes(handle.read())
-
     etag = f'"{phrase.cache_key[:32]}"'
+    size = phrase.size_bytes
+    response: HttpResponseBase
     if request.headers.get("If-None-Match") == etag:
         response = HttpResponse(status=304)
     else:
+        # If-Range: the range only if the client's copy is still this one (it always is:
+        # the name is the content's hash), else the whole.
+        if_range = request.headers.get("If-Range")
+        range_header = request.headers.get("Range") if if_range in (None, etag) else None
+        try:
+            wanted = requested_range(range_header, size)
+        except RangeNotSatisfiable as exc:
+            return service_error_response(request, exc)
+        start, length = (0, size) if wanted is None else (wanted.start, wanted.length)
+
+        def read() -> bytes:
+            with default_storage.open(name, "rb") as handle:
+                handle.seek(start)
+                return bytes(handle.read(length))
+
         head = request.META.get("REQUEST_METHOD") == "HEAD"
         body = b"" if head else await sync_to_async(read, thread_sensitive=False)()
-        response = HttpResponse(body, content_type=phrase.content_type)
-        response["Content-Length"] = str(phrase.size_bytes)
+        response = HttpResponse(body, content_type=phrase.content_type, status=200 if wanted is None else 206)
+        response["Content-Length"] = str(length)
+        if wanted is not None:
+            response["Content-Range"] = f"bytes {wanted.start}-{wanted.end}/{size}"
+    response["Accept-Ranges"] = "bytes"
     remaining = max(0, int(request.GET["expires"]) - int(time.time()))
     response["ETag"] = etag
     response["Last-Modified"] = http_date(phrase.created_at.timestamp())

@@ -32,6 +32,7 @@ from tenants.services import (
     tenant_access_changed,
     tenant_set_active,
 )
+from tenants.tokens import normalise_origin
 
 GRACE_CHOICES = [
     (0, "immediately"),
@@ -60,6 +61,20 @@ class TenantForm(forms.ModelForm[Tenant]):
         required=False,
         help_text="What this tenant's keys may do besides synthesis.",
     )
+    # Stored as a JSON list (Tenant.allowed_origins); edited as one origin per line.
+    allowed_origins = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+        required=False,
+        label="Allowed browser origins",
+        help_text="One per line, e.g. https://app.example.com. Pages on these origins may call the API "
+        "with this tenant's key or client tokens; none by default.",
+    )
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        origins = self.initial.get("allowed_origins")
+        if isinstance(origins, list):
+            self.initial["allowed_origins"] = "\n".join(origins)
 
     class Meta:
         model = Tenant
@@ -71,7 +86,22 @@ class TenantForm(forms.ModelForm[Tenant]):
             "rate_limit_hour",
             "max_concurrent_streams",
             "permissions",
+            "allowed_origins",
         ]
+
+    def clean_allowed_origins(self) -> list[str]:
+        origins: list[str] = []
+        for line in str(self.cleaned_data["allowed_origins"] or "").splitlines():
+            if not line.strip():
+                continue
+            origin = normalise_origin(line)
+            if origin is None:
+                raise forms.ValidationError(
+                    f"{line.strip()!r} is not a browser origin: scheme and host only, e.g. https://app.example.com."
+                )
+            if origin not in origins:
+                origins.append(origin)
+        return origins
 
     def clean_permissions(self) -> list[str]:
         chosen = set(self.cleaned_data["permissions"])

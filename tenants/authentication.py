@@ -7,6 +7,13 @@ Every failure is a 401 with `WWW-Authenticate: Bearer` and a stable code:
     expired_api_key   past its expires_at (e.g. the old key after a rotation)
     revoked_api_key   revoked
     tenant_inactive   the tenant behind the key is deactivated
+    invalid_token     a client token (tenants.tokens) that is malformed or not signed by us
+    token_expired     a client token past its expiry
+
+A client token stands for its issuing key: it authenticates as that key's tenant, by the
+key's own rule, and is then held to its scope (403, `token_scope`). Every credential used
+from a browser must come from an origin the tenant allows (403, `origin_not_allowed`,
+tenants.origins).
 """
 
 from __future__ import annotations
@@ -29,8 +36,9 @@ from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 
 from core.errors import ServiceError
-from tenants import keys
+from tenants import keys, tokens
 from tenants.models import ApiKey, Tenant
+from tenants.origins import origin_allowed
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +60,16 @@ class ApiKeyError(ServiceError, exceptions.AuthenticationFailed):
 class Principal:
     tenant: Tenant
     api_key: ApiKey
+    token: tokens.ClientToken | None = None  # set when a client token, not the key itself, was sent
+
+
+@dataclass(frozen=True)
+class _Credential:
+    """A presented key or client token, parsed (no database yet)."""
+
+    prefix: str
+    secret: str | None  # None for a client token: its signature was the proof
+    claims: tokens.ClientToken | None
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -63,19 +81,27 @@ def bearer_token(authorization: str | None) -> str:
     return token.strip()
 
 
-def _parse(token: str) -> keys.ParsedKey:
+def _parse(token: str) -> _Credential:
+    if tokens.is_client_token(token):
+        try:
+            claims = tokens.read(token)
+        except tokens.TokenRejected as exc:
+            raise ApiKeyError(exc.code, exc.message) from None
+        return _Credential(prefix=claims.key_prefix, secret=None, claims=claims)
     parsed = keys.parse_key(token)
     if parsed is None:
         raise ApiKeyError("invalid_api_key", "The API key is not valid.")
-    return parsed
+    return _Credential(prefix=parsed.prefix, secret=parsed.secret, claims=None)
 
 
-def _verify(api_key: ApiKey | None, parsed: keys.ParsedKey) -> Principal:
-    if api_key is None or not keys.secret_matches(parsed.secret, api_key.secret_hash):
+def _verify(api_key: ApiKey | None, credential: _Credential) -> Principal:
+    if api_key is None:
+        raise ApiKeyError("invalid_api_key", "The API key is not valid.")
+    if credential.secret is not None and not keys.secret_matches(credential.secret, api_key.secret_hash):
         raise ApiKeyError("invalid_api_key", "The API key is not valid.")
     if (refusal := api_key.refusal()) is not None:
         raise ApiKeyError(refusal.code, refusal.message)
-    return Principal(tenant=api_key.tenant, api_key=api_key)
+    return Principal(tenant=api_key.tenant, api_key=api_key, token=credential.claims)
 
 
 def _last_used_is_stale(api_key: ApiKey) -> bool:
@@ -134,6 +160,8 @@ class _PrincipalCache:
 def _unexpired(principal: Principal) -> Principal:
     if principal.api_key.is_expired():
         raise ApiKeyError("expired_api_key", "This API key has expired; use the tenant's current key.")
+    if principal.token is not None and principal.token.is_expired():
+        raise ApiKeyError("token_expired", "This client token has expired; ask your server for a new one.")
     return principal
 
 
@@ -142,7 +170,7 @@ principal_cache = _PrincipalCache()
 
 def _database_unavailable(token: str, exc: DatabaseError) -> Principal:
     if stale := principal_cache.get_stale(token):
-        logger.warning("Database unavailable; trusting an earlier verification of key %s.", token[:12])
+        logger.warning("Database unavailable; trusting an earlier verification of key %s.", stale.api_key)
         return stale
     raise ServiceError(
         503,
@@ -155,10 +183,10 @@ def _database_unavailable(token: str, exc: DatabaseError) -> Principal:
 def authenticate_token(token: str) -> Principal:
     if cached := principal_cache.get(token):
         return cached
-    parsed = _parse(token)
+    credential = _parse(token)
     try:
-        api_key = ApiKey.objects.select_related("tenant").filter(prefix=parsed.prefix).first()
-        principal = _verify(api_key, parsed)
+        api_key = ApiKey.objects.select_related("tenant").filter(prefix=credential.prefix).first()
+        principal = _verify(api_key, credential)
         if _last_used_is_stale(principal.api_key):
             ApiKey.objects.filter(pk=principal.api_key.pk).update(last_used_at=timezone.now())
     except DatabaseError as exc:
@@ -170,10 +198,10 @@ def authenticate_token(token: str) -> Principal:
 async def aauthenticate_token(token: str) -> Principal:
     if cached := principal_cache.get(token):
         return cached
-    parsed = _parse(token)
+    credential = _parse(token)
     try:
-        api_key = await ApiKey.objects.select_related("tenant").filter(prefix=parsed.prefix).afirst()
-        principal = _verify(api_key, parsed)
+        api_key = await ApiKey.objects.select_related("tenant").filter(prefix=credential.prefix).afirst()
+        principal = _verify(api_key, credential)
         if _last_used_is_stale(principal.api_key):
             await ApiKey.objects.filter(pk=principal.api_key.pk).aupdate(last_used_at=timezone.now())
     except DatabaseError as exc:
@@ -182,11 +210,58 @@ async def aauthenticate_token(token: str) -> Principal:
     return principal
 
 
+def token_scope_error(message: str) -> ServiceError:
+    return ServiceError(403, "token_scope", message)
+
+
+def principal_authorize(
+    principal: Principal, *, route: str | None, origin: str | None, host: str | None
+) -> None:
+    """May this principal call `route` from this browser origin? 403 if not.
+
+    `origin` is the request's Origin header (None from a server-side client), `host` its
+    Host header (a page of this service itself is always allowed)."""
+    token = principal.token
+    if token is not None and not token.allows_route(route):
+        raise token_scope_error(
+            f"This client token may call only {', '.join(sorted(token.routes))}; not {route or 'this route'}."
+        )
+    if not origin_allowed(principal.tenant, token, origin, host):
+        raise ServiceError(
+            403,
+            "origin_not_allowed",
+            f"Requests from {origin} are not allowed for this tenant; add the origin to its allowed origins.",
+        )
+
+
+def principal_require_voice(principal: Principal, voice_id: str | None) -> None:
+    """A client token scoped to voices speaks only with those (and must name one)."""
+    token = principal.token
+    if token is not None and not token.allows_voice(voice_id):
+        assert token.voices is not None
+        raise token_scope_error(
+            f"This client token may use only the voices {', '.join(sorted(token.voices))}; "
+            f"not {voice_id or 'the default voice'}."
+        )
+
+
+def _authorize_http(request: HttpRequest, principal: Principal) -> None:
+    match = request.resolver_match
+    principal_authorize(
+        principal,
+        route=match.url_name if match is not None else None,
+        origin=request.headers.get("Origin"),
+        host=request.headers.get("Host"),
+    )
+
+
 async def aauthenticate_request(request: HttpRequest) -> Principal:
     """For plain async views; attaches the tenant to the request like the DRF class does."""
     principal = await aauthenticate_token(bearer_token(request.headers.get("Authorization")))
     request.tenant = principal.tenant  # type: ignore[attr-defined]
+    request.principal = principal  # type: ignore[attr-defined]
     sentry_sdk.set_tag("tenant_id", str(principal.tenant.id))
+    _authorize_http(request, principal)
     return principal
 
 
@@ -204,7 +279,9 @@ class ApiKeyAuthentication(BaseAuthentication):
     def authenticate(self, request: Request) -> tuple[Tenant, ApiKey]:
         principal = authenticate_token(bearer_token(request.headers.get("Authorization")))
         request._request.tenant = principal.tenant  # type: ignore[attr-defined]
+        request._request.principal = principal  # type: ignore[attr-defined]
         sentry_sdk.set_tag("tenant_id", str(principal.tenant.id))
+        _authorize_http(request._request, principal)
         return principal.tenant, principal.api_key
 
     def authenticate_header(self, request: Request) -> str:

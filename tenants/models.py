@@ -19,6 +19,10 @@ def _no_permissions() -> list[str]:
     return []
 
 
+def _no_origins() -> list[str]:
+    return []
+
+
 def usable_keys_q(at: datetime, via: str = "") -> Q:
     """Keys that are neither revoked nor expired at `at` (whatever their tenant's state);
     `via` is the lookup path from another model, e.g. "api_keys__" from Tenant."""
@@ -53,6 +57,11 @@ class Tenant(models.Model):
     rate_limit_hour = models.PositiveIntegerField(default=1000, help_text="Requests per hour.")
     max_concurrent_streams = models.PositiveIntegerField(default=4)
     permissions = models.JSONField(default=_no_permissions, blank=True, help_text='e.g. ["upload"]')
+    # Browser origins (`https://app.example.com`) whose pages may call the API with this
+    # tenant's key or client tokens (tenants.origins); none by default.
+    allowed_origins = models.JSONField(
+        default=_no_origins, blank=True, help_text='e.g. ["https://app.example.com"]'
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     # DRF's IsAuthenticated asks the principal on the request; a tenant that an

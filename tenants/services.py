@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from tenants import keys
 from tenants.models import ApiKey, Permission, Tenant
+from tenants.tokens import normalise_origin
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +62,16 @@ def tenant_create(
     rate_limit_hour: int | None = None,
     max_concurrent_streams: int | None = None,
     permissions: Iterable[str] = (),
+    allowed_origins: Iterable[str] = (),
 ) -> tuple[Tenant, IssuedKey]:
     unknown = sorted(set(permissions) - set(Permission.values))
     if unknown:
         raise ValueError(
             f"Unknown permission(s): {', '.join(unknown)}. Known: {', '.join(Permission.values)}."
         )
+    origins = {origin: normalise_origin(origin) for origin in allowed_origins}
+    if bad := sorted(origin for origin, normalised in origins.items() if normalised is None):
+        raise ValueError(f"Not browser origins (scheme://host[:port]): {', '.join(bad)}.")
     limits = {
         "quota_minutes": quota_minutes,
         "rate_limit_minute": rate_limit_minute,
@@ -77,6 +82,7 @@ def tenant_create(
         tenant = Tenant.objects.create(
             name=name,
             permissions=sorted(set(permissions)),
+            allowed_origins=sorted({origin for origin in origins.values() if origin is not None}),
             **{field: value for field, value in limits.items() if value is not None},
         )
         issued = api_key_issue(tenant=tenant, name="initial")

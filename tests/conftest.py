@@ -95,6 +95,8 @@ def service_env(test_database_url: str, tmp_path_factory: pytest.TempPathFactory
                 "TTS_ENGINE": "piper",
                 "PIPER_NOISE_SCALE": "0",
                 "PIPER_NOISE_W_SCALE": "0",
+                # Not by the loaded machine's speed (tests/settings.py); admission tests set it.
+                "ENGINE_REALTIME_HEADROOM": "1000",
                 **overrides,
             }
         )
@@ -115,8 +117,10 @@ def redis_server() -> Iterator[RedisServer]:
 
 # A whole API key (`cwt_<prefix>_<secret>`; the prefix alone is not secret) or the value of a
 # signature in a query string (signed audio links, S3's presigned ones), not redacted.
+# A client token (`cwtc_<signed payload>`, tenants.tokens) is a credential as well.
 _SECRET_IN_LOG = re.compile(
-    r"cwt_[a-z0-9]{8}_[A-Za-z0-9_-]{16,}|(?i:\b(?:signature|x-amz-signature|sig)=(?!REDACTED)[^&\s\"']+)"
+    r"cwt_[a-z0-9]{8}_[A-Za-z0-9_-]{16,}|cwtc_[A-Za-z0-9_.:-]{16,}"
+    r"|(?i:\b(?:signature|x-amz-signature|sig)=(?!REDACTED)[^&\s\"']+)"
 )
 
 

@@ -51,12 +51,19 @@ from synthesis.stream.protocol import (
     CLOSE_STREAM_LIMIT,
     CLOSE_UNAUTHORIZED,
     ProtocolError,
+    header,
     parse_message,
 )
 from synthesis.stream.stats import stream_stats
 from synthesis.stream.twilio import TwilioFramer
 from synthesis.stream.utterance import Utterance
-from tenants.authentication import ApiKeyError, Principal, aauthenticate_token
+from tenants.authentication import (
+    ApiKeyError,
+    Principal,
+    aauthenticate_token,
+    principal_authorize,
+    principal_require_voice,
+)
 from tenants.limits import StreamLease, stream_lease_acquire
 from tenants.services import tenant_access_group
 from usage.recorder import CANCELLED, CLIENT_DISCONNECTED, UsageMeter
@@ -198,11 +205,27 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
         `aauthenticate_token` takes), then one of the tenant's stream leases."""
         try:
             principal = await aauthenticate_token(key)
+            # A client token's routes (every streaming socket is the `stream` route), and a
+            # browser's Origin against the tenant's list.
+            principal_authorize(
+                principal,
+                route="stream",
+                origin=header(self.scope, b"origin"),
+                host=header(self.scope, b"host"),
+            )
         except ApiKeyError as exc:
             await self.refuse(CLOSE_UNAUTHORIZED, exc.code, exc.message, status=exc.status_code)
             return
-        except ServiceError as exc:  # the database is away and the key was never seen
-            await self.refuse(CLOSE_SERVER_ERROR, exc.code, exc.message, status=exc.status_code)
+        except ServiceError as exc:
+            # 403: outside a token's scope, or an origin the tenant does not allow (4003);
+            # else the database is away and the key was never seen.
+            forbidden = exc.status_code == 403
+            await self.refuse(
+                CLOSE_ACCESS_REVOKED if forbidden else CLOSE_SERVER_ERROR,
+                exc.code,
+                exc.message,
+                status=exc.status_code,
+            )
             return
         try:
             lease = await stream_lease_acquire(principal.tenant)
@@ -350,7 +373,9 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
         framer = None
         try:
             framer = twilio() if twilio is not None else None
-            admission = await synthesis_admit(tenant=tenant, request=wanted(), meter=meter, rate_limit=True)
+            request = wanted()
+            principal_require_voice(self.principal, request.voice_id)
+            admission = await synthesis_admit(tenant=tenant, request=request, meter=meter, rate_limit=True)
         except Exception as exc:
             self._start_refused(meter, context_id, service_error_for(exc, request_id=meter.request_id))
         if format_label is not None:

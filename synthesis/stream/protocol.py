@@ -139,4 +139,6 @@ def header(scope: dict[str, Any], name: bytes) -> str | None:
 
 def key_in_query_string(query_string: bytes) -> bool:
     lowered = query_string.lower()
-    return any(marker in lowered for marker in (b"api_key", b"apikey", b"token", b"authorization", b"cwt_"))
+    return any(
+        marker in lowered for marker in (b"api_key", b"apikey", b"token", b"authorization", b"cwt_", b"cwtc_")
+    )

@@ -18,6 +18,7 @@ from typing import Protocol
 from django.conf import settings
 
 from core.errors import ServiceError
+from engines import EngineSlot
 from engines.alignment import (
     CharTimeline,
     CharTimings,
@@ -82,6 +83,10 @@ class Utterance:
         # Each piece: its text (for character timings) and its segments.
         self.pieces: asyncio.Queue[tuple[str, list[Segment]] | None] = asyncio.Queue()
         self.started_audio = False  # the owner's: whether it has announced this audio
+        self.opened = False  # a piece has been segmented (only the first gets a quick opening)
+        # The utterance's hold on the engine, from its first piece to its end: its pieces
+        # are one stream to keep real-time, admitted once (engines/capacity.py).
+        self.slot: EngineSlot | None = None
         self.eager = eager
         self.queued = 0  # pieces of text queued for the engine so far
         self.timeline = (
@@ -126,7 +131,7 @@ class Utterance:
         if not piece.strip():
             return
         try:
-            segments = text_segments(piece)
+            segments = text_segments(piece, opening=not self.opened)
             self.budget.spend(segments)
             if (reservation := self.meter.quota_reservation) is not None:
                 reservation.grow(quota_estimate(segments, self.setup.speed))
@@ -134,6 +139,7 @@ class Utterance:
             if exc.code == "empty_text":  # a piece of only punctuation or markup
                 return
             raise ProtocolError(exc.code, exc.message, self.context_id, abort=True) from exc
+        self.opened = True
         self.queued += 1
         self.pieces.put_nowait((piece, segments))
 
@@ -153,7 +159,9 @@ class Utterance:
             while (piece := await self.pieces.get()) is not None:
                 spoken = True
                 text, segments = piece
-                plan = self.setup.plan_segments(segments)
+                if self.slot is None:
+                    self.slot = await self.setup.engine.reserve(self.setup.owner)
+                plan = self.setup.plan_segments(segments, slot=self.slot)
                 if self.timeline is not None:
                     self.timeline.begin(text, self.sent_until_s)
                 # The same engine -> encoder loop as HTTP; one encoder for the whole utterance.
@@ -178,9 +186,18 @@ class Utterance:
             # Whatever failed (text, engine, encoder, the transport), the utterance ends
             # here with its error event and usage row; the connection stays.
             error = service_error_for(exc, request_id=self.request_id)
+            self._release_slot()
             await self.owner.utterance_failed(self, error.status_code, error.code, error.message)
         else:
+            self._release_slot()
             await self.owner.utterance_finished(self)
+        finally:
+            self._release_slot()  # cancelled (stop): the slot goes back all the same
+
+    def _release_slot(self) -> None:
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
 
     async def _send_audio(
         self, data: bytes, timings: CharTimings | None = None, *, final: bool = False

@@ -260,3 +260,27 @@ def test_the_tenant_page_shows_audio_used_per_month(admin_client: Client, tenant
     QuotaUsage.objects.create(tenant=tenant, month=date(2026, 11, 1), audio_seconds=754.5)
     page = admin_client.get(f"/admin/tenants/tenant/{tenant.pk}/change/").content.decode()
     assert "754.5" in page
+
+
+def test_allowed_origins_are_edited_one_per_line_and_stored_normalised(
+    admin_client: Client, tenant_and_key
+) -> None:
+    tenant, _issued = tenant_and_key
+    assert tenant.allowed_origins == []  # none by default
+    url = f"/admin/tenants/tenant/{tenant.pk}/change/"
+    form = {**add_form("acme"), "api_keys-TOTAL_FORMS": "1", "api_keys-INITIAL_FORMS": "1"}
+    form["api_keys-0-id"] = str(tenant.api_keys.get().pk)
+    form["api_keys-0-tenant"] = str(tenant.pk)
+    form["allowed_origins"] = "HTTPS://App.Example.com:443/\n\nhttp://localhost:5173\nhttps://app.example.com"
+    assert admin_client.post(url, form).status_code == 302
+    tenant.refresh_from_db()
+    assert tenant.allowed_origins == ["https://app.example.com", "http://localhost:5173"]
+    page = admin_client.get(url).content.decode()
+    assert "https://app.example.com\nhttp://localhost:5173</textarea>" in page
+
+    form["allowed_origins"] = "https://app.example.com/some/path"
+    response = admin_client.post(url, form)
+    assert response.status_code == 200
+    assert "is not a browser origin" in response.content.decode()
+    tenant.refresh_from_db()
+    assert tenant.allowed_origins == ["https://app.example.com", "http://localhost:5173"]

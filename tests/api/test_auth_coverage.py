@@ -8,6 +8,7 @@ without a key.
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -18,7 +19,7 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils import timezone
 
 from callwaiting_tts.urls import OWN_CREDENTIAL_URL_NAMES, PUBLIC_URL_NAMES
-from tenants import keys
+from tenants import keys, tokens
 from tenants.models import Tenant
 from tenants.services import api_key_issue, api_key_revoke
 from tests.support.tenants import TenantFactory
@@ -78,6 +79,11 @@ def bad_authorization_headers(make_tenant: TenantFactory) -> dict[str, str | Non
     inactive_tenant, inactive_key = make_tenant("inactive-tenant")
     Tenant.objects.filter(pk=inactive_tenant.pk).update(is_active=False)
     _tenant, valid = make_tenant("valid-tenant")
+    # Client tokens allowed every route they can be, yet not good: expired, of a revoked key, altered.
+    every_route = tokens.TokenRequest(ttl_seconds=60, routes=tokens.TOKEN_ROUTES, voices=None, origins=None)
+    expired_token, _ = tokens.mint(valid.api_key.prefix, every_route, now=time.time() - 120)
+    revoked_token, _ = tokens.mint(revoked.api_key.prefix, every_route)
+    good_token, _ = tokens.mint(valid.api_key.prefix, every_route)
     return {
         "missing": None,
         "wrong scheme": f"Token {valid.plaintext}",
@@ -88,6 +94,9 @@ def bad_authorization_headers(make_tenant: TenantFactory) -> dict[str, str | Non
         "expired": f"Bearer {expired.plaintext}",
         "revoked": f"Bearer {revoked.plaintext}",
         "inactive tenant": f"Bearer {inactive_key.plaintext}",
+        "expired client token": f"Bearer {expired_token}",
+        "client token of a revoked key": f"Bearer {revoked_token}",
+        "altered client token": f"Bearer {good_token[:-4]}AAAA",
     }
 
 

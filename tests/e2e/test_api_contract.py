@@ -30,6 +30,7 @@ ROUTES: dict[str, tuple[str, frozenset[str], bool]] = {
     "docs": ("/v1/docs", frozenset({"GET"}), False),
     "audio-download": ("/v1/audio/tenants/x/phrases/y.wav", frozenset({"GET"}), False),
     "tenant-detail": ("/v1/tenant", frozenset({"GET"}), True),
+    "tokens": ("/v1/tokens", frozenset({"POST"}), True),
     "usage": ("/v1/usage", frozenset({"GET"}), True),
     "voice-list": ("/v1/voices", frozenset({"GET"}), True),
     "synthesize": ("/v1/synthesize", frozenset({"POST"}), True),

@@ -48,6 +48,7 @@ BEYOND_THE_SCHEMA: dict[str, set[str]] = {
     "POST /v1/twiml/play": _TEXT_CODES,
     "POST /v1/audio/speech": _TEXT_CODES,
     "GET /v1/usage": {"invalid_request"},  # `to` not after `from`, or over 400 days after it
+    "POST /v1/tokens": {"invalid_request"},  # `origins` must be among the tenant's allowed origins
     "POST /v1/voices/upload": {"invalid_audio", "audio_too_short", "audio_too_long", "cloning_not_supported"},
 }
 

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from engines.capacity import QueuePolicy
 from engines.xtts import XttsEngine
 
 
@@ -18,6 +19,8 @@ def loaded_tiny_xtts(checkpoint: Path, **options: Any) -> Iterator[XttsEngine]:
         "stream_chunk_size": 4,
         "max_audio_tokens": 12,
         "deterministic": True,
+        # Concurrency tests of the engine itself: admission by measured capacity must not bind.
+        "queue_policy": QueuePolicy(headroom=1000.0),
     }
     engine = XttsEngine(checkpoint_dir=str(checkpoint), **{**settings, **options})
     engine.load()

@@ -132,3 +132,14 @@ async def test_piper_reports_each_sentences_words_as_it_yields_the_sentence() ->
         assert edges == sorted(edges)
         assert edges[0] > 0.0
         assert edges[-1] <= 1.0
+
+
+def test_a_quick_first_chunk_takes_as_many_words_as_the_engine_spoke_and_the_next_the_rest() -> None:
+    timeline = CharTimeline(whole_pieces=True)
+    timeline.begin("Thanks for calling Acme Dental, this is Ava. ", 0.0)
+    opening = timeline.advance(1.0, [(0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0)])
+    rest = timeline.advance(2.0, [(0.0, 0.3), (0.3, 0.6), (0.6, 1.0)])
+    assert "".join(opening.chars) == "Thanks for calling Acme Dental, "
+    assert "".join(rest.chars) == "this is Ava. "
+    assert rest.starts_ms[0] == 1000
+    assert not timeline.finish(2.0)

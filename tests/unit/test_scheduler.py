@@ -1,15 +1,17 @@
-"""The XTTS chunk scheduler with plain iterators in place of the model: its pick policy
-(on a stopped scheduler, state set by hand) and its worker thread (real thread, real loop)."""
+"""The engines' chunk scheduler with plain iterators in place of a model: its pick policy
+(on a stopped scheduler, state set by hand) and its worker threads (real threads, real loop)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from engines.base import EngineFailure, EngineOverloaded
+from engines.capacity import ThroughputMeter
 from engines.scheduler import ChunkScheduler, ScheduledJob
 from tests.support.waiting import async_wait_until
 
@@ -33,31 +35,47 @@ def stopped() -> Iterator[ChunkScheduler]:
 
 
 def job(
-    scheduler: ChunkScheduler, *, started: bool = False, served: int = -1, buffered: int = 0
+    scheduler: ChunkScheduler,
+    *,
+    started_at: float | None = None,
+    audio: float = 0.0,
+    buffered: int = 0,
 ) -> ScheduledJob:
+    """A job; `started_at`: when its first chunk was delivered (None: not yet), `audio`:
+    the seconds of audio delivered since."""
     made = ScheduledJob(scheduler, iter(()), IDLE_LOOP)
-    made.started, made.last_served, made.buffered = started, served, buffered
+    made.started = started_at is not None
+    made.first_delivery, made.audio_delivered, made.buffered = started_at, audio, buffered
     scheduler._jobs.append(made)
     return made
 
 
 def test_a_request_waiting_for_its_first_chunk_goes_before_running_ones(stopped: ChunkScheduler) -> None:
-    job(stopped, started=True, served=1)
+    job(stopped, started_at=100.0, audio=0.1)  # about to run dry, but it has started
     first_fresh = job(stopped)
     job(stopped)
     assert stopped._pick() is first_fresh  # fresh ones first, in order of arrival
 
 
-def test_running_requests_take_turns_least_recently_served_first(stopped: ChunkScheduler) -> None:
-    job(stopped, started=True, served=7)
-    waited_longest = job(stopped, started=True, served=3)
-    job(stopped, started=True, served=5)
-    assert stopped._pick() is waited_longest
+def test_the_stream_that_would_run_dry_first_goes_next(stopped: ChunkScheduler) -> None:
+    job(stopped, started_at=100.0, audio=9.0)  # plays until 109
+    nearest = job(stopped, started_at=104.0, audio=2.5)  # until 106.5: it goes first
+    job(stopped, started_at=102.0, audio=6.0)  # until 108
+    assert stopped._pick() is nearest
+    nearest.audio_delivered += 3.0  # now until 109.5: the one that plays until 108 is next
+    assert stopped._pick() is stopped._jobs[2]
+
+
+def test_a_request_being_advanced_by_another_worker_is_not_picked(stopped: ChunkScheduler) -> None:
+    busy = job(stopped)
+    other = job(stopped, started_at=100.0, audio=1.0)
+    busy.running = True
+    assert stopped._pick() is other
 
 
 def test_a_request_whose_reader_is_behind_is_skipped(stopped: ChunkScheduler) -> None:
     job(stopped, buffered=2)  # fresh, but its reader has max_buffered chunks unread
-    running = job(stopped, started=True, served=9, buffered=1)
+    running = job(stopped, started_at=100.0, audio=1.0, buffered=1)
     assert stopped._pick() is running
     running.buffered = 2
     assert stopped._pick() is None  # nothing runnable: the worker waits
@@ -121,3 +139,54 @@ async def test_past_max_jobs_a_request_is_refused_with_a_retry_hint() -> None:
         for scheduled in held:
             scheduled.cancel()
         scheduler.stop()
+
+
+async def test_several_workers_advance_different_requests_at_once() -> None:
+    """Two workers: two requests' steps overlap (each waits for the other to be inside
+    its step); one request's steps never overlap (its iterator is not shared)."""
+    scheduler = ChunkScheduler("test", max_jobs=4, max_buffered=4, workers=2, duration_of=float)
+    both_inside = threading.Barrier(2, timeout=30)
+    inside: set[str] = set()
+    overlap_of_one_request: list[str] = []
+
+    def request(name: str) -> Iterator[float]:
+        for step in range(3):
+            if name in inside:
+                overlap_of_one_request.append(name)
+            inside.add(name)
+            if step == 0:
+                both_inside.wait()  # raises BrokenBarrierError unless the other is inside too
+            inside.discard(name)
+            yield 0.5
+
+    try:
+        a, b = scheduler.submit(request("a")), scheduler.submit(request("b"))
+
+        async def read(scheduled: ScheduledJob) -> list[float]:
+            return [chunk async for chunk in scheduled.chunks()]
+
+        results = await asyncio.wait_for(asyncio.gather(read(a), read(b)), 30)
+        assert list(results) == [[0.5] * 3, [0.5] * 3]
+        assert overlap_of_one_request == []
+        assert a.audio_delivered == b.audio_delivered == 1.5
+    finally:
+        scheduler.stop()
+
+
+async def test_each_step_is_measured_for_the_engines_capacity() -> None:
+    meter = ThroughputMeter(parallelism=1)
+    scheduler = ChunkScheduler("test", max_jobs=2, duration_of=float, meter=meter)
+
+    def slow_chunks() -> Iterator[float]:
+        for _ in range(3):
+            time.sleep(0.01)  # about 10 ms of "compute" for each 1 s of "audio"
+            yield 1.0
+
+    try:
+        scheduled = scheduler.submit(slow_chunks())
+        assert [chunk async for chunk in scheduled.chunks()] == [1.0, 1.0, 1.0]
+    finally:
+        scheduler.stop()
+    capacity = meter.audio_seconds_per_second
+    assert capacity is not None
+    assert 0 < capacity <= 100  # never faster than the sleep allows, whatever the machine's load

@@ -241,3 +241,53 @@ def test_a_text_whose_estimate_is_over_the_limit_is_refused() -> None:
         budget(speed=0.25).spend(segments)  # about 640 s
     assert (raised.value.status_code, raised.value.code) == (400, "audio_too_long")
     assert raised.value.details == {"limit": 600}
+
+
+def test_the_first_chunk_is_the_first_few_words_marked_to_join_the_rest() -> None:
+    segments = prepare_text(
+        "I can see your file here and your last cleaning was in March. See you soon.",
+        max_chars=500,
+        first_chunk_words=5,
+    )
+    assert segments[:2] == [
+        Speech("I can see your file", continues=True),
+        Speech("here and your last cleaning was in March."),
+    ]
+    assert segments[2:] == [Speech("See you soon.")]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I can see your file here, and your last cleaning was in March.",  # six: not worth it
+        "Yes, of course.",
+        "One two three four five six seven.",  # two words would be left: not worth a cut
+    ],
+)
+def test_a_first_clause_hardly_longer_than_the_first_chunk_is_not_cut(text: str) -> None:
+    segments = prepare_text(text, max_chars=500, first_chunk_words=5)
+    assert not any(isinstance(segment, Speech) and segment.continues for segment in segments)
+
+
+def test_a_first_clause_of_the_first_chunks_length_is_cut_where_it_ends() -> None:
+    text = "Thanks for calling Acme Dental, this is Ava."
+    segments = prepare_text(text, max_chars=500, first_chunk_words=5)
+    assert segments == [Speech("Thanks for calling Acme Dental,", continues=True), Speech("this is Ava.")]
+
+
+def test_the_quick_opening_is_the_first_speech_after_a_leading_break_and_keeps_its_rate() -> None:
+    ssml = (
+        '<speak><break time="300ms"/>'
+        '<prosody rate="slow">One two three four five six seven eight nine.</prosody></speak>'
+    )
+    segments = prepare_text(ssml, max_chars=500, first_chunk_words=4)
+    assert segments == [
+        Pause(0.3),
+        Speech("One two three four", 0.75, continues=True),
+        Speech("five six seven eight nine.", 0.75),
+    ]
+
+
+def test_without_first_chunk_words_the_first_clause_is_the_first_chunk() -> None:
+    segments = prepare_text("I can see your file here and your last cleaning was in March.", max_chars=500)
+    assert segments == [Speech("I can see your file here and your last cleaning was in March.")]

@@ -1,0 +1,295 @@
+"""Admission by real-time capacity: an engine takes on a stream only if it can keep every
+stream it holds real-time.
+
+A live stream needs one second of audio per second of playback; an engine makes some
+number of audio seconds per second of its workers' time. So:
+
+- **Capacity** (`ThroughputMeter`): audio seconds the engine makes per wall second with
+  all its workers busy, measured from the engine's own steps (each step's audio over its
+  wall time, times the number of steps that run at once), as a decaying average that
+  follows the load: under contention steps take longer and the estimate falls with them.
+- **Demand**: the slots held. A slot is one HTTP synthesis or one WebSocket utterance,
+  from admission until its last chunk is made (an utterance holds its slot between pieces
+  of text, which arrive as an LLM writes them: it will need real time when they come).
+- **Admission** (`RealtimeAdmission`): a new slot is granted now if demand + 1 stays
+  within capacity times `headroom` (and under the hard `max_active` and the owner's fair
+  share). Otherwise it waits in a short FIFO queue, bounded in length and in time, and is
+  granted when slots end: its first audio is later, but once started it never stutters.
+  A request whose expected wait is past the queue's time bound is refused at once
+  (`EngineOverloaded`, 503) with a Retry-After from that expected wait, as is one that
+  waited the whole bound, and one from an owner already at its share (a full engine
+  answers 503 first, whoever asks). The expected wait comes from the slots held: their age against
+  the measured mean slot lifetime says when each will end.
+
+Until the meter has seen a step the engine is assumed to keep up (only `max_active`
+binds), and an idle engine always takes one stream, however slow it measures.
+
+Thread-safety: steps are observed on worker threads; slots are taken and released on
+event loops (the server's, and a warm-up's own). One lock guards the state; a waiter is
+woken on its own loop with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+
+from engines.errors import EngineOverloaded, EngineShareExceeded
+
+# Steps that made audio without computing it (silence for an SSML break) say nothing of
+# the engine's speed.
+MIN_MEASURED_STEP_SECONDS = 0.001
+# Before any slot has ended: a guess of how long one lives (an utterance of a few seconds).
+DEFAULT_SLOT_SECONDS = 5.0
+MAX_RETRY_AFTER_SECONDS = 120
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """How close to its measured capacity an engine admits, and how long a request may wait."""
+
+    headroom: float = 0.9  # admit up to this share of the measured capacity
+    queue_max: int = 16  # requests waiting at most
+    queue_seconds: float = 2.0  # the longest a request waits before 503
+
+
+class ThroughputMeter:
+    """Audio seconds per second the engine makes, from its steps.
+
+    `parallelism` steps run at once (worker threads, or requests in a batch). Each step
+    reports its wall time and the audio it made; their decayed sums give the wall time one
+    audio second costs one worker, under whatever contention there is now."""
+
+    def __init__(self, parallelism: int, *, decay: float = 0.95) -> None:
+        self.parallelism = parallelism
+        self._decay = decay
+        self._compute = 0.0
+        self._audio = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, compute_seconds: float, audio_seconds: float) -> None:
+        if compute_seconds < MIN_MEASURED_STEP_SECONDS or audio_seconds <= 0:
+            return
+        with self._lock:
+            self._compute = self._compute * self._decay + compute_seconds
+            self._audio = self._audio * self._decay + audio_seconds
+
+    @property
+    def audio_seconds_per_second(self) -> float | None:
+        with self._lock:
+            if self._compute <= 0:
+                return None
+            return self.parallelism * self._audio / self._compute
+
+
+@dataclass
+class EngineSlot:
+    """One admitted stream's hold on the engine; release it once (EngineSlot.release)."""
+
+    admission: RealtimeAdmission
+    owner: str
+    granted_at: float
+    released: bool = False
+
+    def release(self) -> None:
+        self.admission.release(self)
+
+
+@dataclass
+class _Waiter:
+    owner: str
+    loop: asyncio.AbstractEventLoop
+    granted: asyncio.Future[EngineSlot]
+
+
+@dataclass(frozen=True)
+class AdmissionState:
+    """What an autoscaler reads: capacity and demand in real-time streams, the queue."""
+
+    capacity: float | None  # audio seconds per second; None until measured
+    demand: int  # slots held
+    queued: int
+    admitted_total: int
+    queued_total: int
+    refused_total: int
+    busy_seconds: float
+
+
+class RealtimeAdmission:
+    def __init__(
+        self,
+        *,
+        meter: ThroughputMeter,
+        max_active: int,
+        max_per_owner: int,
+        policy: QueuePolicy = QueuePolicy(),
+    ) -> None:
+        self.meter = meter
+        self.max_active = max_active
+        self.max_per_owner = max_per_owner
+        self.headroom = policy.headroom
+        self.queue_max = policy.queue_max
+        self.queue_seconds = policy.queue_seconds
+        self._lock = threading.Lock()
+        self._slots: list[EngineSlot] = []
+        self._by_owner: Counter[str] = Counter()  # slots held and queued, per owner
+        self._queue: deque[_Waiter] = deque()
+        self._mean_slot_seconds: float | None = None
+        self.admitted_total = 0
+        self.queued_total = 0
+        self.refused_total = 0
+        # Busy time: seconds with at least one slot held (utilisation is its rate).
+        self._busy_seconds = 0.0
+        self._busy_since = 0.0
+
+    # --- reading ---
+
+    @property
+    def demand(self) -> int:
+        return len(self._slots)
+
+    def realtime_limit(self) -> float:
+        """How many slots the engine can hold and keep real-time, as measured now."""
+        capacity = self.meter.audio_seconds_per_second
+        if capacity is None:
+            return float(self.max_active)
+        return min(float(self.max_active), capacity * self.headroom)
+
+    def state(self) -> AdmissionState:
+        with self._lock:
+            busy = self._busy_seconds + (time.monotonic() - self._busy_since if self._slots else 0.0)
+            return AdmissionState(
+                capacity=self.meter.audio_seconds_per_second,
+                demand=len(self._slots),
+                queued=len(self._queue),
+                admitted_total=self.admitted_total,
+                queued_total=self.queued_total,
+                refused_total=self.refused_total,
+                busy_seconds=busy,
+            )
+
+    # --- taking and giving back ---
+
+    async def acquire(self, owner: str = "") -> EngineSlot:
+        """A slot now, or after a short wait in the queue; raises EngineOverloaded (the
+        engine cannot keep one more stream real-time soon enough) or EngineShareExceeded
+        (the owner already holds or awaits its share)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if not self._queue and self._room_now():
+                self._check_share(owner)
+                return self._grant(owner)
+            wait = self._expected_wait(len(self._queue) + 1)
+            # A full engine answers 503 first, whoever asks: also to an owner at its share.
+            if (
+                len(self._queue) >= self.queue_max
+                or wait > self.queue_seconds
+                or (owner and self._by_owner[owner] >= self.max_per_owner)
+            ):
+                self.refused_total += 1
+                raise EngineOverloaded(retry_after_s=_retry_after(wait))
+            waiter = _Waiter(owner=owner, loop=loop, granted=loop.create_future())
+            self._queue.append(waiter)
+            self._by_owner[owner] += 1
+            self.queued_total += 1
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.granted), timeout=self.queue_seconds)
+        except BaseException as exc:
+            with self._lock:
+                queued = waiter in self._queue
+                if queued:  # not granted: leave the queue
+                    self._queue.remove(waiter)
+                    self._drop_owner(owner)
+            if not queued:  # granted as the wait ended: give the slot back
+                if waiter.granted.done() and not waiter.granted.cancelled():
+                    waiter.granted.result().release()
+                else:
+                    waiter.granted.cancel()  # `_resolve`, still to run on this loop, releases it
+            if isinstance(exc, TimeoutError):
+                with self._lock:
+                    self.refused_total += 1
+                    retry = _retry_after(self._expected_wait(len(self._queue) + 1))
+                raise EngineOverloaded(retry_after_s=retry) from None
+            raise
+
+    def release(self, slot: EngineSlot) -> None:
+        with self._lock:
+            if slot.released:
+                return
+            slot.released = True
+            self._slots.remove(slot)
+            self._drop_owner(slot.owner)
+            now = time.monotonic()
+            if slot.owner:  # the service's own jobs (a warm-up's word) say nothing of callers'
+                lifetime = now - slot.granted_at
+                mean = self._mean_slot_seconds
+                self._mean_slot_seconds = lifetime if mean is None else 0.8 * mean + 0.2 * lifetime
+            if not self._slots:
+                self._busy_seconds += now - self._busy_since
+            self._grant_waiting()
+
+    # --- with the lock held ---
+
+    def _room_now(self) -> bool:
+        if not self._slots:
+            return True  # an idle engine always takes one, however slow it measures
+        return len(self._slots) + 1 <= self.realtime_limit()
+
+    def _check_share(self, owner: str) -> None:
+        if owner and self._by_owner[owner] >= self.max_per_owner:
+            self.refused_total += 1
+            raise EngineShareExceeded(self.max_per_owner)
+
+    def _grant(self, owner: str, *, counted: bool = False) -> EngineSlot:
+        now = time.monotonic()
+        if not self._slots:
+            self._busy_since = now
+        slot = EngineSlot(admission=self, owner=owner, granted_at=now)
+        self._slots.append(slot)
+        if not counted:
+            self._by_owner[owner] += 1
+        self.admitted_total += 1
+        return slot
+
+    def _grant_waiting(self) -> None:
+        while self._queue and self._room_now():
+            waiter = self._queue.popleft()
+            slot = self._grant(waiter.owner, counted=True)
+            try:
+                waiter.loop.call_soon_threadsafe(_resolve, waiter.granted, slot)
+            except RuntimeError:  # the waiter's loop is gone: nobody will use the slot
+                self._slots.remove(slot)
+                self._drop_owner(waiter.owner)
+
+    def _drop_owner(self, owner: str) -> None:
+        self._by_owner[owner] -= 1
+        if self._by_owner[owner] <= 0:
+            del self._by_owner[owner]
+
+    def _expected_wait(self, position: int) -> float:
+        """Seconds until the `position`-th in the queue would be granted: when that many
+        held slots will have ended, going by their age against the mean slot lifetime."""
+        mean = self._mean_slot_seconds or DEFAULT_SLOT_SECONDS
+        now = time.monotonic()
+        remaining = sorted(max(mean - (now - slot.granted_at), 0.1 * mean) for slot in self._slots)
+        if not remaining:
+            return 0.0
+        if position <= len(remaining):
+            return remaining[position - 1]
+        rounds = math.ceil(position / len(remaining))
+        return remaining[(position - 1) % len(remaining)] + (rounds - 1) * mean
+
+
+def _resolve(future: asyncio.Future[EngineSlot], slot: EngineSlot) -> None:
+    if future.done():  # its waiter gave up as it was granted: give the slot back
+        slot.release()
+    else:
+        future.set_result(slot)
+
+
+def _retry_after(wait_seconds: float) -> int:
+    return min(MAX_RETRY_AFTER_SECONDS, max(1, math.ceil(wait_seconds)))

@@ -1,0 +1,154 @@
+"""Admission by real-time capacity (engines/capacity.py): the meter, and slots granted,
+queued, refused and given back, on a real event loop. No test depends on speed: the
+meter is fed numbers, and every wait is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engines.capacity import EngineSlot, QueuePolicy, RealtimeAdmission, ThroughputMeter
+from engines.errors import EngineOverloaded, EngineShareExceeded
+
+
+def admission(
+    *,
+    capacity: float | None,
+    max_active: int = 32,
+    max_per_owner: int = 32,
+    headroom: float = 1.0,
+    queue_max: int = 4,
+    queue_seconds: float = 30.0,
+) -> RealtimeAdmission:
+    """An admission whose meter says the engine makes `capacity` audio seconds per second."""
+    meter = ThroughputMeter(parallelism=1)
+    if capacity is not None:
+        meter.observe(compute_seconds=1.0, audio_seconds=capacity)
+    return RealtimeAdmission(
+        meter=meter,
+        max_active=max_active,
+        max_per_owner=max_per_owner,
+        policy=QueuePolicy(headroom=headroom, queue_max=queue_max, queue_seconds=queue_seconds),
+    )
+
+
+def test_the_meter_gives_audio_per_second_over_all_parallel_steps_and_ignores_free_audio() -> None:
+    meter = ThroughputMeter(parallelism=2)
+    assert meter.audio_seconds_per_second is None  # nothing measured yet
+    meter.observe(compute_seconds=0.5, audio_seconds=4.0)  # 8 audio s per s on one worker
+    meter.observe(compute_seconds=0.0001, audio_seconds=10.0)  # silence for a break: no compute
+    assert meter.audio_seconds_per_second == pytest.approx(16.0)
+
+
+async def test_streams_are_admitted_up_to_the_measured_capacity_times_headroom() -> None:
+    gate = admission(capacity=5.0, headroom=0.8, queue_max=0)  # room for 4
+    slots = [await gate.acquire() for _ in range(4)]
+    with pytest.raises(EngineOverloaded):
+        await gate.acquire()
+    assert gate.state().demand == 4
+    slots[0].release()
+    slots[0].release()  # a second release changes nothing
+    slots.append(await gate.acquire())
+    for slot in slots[1:]:
+        slot.release()
+    state = gate.state()
+    assert (state.demand, state.queued, state.admitted_total, state.refused_total) == (0, 0, 5, 1)
+
+
+async def test_an_idle_engine_takes_one_stream_however_slow_it_measures() -> None:
+    gate = admission(capacity=0.2, queue_max=0)
+    slot = await gate.acquire()
+    with pytest.raises(EngineOverloaded):
+        await gate.acquire()
+    slot.release()
+
+
+async def test_until_measured_only_the_hard_limit_binds() -> None:
+    gate = admission(capacity=None, max_active=3, queue_max=0)
+    slots = [await gate.acquire() for _ in range(3)]
+    with pytest.raises(EngineOverloaded):
+        await gate.acquire()
+    for slot in slots:
+        slot.release()
+
+
+async def test_a_queued_request_gets_the_first_slot_given_back_in_order_of_arrival() -> None:
+    gate = admission(capacity=2.0, queue_max=4)
+    held = [await gate.acquire(), await gate.acquire()]
+    first = asyncio.create_task(gate.acquire("a"))
+    second = asyncio.create_task(gate.acquire("b"))
+    await asyncio.sleep(0)
+    assert gate.state().queued == 2
+    held[0].release()
+    granted: EngineSlot = await asyncio.wait_for(first, 30)
+    assert granted.owner == "a"
+    assert not second.done()
+    held[1].release()
+    assert (await asyncio.wait_for(second, 30)).owner == "b"
+    assert gate.state().queued_total == 2
+
+
+async def test_past_the_queue_bound_a_request_is_refused_at_once_with_the_expected_wait() -> None:
+    gate = admission(capacity=1.0, queue_max=1)
+    held = await gate.acquire()
+    waiting = asyncio.create_task(gate.acquire())
+    await asyncio.sleep(0)
+    with pytest.raises(EngineOverloaded) as refused:
+        await gate.acquire()  # the queue holds one
+    assert refused.value.retry_after_s >= 1
+    waiting.cancel()
+    held.release()
+
+
+async def test_a_request_expected_to_wait_longer_than_the_bound_is_refused_without_waiting() -> None:
+    gate = admission(capacity=1.0, queue_seconds=1.0)
+    held = await gate.acquire()  # a slot lives 5 s until one has ended: the wait would be 5 s
+    with pytest.raises(EngineOverloaded) as refused:
+        await asyncio.wait_for(gate.acquire(), 30)
+    assert refused.value.retry_after_s == 5
+    assert gate.state().queued == 0
+    held.release()
+
+
+async def test_a_request_that_waits_the_whole_bound_is_refused_and_leaves_the_queue() -> None:
+    gate = admission(capacity=1.0, queue_seconds=0.2)
+    gate._mean_slot_seconds = 0.1  # slots are expected to end soon: it queues
+    held = await gate.acquire()
+    with pytest.raises(EngineOverloaded):
+        await asyncio.wait_for(gate.acquire(), 30)
+    assert gate.state().queued == 0
+    held.release()
+    assert gate.state().demand == 0
+
+
+async def test_a_request_cancelled_in_the_queue_leaves_nothing_behind() -> None:
+    gate = admission(capacity=1.0, max_per_owner=1)
+    held = await gate.acquire("a")
+    waiting = asyncio.create_task(gate.acquire("b"))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    held.release()
+    state = gate.state()
+    assert (state.demand, state.queued) == (0, 0)
+    (await gate.acquire("b")).release()  # b's share was given back with its place in the queue
+
+
+async def test_an_owner_at_its_share_gets_429_with_room_and_503_when_the_engine_is_full() -> None:
+    gate = admission(capacity=3.0, max_per_owner=2)
+    held = [await gate.acquire("a"), await gate.acquire("a")]
+    with pytest.raises(EngineShareExceeded):
+        await gate.acquire("a")  # room for one more, but "a" holds its share
+    other = await gate.acquire("b")  # another owner is served: now the engine is full
+    with pytest.raises(EngineOverloaded) as full:
+        await gate.acquire("a")
+    assert not isinstance(full.value, EngineShareExceeded)  # a full engine answers 503 first
+    waiting = asyncio.create_task(gate.acquire("c"))  # full: "c" queues
+    await asyncio.sleep(0)
+    held[0].release()
+    assert (await asyncio.wait_for(waiting, 30)).owner == "c"
+    for slot in (held[1], other, waiting.result()):
+        slot.release()
+    assert gate.state().demand == 0
