@@ -17,7 +17,9 @@ a second one with usage recording off for scenario 5, then runs:
   6. stream quality (bench/stream_quality.py): 1 to 32 streams of about 17 s of
      speech started at once, each played in real time from its first byte:
      first audio, underruns and stalls, refusals, and the real-time capacity
-     against the engine's raw throughput.
+     against the engine's raw throughput;
+  7. first audio of a short first sentence per streaming dialect (bench/dialect_latency.py):
+     WS /v1/stream, ElevenLabs multi-stream-input and Cartesia, turn by turn.
 
 Prints one table (scenario, clients, n, p50, p95, p99, throughput, errors), then
 scenario 6's own, and writes both as JSON. Targets are reported, not asserted
@@ -43,7 +45,7 @@ from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import stream_quality
+from bench import dialect_latency, stream_quality
 from bench.common import http_first_byte, percentile, setup_django, start_server
 from bench.stream_quality import QualityReport
 
@@ -337,6 +339,23 @@ async def scenario_stream_quality(base_url: str, key: str, quick: bool) -> tuple
 # --- running ---------------------------------------------------------------------------------
 
 
+async def scenario_dialects(base_url: str, key: str, turns: int) -> list[Row]:
+    started = time.perf_counter()
+    times = await dialect_latency.dialect_first_audio(base_url, key, turns)
+    wall = time.perf_counter() - started
+    native = percentile(times[dialect_latency.DIALECTS[0]], 0.5) * 1000
+    rows = []
+    for name in dialect_latency.DIALECTS:
+        overhead = percentile(times[name], 0.5) * 1000 - native
+        note = (
+            "short first sentence, pcm 16 kHz"
+            if name == dialect_latency.DIALECTS[0]
+            else f"{overhead:+.1f} ms p50 vs WS /v1/stream"
+        )
+        rows.append(row(f"7. first audio: {name}", 1, times[name], wall / 3, note=note))
+    return rows
+
+
 def fresh_database(name: str) -> str:
     import psycopg
 
@@ -379,6 +398,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], QualityReport]:
             rows += step(scenario_api_cost(base_url, key, requests=500 if quick else 2000))
             rows.append(step(scenario_usage(base_url, key, database_url, 100 if quick else 300, "on")))
             quality_rows, quality = step(scenario_stream_quality(base_url, key, quick))
+            rows += step(scenario_dialects(base_url, key, turns=10 if quick else 20))
         finally:
             server.terminate()
             server.wait()

@@ -47,10 +47,25 @@ engine_warm_up(get_engine())
 # requests in flight) are written now, not when the first request here finishes.
 usage_flusher_start()
 
+from synthesis.stream.cartesia import CartesiaStreamConsumer  # noqa: E402
 from synthesis.stream.consumer import StreamConsumer  # noqa: E402
+from synthesis.stream.elevenlabs import ElevenLabsMultiStreamConsumer, ElevenLabsStreamConsumer  # noqa: E402
 
 websocket_urlpatterns: list[URLPattern] = [
     path("v1/stream", StreamConsumer.as_asgi(), name="stream"),
+    # ElevenLabs- and Cartesia-compatible sockets (docs/elevenlabs.md, docs/cartesia.md).
+    path(
+        "v1/text-to-speech/<str:voice_id>/stream-input",
+        ElevenLabsStreamConsumer.as_asgi(),
+        name="elevenlabs-stream-input",
+    ),
+    path(
+        "v1/text-to-speech/<str:voice_id>/multi-stream-input",
+        ElevenLabsMultiStreamConsumer.as_asgi(),
+        name="elevenlabs-multi-stream-input",
+    ),
+    path("tts/websocket", CartesiaStreamConsumer.as_asgi(), name="cartesia-websocket"),
+    path("v1/tts/websocket", CartesiaStreamConsumer.as_asgi(), name="cartesia-websocket-v1"),
 ]
 
 application = ProtocolTypeRouter(

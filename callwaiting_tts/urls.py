@@ -8,6 +8,7 @@ from callwaiting_tts.metrics import metrics_view
 from callwaiting_tts.playground import playground
 from callwaiting_tts.readiness import ready
 from callwaiting_tts.schema import DocsView, SchemaView
+from synthesis.elevenlabs import text_to_speech, text_to_speech_stream, text_to_speech_stream_with_timestamps
 from synthesis.openai_api import audio_speech
 from synthesis.views import audio_download, synthesize, synthesize_url, twiml_play
 from tenants.views import tenant_detail, token_mint
@@ -36,6 +37,14 @@ urlpatterns = [
     path("v1/synthesize-url", synthesize_url, name="synthesize-url"),
     path("v1/audio/speech", audio_speech, name="audio-speech"),
     path("v1/twiml/play", twiml_play, name="twiml-play"),
+    # ElevenLabs-compatible text to speech (synthesis/elevenlabs.py, docs/elevenlabs.md).
+    path("v1/text-to-speech/<str:voice_id>", text_to_speech, name="elevenlabs-tts"),
+    path("v1/text-to-speech/<str:voice_id>/stream", text_to_speech_stream, name="elevenlabs-tts-stream"),
+    path(
+        "v1/text-to-speech/<str:voice_id>/stream/with-timestamps",
+        text_to_speech_stream_with_timestamps,
+        name="elevenlabs-tts-stream-timestamps",
+    ),
     path("v1/audio/<path:name>", audio_download, name="audio-download"),
     path("v1/usage", usage_report, name="usage"),
     path("v1/voices", voice_list, name="voice-list"),

@@ -21,12 +21,14 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from engines.alignment import WordSpans, piper_word_spans, report_word_spans
 from engines.base import (
     BuiltinVoice,
     EngineConfigurationError,
@@ -112,7 +114,8 @@ class PiperEngine(SpeechEngine):
                 raise EngineConfigurationError(f"Piper voice file {path} does not exist.")
         from piper import PiperVoice
 
-        self._voice = PiperVoice.load(self.model_path, config_path=self.config_path)
+        # With alignments (the voice patched in memory): each phoneme's duration, for word timings.
+        self._voice = PiperVoice.load(self.model_path, config_path=self.config_path, include_alignments=True)
         self.sample_rate = int(self._voice.config.sample_rate)
         # The engine's own admission is the limit; the scheduler's is only a backstop, with
         # room for jobs cancelled but not yet dropped at their next step.
@@ -153,39 +156,51 @@ class PiperEngine(SpeechEngine):
         with self._phonemize_lock:
             return list(self._voice.phonemize(text))
 
-    def _render(self, phonemes: list[str], rate: float) -> np.ndarray:
+    def _render(self, phonemes: list[str], rate: float) -> tuple[np.ndarray, WordSpans | None]:
         from piper import SynthesisConfig
 
         # The voice's own length scale (None): its natural pace, which `stretched` then scales.
         config = SynthesisConfig(noise_scale=self._noise_scale, noise_w_scale=self._noise_w_scale)
-        audio = np.asarray(self._voice.phoneme_ids_to_audio(self._voice.phonemes_to_ids(phonemes), config))
+        ids = self._voice.phonemes_to_ids(phonemes)
+        audio, samples = self._voice.phoneme_ids_to_audio(ids, config, include_alignments=True)
+        audio = np.asarray(audio)
+        # Where each word lies, as fractions of the sentence (a time-stretch keeps them).
+        words = None
+        if samples is not None and len(samples) == len(ids):
+            words = piper_word_spans(phonemes, samples, self._voice.config.phoneme_id_map)
         # Same loudness normalisation as PiperVoice.synthesize, per sentence.
         peak = float(np.max(np.abs(audio))) if audio.size else 0.0
         audio = audio / peak if peak > 1e-8 else np.zeros_like(audio)
         audio = np.clip(audio, -1.0, 1.0).astype(np.float32)
-        return stretched(audio, rate, self.sample_rate)
+        return stretched(audio, rate, self.sample_rate), words
 
-    def _job_audio(self, job: SpeechJob) -> Iterator[np.ndarray]:
-        """The job's chunks, one per step of a scheduler worker: a sentence or clause each."""
+    def _job_audio(self, job: SpeechJob, spans: deque[WordSpans | None]) -> Iterator[np.ndarray]:
+        """The job's chunks, one per step of a scheduler worker: a sentence or clause each.
+        Each chunk's word spans go into `spans` just before it (for `make_audio`)."""
         joined_to_previous = False
         for segment in job.segments:
             if isinstance(segment, Pause):
                 joined_to_previous = False
+                spans.append(None)
                 yield silence_chunk(segment.seconds, self.sample_rate)
                 continue
             rate = job.rate_of(segment)
             sentences = [phonemes for phonemes in self._phonemize(segment.text) if phonemes]
             continues = isinstance(segment, Speech) and segment.continues
             for index, phonemes in enumerate(sentences):
-                audio = self._render(phonemes, rate)
+                audio, words = self._render(phonemes, rate)
                 at_start = joined_to_previous and index == 0
                 at_end = continues and index == len(sentences) - 1
                 if at_start or at_end:
                     audio = trimmed_at_join(audio, self.sample_rate, start=at_start, end=at_end)
+                spans.append(words)
                 yield audio
             joined_to_previous = continues
 
     async def make_audio(self, job: SpeechJob) -> AsyncIterator[np.ndarray]:
-        scheduled = self.scheduler.submit(self._job_audio(job))
+        # Word spans made on the worker, reported here, in the listening task, chunk by chunk.
+        spans: deque[WordSpans | None] = deque()
+        scheduled = self.scheduler.submit(self._job_audio(job, spans))
         async for chunk in scheduled.chunks():
+            report_word_spans(spans.popleft() if spans else None)
             yield chunk

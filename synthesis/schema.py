@@ -12,6 +12,7 @@ from typing import Any
 from django.conf import settings
 
 from synthesis.audio import _OPUS_RATES, SAMPLE_RATES, AudioFormat
+from synthesis.elevenlabs_wire import DEFAULT_OUTPUT_FORMAT, OUTPUT_FORMATS
 from synthesis.openai_api import MAX_INPUT_CHARS, OPENAI_VOICES, RESPONSE_FORMATS
 
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -396,6 +397,62 @@ AUDIO_DOWNLOAD_OPERATION: dict[str, Any] = {
 }
 
 
+def elevenlabs_operation(operation_id: str, summary: str, answer: dict[str, Any]) -> dict[str, Any]:
+    """ElevenLabs' text to speech (docs/elevenlabs.md): its request, its `detail` next to our
+    `error` in every error, `xi-api-key` or Bearer."""
+    return {
+        "operationId": operation_id,
+        "summary": summary,
+        "description": "ElevenLabs-compatible (docs/elevenlabs.md): the key as `xi-api-key` or Bearer; "
+        'errors carry ElevenLabs\' `{"detail": {"status", "message"}}` next to the `error` object.',
+        "tags": ["elevenlabs"],
+        "security": [{"ApiKey": []}],
+        "parameters": [
+            {
+                "name": "voice_id",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "minLength": 1, "maxLength": 48, "pattern": "^[-a-zA-Z0-9_]+$"},
+                "description": "One of our voice ids (GET /v1/voices).",
+            },
+            {
+                "name": "output_format",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string", "enum": list(OUTPUT_FORMATS), "default": DEFAULT_OUTPUT_FORMAT},
+            },
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["text"],
+                        "properties": {
+                            "text": {"type": "string", "minLength": 1, "maxLength": settings.MAX_TEXT_CHARS},
+                            "model_id": {"type": ["string", "null"], "description": "Any name works."},
+                            "language_code": {"type": ["string", "null"]},
+                            "voice_settings": {
+                                "type": ["object", "null"],
+                                "properties": {"speed": {"type": "number", "minimum": 0.25, "maximum": 4.0}},
+                            },
+                        },
+                    }
+                }
+            },
+        },
+        "responses": {"200": answer, **_synthesis_errors()},
+    }
+
+
+_ELEVENLABS_AUDIO = {
+    "description": "Audio in the asked output_format (streamed as it is made on /stream).",
+    "headers": _AUDIO_HEADERS,
+    "content": {"audio/pcm": _BINARY, "audio/ulaw": _BINARY, "audio/mpeg": _BINARY},
+}
+
+
 def add_synthesis_paths(paths: dict[str, Any]) -> None:
     paths["/v1/synthesize"] = {"post": synthesize_operation()}
     paths["/v1/synthesize-url"] = {
@@ -416,6 +473,27 @@ def add_synthesis_paths(paths: dict[str, Any]) -> None:
         )
     }
     paths["/v1/audio/speech"] = {"post": audio_speech_operation()}
+    paths["/v1/text-to-speech/{voice_id}"] = {
+        "post": elevenlabs_operation(
+            "elevenlabs_tts", "ElevenLabs-compatible speech, whole", _ELEVENLABS_AUDIO
+        )
+    }
+    paths["/v1/text-to-speech/{voice_id}/stream"] = {
+        "post": elevenlabs_operation(
+            "elevenlabs_tts_stream", "ElevenLabs-compatible speech, streamed", _ELEVENLABS_AUDIO
+        )
+    }
+    paths["/v1/text-to-speech/{voice_id}/stream/with-timestamps"] = {
+        "post": elevenlabs_operation(
+            "elevenlabs_tts_stream_timestamps",
+            "ElevenLabs-compatible speech with character timings, streamed as JSON lines",
+            {
+                "description": "JSON lines: `audio_base64`, `alignment` and `normalized_alignment` "
+                "(`characters`, `character_start_times_seconds`, `character_end_times_seconds`).",
+                "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+            },
+        )
+    }
     paths["/v1/audio/{name}"] = {"get": AUDIO_DOWNLOAD_OPERATION}
     paths["/v1/voices/upload"] = {"post": VOICE_UPLOAD_OPERATION}
     paths["/v1/voices/{voice_id}"] = {"delete": VOICE_DELETE_OPERATION}

@@ -57,6 +57,11 @@ SYNTHESIZE_URL = "synthesize-url"
 TWIML_PLAY = "twiml-play"
 AUDIO_SPEECH = "audio-speech"  # the OpenAI-compatible endpoint
 STREAM = "stream"
+# The ElevenLabs- and Cartesia-compatible endpoints (synthesis.elevenlabs, synthesis.stream).
+ELEVENLABS_TTS = "elevenlabs-tts"
+ELEVENLABS_STREAM = "elevenlabs-stream-input"
+ELEVENLABS_MULTI_STREAM = "elevenlabs-multi-stream"
+CARTESIA_STREAM = "cartesia-websocket"
 
 # error_code of a request the client abandoned (hung up, or cancelled a
 # WebSocket utterance): not a failure of ours.

@@ -97,17 +97,25 @@ def parse_labelled_frame(frame: bytes) -> tuple[str, bytes]:
 class ProtocolError(Exception):
     """A message the protocol does not allow: an `error` event; the connection stays.
 
-    `abort`: the error ends that context (e.g. its text grew too long).
+    `abort`: the error ends that context (e.g. its text grew too long). `status`: the HTTP
+    status the same refusal has on the HTTP routes (dialects that report one show it).
     """
 
     def __init__(
-        self, code: str, message: str, context_id: str | None = None, *, abort: bool = False
+        self,
+        code: str,
+        message: str,
+        context_id: str | None = None,
+        *,
+        abort: bool = False,
+        status: int = 400,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.context_id = context_id
         self.abort = abort
+        self.status = status
 
 
 def parse_message(text: str) -> dict[str, Any]:

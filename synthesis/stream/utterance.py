@@ -1,6 +1,8 @@
 """One utterance of a stream: its text arrives in pieces, each spoken as soon as it is
-ready; its audio, through one encoder, is one continuous stream of labelled frames (or
-Twilio messages). Whatever fails, the utterance ends through its owner with one outcome.
+ready; its audio, through one encoder, is one continuous stream, which its owner (the
+connection, in its dialect: labelled frames, Twilio messages, ElevenLabs' or Cartesia's
+JSON) sends on, with character timings when asked (engines.alignment). Whatever fails, the
+utterance ends through its owner with one outcome.
 
 An utterance is a request of its own, with one request's limits: its text (MAX_TEXT_CHARS),
 its SSML breaks and its estimated audio (an OutputBudget, spent as each piece becomes
@@ -11,19 +13,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Protocol
+from typing import Protocol
 
 from django.conf import settings
 
 from core.errors import ServiceError
 from engines import EngineSlot
+from engines.alignment import (
+    CharTimeline,
+    CharTimings,
+    WordSpans,
+    chunks_are_sentences,
+    sentences,
+    word_spans_reported,
+)
 from engines.text import Segment
 from synthesis.admission import service_error_for
 from synthesis.audio import AudioEncoder
 from synthesis.services import SynthesisSetup, encoded_audio, output_budget, text_segments
 from synthesis.stream.flow import TransportFlow
-from synthesis.stream.protocol import ProtocolError, frame_pieces, labelled_frame, ready_pieces
-from synthesis.stream.twilio import TWILIO, TwilioFramer
+from synthesis.stream.protocol import ProtocolError, ready_pieces
+from synthesis.stream.twilio import TwilioFramer
 from usage.quotas import quota_estimate
 from usage.recorder import UsageMeter
 
@@ -31,13 +41,14 @@ logger = logging.getLogger(__name__)
 
 
 class UtteranceOwner(Protocol):
-    """What an utterance needs of its connection: the socket, and where its outcome goes."""
+    """What an utterance needs of its connection: the socket's flow, where its audio goes
+    (in the connection's dialect), and where its outcome goes."""
 
     flow: TransportFlow
 
-    async def send(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None: ...
-
-    async def send_event(self, kind: str, context_id: str | None, **fields: Any) -> None: ...
+    async def send_audio(
+        self, utterance: Utterance, data: bytes, timings: CharTimings | None, *, final: bool
+    ) -> None: ...
 
     async def utterance_finished(self, utterance: Utterance) -> None: ...
 
@@ -54,6 +65,9 @@ class Utterance:
         setup: SynthesisSetup,
         meter: UsageMeter,
         twilio: TwilioFramer | None,
+        *,
+        eager: bool = False,
+        timings: bool = False,
     ) -> None:
         self.owner = owner
         self.context_id = context_id
@@ -63,14 +77,27 @@ class Utterance:
         self.buffer = ""
         self.chars = 0
         self.ended = False
+        self.finished = False  # ended with all its audio sent (not failed, not cancelled)
         self.encoder = AudioEncoder(setup.spec, setup.engine.sample_rate, streaming=True)
         self.budget = output_budget(setup.speed)
-        self.pieces: asyncio.Queue[list[Segment] | None] = asyncio.Queue()
-        self.started_audio = False
+        # Each piece: its text (for character timings) and its segments.
+        self.pieces: asyncio.Queue[tuple[str, list[Segment]] | None] = asyncio.Queue()
+        self.started_audio = False  # the owner's: whether it has announced this audio
         self.opened = False  # a piece has been segmented (only the first gets a quick opening)
         # The utterance's hold on the engine, from its first piece to its end: its pieces
         # are one stream to keep real-time, admitted once (engines/capacity.py).
         self.slot: EngineSlot | None = None
+        self.eager = eager
+        self.queued = 0  # pieces of text queued for the engine so far
+        self.timeline = (
+            CharTimeline(whole_pieces=chunks_are_sentences(setup.engine.name), speed=setup.speed)
+            if timings
+            else None
+        )
+        # Seconds of audio sent so far (the encoder's clock at the end of the last chunk sent).
+        self.sent_until_s = 0.0
+        self.chunk_start_s = 0.0  # where the audio being sent starts on that clock
+        self.word_spans: list[WordSpans | None] = []  # the engine's reports, one per chunk
         self.task = asyncio.create_task(self._run(), name=f"utterance {context_id}")
 
     @property
@@ -87,12 +114,24 @@ class Utterance:
                 self.context_id,
                 abort=True,
             )
-        ready, self.buffer = ready_pieces(self.buffer + text, final=final)
-        for piece in ready:
-            if piece.strip():
-                self._add_piece(piece)
+        ready, self.buffer = ready_pieces(self.buffer + text, final=final or self._sentence_complete(text))
+        for chunk in ready:
+            if not chunk.strip():
+                continue
+            # With timings from an engine that renders whole sentences, each sentence is its
+            # own piece, so that each piece's audio is one chunk (engines.alignment). Markup
+            # (an SSML document, a piece of its own) stays whole.
+            split = self.timeline is not None and self.timeline.whole_pieces and "<" not in chunk
+            for piece in sentences(chunk) if split else [chunk]:
+                self._queue(piece)
 
-    def _add_piece(self, piece: str) -> None:
+    def _sentence_complete(self, text: str) -> bool:
+        """Eager mode: a message that ends a sentence is spoken without waiting for more."""
+        return self.eager and text.rstrip()[-1:] in (".", "!", "?", "\u2026", "\u3002", "\uff01", "\uff1f")
+
+    def _queue(self, piece: str) -> None:
+        if not piece.strip():
+            return
         try:
             segments = text_segments(piece, opening=not self.opened)
             self.budget.spend(segments)
@@ -103,7 +142,8 @@ class Utterance:
                 return
             raise ProtocolError(exc.code, exc.message, self.context_id, abort=True) from exc
         self.opened = True
-        self.pieces.put_nowait(segments)
+        self.queued += 1
+        self.pieces.put_nowait((piece, segments))
 
     def end(self) -> None:
         self.add_text("", final=True)
@@ -111,13 +151,21 @@ class Utterance:
         self.pieces.put_nowait(None)
 
     async def _run(self) -> None:
+        # The engine's word spans for its chunks (Piper), heard in this task only.
+        with word_spans_reported() as self.word_spans:
+            await self._speak()
+
+    async def _speak(self) -> None:
         spoken = False
         try:
-            while (segments := await self.pieces.get()) is not None:
+            while (piece := await self.pieces.get()) is not None:
                 spoken = True
+                text, segments = piece
                 if self.slot is None:
                     self.slot = await self.setup.engine.reserve(self.setup.owner)
                 plan = self.setup.plan_segments(segments, slot=self.slot)
+                if self.timeline is not None:
+                    self.timeline.begin(text, self.sent_until_s)
                 # The same engine -> encoder loop as HTTP; one encoder for the whole utterance.
                 audio = encoded_audio(plan, self.encoder)
                 try:
@@ -125,6 +173,8 @@ class Utterance:
                         await self._send_audio(data)
                 finally:
                     await audio.aclose()  # type: ignore[attr-defined]
+                if self.timeline is not None and (rest := self.timeline.finish(self.sent_until_s)):
+                    await self._send_audio(b"", rest)
             if not spoken:
                 # Every piece was only punctuation or markup (each skipped as it came): the
                 # utterance as a whole had nothing to say, as an HTTP request with its text would.
@@ -151,30 +201,22 @@ class Utterance:
             self.slot.release()
             self.slot = None
 
-    async def _send_audio(self, data: bytes, *, final: bool = False) -> None:
-        if not data and not (final and self.twilio is not None):
+    async def _send_audio(
+        self, data: bytes, timings: CharTimings | None = None, *, final: bool = False
+    ) -> None:
+        if not data and not timings and not (final and self.twilio is not None):
             return
         # A slow reader: wait here, so the engine (whose queue is bounded) waits too.
         await self.owner.flow.writable()
-        if not self.started_audio and data:
-            self.started_audio = True
-            await self.owner.send_event(
-                "audio_start",
-                self.context_id,
-                request_id=self.request_id,
-                format=TWILIO if self.twilio else self.setup.spec.format.value,
-                sample_rate=self.setup.spec.sample_rate,
-            )
-        # An engine chunk can be larger than the server sends in one message: cut it.
-        pieces = list(frame_pieces(data)) or [b""]
-        for index, piece in enumerate(pieces):
-            if self.twilio is not None:
-                message = self.twilio.media(piece, final=final and index == len(pieces) - 1)
-                if message is not None:
-                    await self.owner.send(text_data=message)
-            else:
-                await self.owner.send(bytes_data=labelled_frame(self.context_id, piece))
-            self.meter.audio_sent(len(piece), self.encoder.duration_s)
+        self.chunk_start_s = self.sent_until_s
+        if data:
+            self.sent_until_s = self.encoder.duration_s
+            # One engine chunk, one report (when the engine reports): pair them in order.
+            words = self.word_spans.pop(0) if self.word_spans else None
+            if self.timeline is not None and timings is None:
+                timings = self.timeline.advance(self.sent_until_s, words)
+        await self.owner.send_audio(self, data, timings, final=final)
+        self.meter.audio_sent(len(data), self.encoder.duration_s)
 
     async def stop(self) -> None:
         """Stop generating and sending: when this returns, no more audio of it goes out.

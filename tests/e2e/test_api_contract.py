@@ -39,9 +39,22 @@ ROUTES: dict[str, tuple[str, frozenset[str], bool]] = {
     "audio-speech": ("/v1/audio/speech", frozenset({"POST"}), True),
     "voice-upload": ("/v1/voices/upload", frozenset({"POST"}), True),
     "voice-detail": ("/v1/voices/no-such-voice", frozenset({"DELETE"}), True),
+    "elevenlabs-tts": ("/v1/text-to-speech/joe", frozenset({"POST"}), True),
+    "elevenlabs-tts-stream": ("/v1/text-to-speech/joe/stream", frozenset({"POST"}), True),
+    "elevenlabs-tts-stream-timestamps": (
+        "/v1/text-to-speech/joe/stream/with-timestamps",
+        frozenset({"POST"}),
+        True,
+    ),
 }
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
-JSON_ROUTES = ("/v1/synthesize", "/v1/synthesize-url", "/v1/twiml/play", "/v1/audio/speech")
+JSON_ROUTES = (
+    "/v1/synthesize",
+    "/v1/synthesize-url",
+    "/v1/twiml/play",
+    "/v1/audio/speech",
+    "/v1/text-to-speech/joe",
+)
 
 
 def allow_header(methods: frozenset[str]) -> str:
