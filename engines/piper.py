@@ -48,24 +48,40 @@ SILENCE_LEVEL = 0.01
 JOIN_FADE_SECONDS = 0.005
 
 
-def trimmed_at_join(audio: np.ndarray, sample_rate: int, *, start: bool, end: bool) -> np.ndarray:
-    """`audio` with its leading (`start`) and/or trailing (`end`) silence cut down to
-    JOIN_SILENCE_SECONDS, faded in or out over JOIN_FADE_SECONDS where it was cut."""
+def join_bounds(audio: np.ndarray, sample_rate: int, *, start: bool, end: bool) -> tuple[int, int]:
+    """Where to cut `audio` at a join: its leading (`start`) and/or trailing (`end`) silence
+    down to JOIN_SILENCE_SECONDS; (0, len) when it is all silence."""
     loud = np.flatnonzero(np.abs(audio) > SILENCE_LEVEL)
     if not loud.size:
-        return audio
+        return 0, len(audio)
     keep = round(JOIN_SILENCE_SECONDS * sample_rate)
     first = max(int(loud[0]) - keep, 0) if start else 0
     last = min(int(loud[-1]) + 1 + keep, len(audio)) if end else len(audio)
+    return first, last
+
+
+def trimmed_at_join(audio: np.ndarray, sample_rate: int, *, start: bool, end: bool) -> np.ndarray:
+    """`audio` cut at `join_bounds`, faded in or out over JOIN_FADE_SECONDS where it was cut."""
+    first, last = join_bounds(audio, sample_rate, start=start, end=end)
     trimmed = audio[first:last].copy()
     fade = min(round(JOIN_FADE_SECONDS * sample_rate), len(trimmed) // 2)
     if fade:
         ramp = np.linspace(0.0, 1.0, fade, dtype=np.float32)
-        if start and first:
+        if first:
             trimmed[:fade] *= ramp
-        if end and last < len(audio):
+        if last < len(audio):
             trimmed[-fade:] *= ramp[::-1]
     return trimmed
+
+
+def spans_within(words: WordSpans, length: int, first: int, last: int) -> WordSpans:
+    """Word spans (fractions of a chunk of `length` samples) of the chunk cut to [first, last)."""
+    kept = max(last - first, 1)
+
+    def moved(fraction: float) -> float:
+        return min(max((fraction * length - first) / kept, 0.0), 1.0)
+
+    return [(moved(begin), moved(finish)) for begin, finish in words]
 
 
 class PiperEngine(SpeechEngine):
@@ -192,6 +208,9 @@ class PiperEngine(SpeechEngine):
                 at_start = joined_to_previous and index == 0
                 at_end = continues and index == len(sentences) - 1
                 if at_start or at_end:
+                    first, last = join_bounds(audio, self.sample_rate, start=at_start, end=at_end)
+                    if words is not None:
+                        words = spans_within(words, len(audio), first, last)
                     audio = trimmed_at_join(audio, self.sample_rate, start=at_start, end=at_end)
                 spans.append(words)
                 yield audio

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engines import SpeechJob
-from engines.piper import SILENCE_LEVEL, PiperEngine
+from engines.piper import SILENCE_LEVEL, PiperEngine, spans_within
 from engines.text import Segment, Speech, prepare_text
 
 TEXTS = [
@@ -87,3 +87,8 @@ async def test_the_first_chunk_is_a_small_part_of_the_sentence(piper: PiperEngin
     chunks = await chunks_of(piper, prepare_text(TEXTS[1], max_chars=500, first_chunk_words=5))
     assert len(chunks) == 2
     assert len(chunks[0]) < 0.5 * (len(chunks[0]) + len(chunks[1]))
+
+
+def test_word_spans_follow_the_audio_when_a_join_trims_its_silence() -> None:
+    # A chunk of 1000 samples cut to [100, 900): fractions of the old chunk, moved to the new.
+    assert spans_within([(0.1, 0.5), (0.5, 0.95)], 1000, 100, 900) == [(0.0, 0.5), (0.5, 1.0)]
