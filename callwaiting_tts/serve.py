@@ -90,12 +90,14 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     logger.info("Starting server at %s:%s", settings.HOST, settings.PORT)
-    server.run()
-    # The engine's workers finish the step they are in and stop: a thread left inside the
-    # model (ONNX Runtime, torch) while the interpreter exits takes the process down (SIGABRT).
-    engine = loaded_engine()
-    if engine is not None:
-        engine.close()
+    try:
+        server.run()
+    finally:
+        # The engine's workers finish the step they are in and stop: a thread left inside
+        # the model (ONNX Runtime, torch) as the interpreter exits takes the process down.
+        engine = loaded_engine()
+        if engine is not None:
+            engine.close()
     if server.listen_failure:
         sys.exit(
             f"error: cannot listen on {settings.HOST}:{settings.PORT} ({server.listen_failure}); "

@@ -326,6 +326,10 @@ OPENAI_VOICE_MAP = dict(
 WS_MAX_MESSAGE_BYTES = env_int("WS_MAX_MESSAGE_BYTES", 64 * 1024, minimum=1024)
 WS_MAX_CONTEXTS = env_int("WS_MAX_CONTEXTS", 8, minimum=1)
 WS_IDLE_SECONDS = env_float("WS_IDLE_SECONDS", 60.0, minimum=1.0)
+# An open utterance that has spoken everything it was given and waits this long for more
+# text gives its engine slot back (an LLM that went quiet must not hold the engine); its
+# next piece takes a slot again, as a new stream would.
+WS_UTTERANCE_IDLE_SLOT_SECONDS = env_float("WS_UTTERANCE_IDLE_SLOT_SECONDS", 5.0, minimum=0.1)
 # While Redis is away (no broadcasts of key changes), how often an open WebSocket checks
 # its key against the database instead.
 WS_ACCESS_POLL_SECONDS = env_float("WS_ACCESS_POLL_SECONDS", 10.0, minimum=0.1)

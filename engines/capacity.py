@@ -211,7 +211,11 @@ class RealtimeAdmission:
             self._by_owner[owner] += 1
             self.queued_total += 1
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.granted), timeout=self.queue_seconds)
+            # Not wait_for: on Python 3.11 it returns the result to a task cancelled just as
+            # the slot was granted, and the cancellation is lost. A cancelled task always gets
+            # CancelledError here, and the slot goes back below.
+            async with asyncio.timeout(self.queue_seconds):
+                return await asyncio.shield(waiter.granted)
         except BaseException as exc:
             with self._lock:
                 queued = waiter in self._queue

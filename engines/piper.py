@@ -141,6 +141,7 @@ class PiperEngine(SpeechEngine):
             workers=self.workers,
             duration_of=lambda chunk: len(chunk) / self.sample_rate,
             meter=self.throughput,
+            computed=lambda chunk: bool(chunk.any()),  # a break's silence is all zeros
             on_step=self.admission.poke,
         )
         self.admission.at_risk = self._scheduler.at_risk

@@ -102,6 +102,7 @@ class ChunkScheduler:
         workers: int = 1,
         duration_of: Callable[[Any], float] = no_duration,
         meter: ThroughputMeter | None = None,
+        computed: Callable[[Any], bool] = lambda item: True,
         on_step: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
@@ -109,6 +110,9 @@ class ChunkScheduler:
         self.max_buffered = max_buffered
         self._duration_of = duration_of
         self._meter = meter
+        # Whether an item's audio was computed (silence for a break is not: it would read as
+        # free audio and inflate the measured capacity).
+        self._computed = computed
         self._on_step = on_step
         self._workers = workers
         self._jobs: list[ScheduledJob] = []
@@ -132,10 +136,13 @@ class ChunkScheduler:
         its first chunk: then taking on another stream would put one at risk."""
         now = time.monotonic()
         with self._condition:
-            live = [job for job in self._jobs if not job.cancelled]
-            if sum(1 for job in live if not job.started) >= self._workers:
+            # A job whose reader is behind (backpressure) waits on its reader, not on the
+            # engine: its deadline says nothing of the engine (a client that stopped reading
+            # must not hold up everyone's admission).
+            waiting = [job for job in self._jobs if not job.cancelled and job.buffered < self.max_buffered]
+            if sum(1 for job in waiting if not job.started) >= self._workers:
                 return True
-            return any(job.deadline - now < min_lead_seconds for job in live if job.started)
+            return any(job.deadline - now < min_lead_seconds for job in waiting if job.started)
 
     def submit(self, iterator: Iterator[Any]) -> ScheduledJob:
         """Queue a request; raises EngineOverloaded when the queue is full. Call on the event loop."""
@@ -242,7 +249,7 @@ class ChunkScheduler:
                     job.started = True
                     audio_seconds = self._duration_of(item)
                     job.audio_delivered += audio_seconds
-                    if self._meter is not None:
+                    if self._meter is not None and self._computed(item):
                         self._meter.observe(time.perf_counter() - step_started, audio_seconds)
                     self._deliver(job, item)
                 # Another worker may be waiting for this job (it was running) or for any job.

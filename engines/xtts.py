@@ -176,6 +176,7 @@ class XttsEngine(SpeechEngine):
             stream_chunk_size=self.stream_chunk_size,
             max_audio_tokens=self.max_audio_tokens,
             meter=self.throughput,
+            on_step=self.admission.poke,
         )
         torch.set_grad_enabled(False)
         self.loaded = True

@@ -142,8 +142,10 @@ class XttsBatcher:
         max_audio_tokens: int | None,
         max_buffered: int = 4,
         meter: ThroughputMeter | None = None,
+        on_step: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
+        self._on_step = on_step  # after each step: admission may grant a waiter now
         # The engine's capacity (engines/capacity.py): each step's wall time against the audio
         # it made. Most steps make none (audio comes every `stream_chunk_size` tokens), so their
         # time is carried to the next step that does.
@@ -273,6 +275,8 @@ class XttsBatcher:
         if self._meter is not None and self._step_audio_seconds > 0:
             self._meter.observe(self._unmetered_seconds, self._step_audio_seconds)
             self._unmetered_seconds = 0.0
+        if self._on_step is not None:
+            self._on_step()
 
     def _advance_batch(self, chosen: list[BatchedStream]) -> None:
         emissions: list[tuple[BatchedStream, bool]] = []
@@ -303,7 +307,7 @@ class XttsBatcher:
         while stream.segments:
             segment = stream.segments.popleft()
             if isinstance(segment, Pause):
-                self._deliver_audio(stream, silence_chunk(segment.seconds, self.sample_rate))
+                self._deliver_audio(stream, silence_chunk(segment.seconds, self.sample_rate), computed=False)
                 continue
             model, step = self.model, self.step_model
             language = stream.job.language.split("-")[0]
@@ -470,11 +474,12 @@ class XttsBatcher:
             assert stream.decoding is not None
             stream.decoding.decoded = (len(stream.decoding.latents), wave.squeeze())
 
-    def _deliver_audio(self, stream: BatchedStream, audio: np.ndarray) -> None:
+    def _deliver_audio(self, stream: BatchedStream, audio: np.ndarray, *, computed: bool = True) -> None:
         if stream.first_chunk_at is None:
             stream.first_chunk_at = time.monotonic()
         stream.audio_seconds += len(audio) / self.sample_rate
-        self._step_audio_seconds += len(audio) / self.sample_rate
+        if computed:  # a break's silence costs nothing: metered, it would inflate capacity
+            self._step_audio_seconds += len(audio) / self.sample_rate
         self._deliver(stream, audio)
 
     def _deliver(self, stream: BatchedStream, item: Any) -> None:

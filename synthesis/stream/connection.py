@@ -166,7 +166,10 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
             for task in self._background:
                 task.cancel()
             for utterance in list(self.utterances.values()):
-                await self._end_utterance(utterance, 200, CLIENT_DISCONNECTED)
+                try:
+                    await self._end_utterance(utterance, 200, CLIENT_DISCONNECTED)
+                except Exception:  # the others must still end (and give back their slots)
+                    logger.exception("Ending utterance %s on disconnect failed", utterance.request_id)
         finally:
             try:
                 if self.lease is not None:

@@ -39,30 +39,31 @@ CONTEXT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 MAX_FRAME_AUDIO_BYTES = 256 * 1024
 
 
-def ready_pieces(buffer: str, *, final: bool = False) -> tuple[list[str], str]:
+def ready_pieces(buffer: str, *, final: bool = False, eager: bool = False) -> tuple[list[str], str]:
     """Split buffered text into (pieces ready to speak, text still waiting for more).
 
     Plain text is ready up to its last clause end (or, run on past RUN_ON_CHARS, its last
     space); an SSML document once it is closed (`</speak>`), as a piece of its own, and the
     plain text before one as soon as the document starts. With `final` (flush or end)
-    everything is ready, still in those pieces.
+    everything is ready, still in those pieces; with `eager` (a message ended a sentence, in
+    a dialect that speaks sentences at once) all plain text is, but never half a document.
     """
     pieces: list[str] = []
     while True:
-        ready, buffer = _ready_once(buffer, final=final)
+        ready, buffer = _ready_once(buffer, final=final, eager=eager)
         if not ready:
             return pieces, buffer
         pieces.append(ready)
 
 
-def _ready_once(buffer: str, *, final: bool) -> tuple[str, str]:
+def _ready_once(buffer: str, *, final: bool, eager: bool) -> tuple[str, str]:
     if (document := _SSML_START.search(buffer)) is not None:
         if buffer[: document.start()].strip():
             return buffer[: document.start()], buffer[document.start() :]
         if (closed := _SSML_END.search(buffer, document.start())) is not None:
             return buffer[: closed.end()], buffer[closed.end() :]
         return (buffer, "") if final else ("", buffer)
-    if final:
+    if final or eager:
         return buffer, ""
     last_end = 0
     for match in _CLAUSE_END.finditer(buffer):

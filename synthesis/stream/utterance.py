@@ -114,7 +114,9 @@ class Utterance:
                 self.context_id,
                 abort=True,
             )
-        ready, self.buffer = ready_pieces(self.buffer + text, final=final or self._sentence_complete(text))
+        ready, self.buffer = ready_pieces(
+            self.buffer + text, final=final, eager=self._sentence_complete(text)
+        )
         for chunk in ready:
             if not chunk.strip():
                 continue
@@ -158,7 +160,7 @@ class Utterance:
     async def _speak(self) -> None:
         spoken = False
         try:
-            while (piece := await self.pieces.get()) is not None:
+            while (piece := await self._next_piece()) is not None:
                 spoken = True
                 text, segments = piece
                 if self.slot is None:
@@ -195,6 +197,19 @@ class Utterance:
             await self.owner.utterance_finished(self)
         finally:
             self._release_slot()  # cancelled (stop): the slot goes back all the same
+
+    async def _next_piece(self) -> tuple[str, list[Segment]] | None:
+        """The next piece of text to speak (None: the end). While none comes for
+        WS_UTTERANCE_IDLE_SLOT_SECONDS, the engine slot goes back: `_speak` takes one again
+        for the next piece (which may then wait or be refused, as a new stream would)."""
+        if self.slot is None or not self.pieces.empty():
+            return await self.pieces.get()
+        try:
+            async with asyncio.timeout(settings.WS_UTTERANCE_IDLE_SLOT_SECONDS):
+                return await self.pieces.get()
+        except TimeoutError:
+            self._release_slot()
+            return await self.pieces.get()
 
     def _release_slot(self) -> None:
         if self.slot is not None:

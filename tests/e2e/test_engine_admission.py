@@ -117,7 +117,9 @@ def test_a_websocket_utterance_holds_one_slot_across_its_pieces_and_gives_it_bac
 ) -> None:
     with (
         committed_tenant(django_db_blocker, "pieces", **UNLIMITED) as (_tenant, issued),
-        daphne_server(service_env(**{**ONE_AT_A_TIME, "ENGINE_QUEUE_MAX": "0"})) as base_url,
+        daphne_server(
+            service_env(**{**ONE_AT_A_TIME, "ENGINE_QUEUE_MAX": "0", "WS_UTTERANCE_IDLE_SLOT_SECONDS": "120"})
+        ) as base_url,
         connect(
             f"{base_url.replace('http', 'ws')}/v1/stream", additional_headers=bearer(issued.plaintext)
         ) as ws,
@@ -152,3 +154,43 @@ def test_a_websocket_utterance_holds_one_slot_across_its_pieces_and_gives_it_bac
             f"{base_url}/v1/synthesize", json={"text": "Hello there."}, headers=bearer(issued.plaintext)
         )
         assert answer.status_code == 200
+
+
+@pytest.mark.timeout(300)
+def test_an_utterance_waiting_long_for_more_text_gives_its_slot_back_and_takes_one_again(
+    service_env: ServiceEnv, django_db_blocker: Any
+) -> None:
+    env = {**ONE_AT_A_TIME, "ENGINE_QUEUE_MAX": "0", "WS_UTTERANCE_IDLE_SLOT_SECONDS": "0.5"}
+    with (
+        committed_tenant(django_db_blocker, "quiet", **UNLIMITED) as (_tenant, issued),
+        daphne_server(service_env(**env)) as base_url,
+        connect(
+            f"{base_url.replace('http', 'ws')}/v1/stream", additional_headers=bearer(issued.plaintext)
+        ) as ws,
+    ):
+
+        def event(kind: str) -> dict[str, Any]:
+            for _ in range(10_000):
+                message = ws.recv(timeout=60)
+                if isinstance(message, str) and json.loads(message)["type"] == kind:
+                    return dict(json.loads(message))
+            raise AssertionError(f"no {kind} event")
+
+        def engine_jobs() -> int:
+            return int(httpx.get(f"{base_url}/v1/health", timeout=30).json()["engine"]["active_jobs"])
+
+        ws.send(json.dumps({"type": "start", "context_id": "a", "format": "pcm"}))
+        ws.send(json.dumps({"type": "text", "context_id": "a", "text": "The model said this much. "}))
+        event("audio_start")
+        # The LLM went quiet: the utterance stays open, its engine slot goes back.
+        wait_until(lambda: engine_jobs() == 0, what="the quiet utterance's slot to be given back")
+        answer = httpx.post(
+            f"{base_url}/v1/synthesize", json={"text": "Hello there."}, headers=bearer(issued.plaintext)
+        )
+        assert answer.status_code == 200
+        ws.send(json.dumps({"type": "text", "context_id": "a", "text": "Then it went on."}))
+        ws.send(json.dumps({"type": "end", "context_id": "a"}))
+        done = event("audio_end")
+        assert not done["cancelled"]
+        assert done["audio_bytes"] > 0
+        wait_until(lambda: engine_jobs() == 0, what="the slot to be given back at the end")

@@ -174,3 +174,17 @@ async def test_while_a_held_stream_is_at_risk_a_new_one_waits_and_starts_once_it
     for slot in (first, granted, second):
         slot.release()
     assert gate.state().refused_total == 0
+
+
+async def test_a_request_cancelled_just_as_it_is_granted_gives_the_slot_back() -> None:
+    gate = admission(capacity=1.0)
+    held = await gate.acquire()
+    waiting = asyncio.create_task(gate.acquire())
+    await asyncio.sleep(0)
+    held.release()  # granted: resolved on the loop's next turns
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    waiting.cancel()  # the caller went away just as its slot came
+    with pytest.raises(asyncio.CancelledError):
+        await waiting  # cancelled it is, not handed a slot it no longer wants
+    assert gate.state().demand == 0

@@ -79,6 +79,13 @@ def test_a_stream_near_running_dry_or_a_worker_s_worth_of_first_chunks_is_a_risk
     assert stopped.at_risk()
 
 
+def test_a_stream_whose_reader_stopped_reading_is_no_risk_to_admission(stopped: ChunkScheduler) -> None:
+    # Its playback deadline has long passed, but it waits on its reader (backpressure), not
+    # on the engine: it must not hold up everyone else's admission.
+    job(stopped, started_at=time.monotonic() - 60.0, audio=1.0, buffered=stopped.max_buffered)
+    assert not stopped.at_risk()
+
+
 def test_a_request_being_advanced_by_another_worker_is_not_picked(stopped: ChunkScheduler) -> None:
     busy = job(stopped)
     other = job(stopped, started_at=100.0, audio=1.0)
