@@ -246,6 +246,9 @@ XTTS_DETERMINISTIC = env_bool("XTTS_DETERMINISTIC", False)  # greedy decoding (t
 XTTS_MAX_BATCH = env_int("XTTS_MAX_BATCH", 16, minimum=1)
 XTTS_HALF_DTYPE = env_choice("XTTS_HALF_DTYPE", "float16", ("float16", "bfloat16"))  # with XTTS_HALF
 PIPER_WORKERS = env_int("PIPER_WORKERS", os.cpu_count() or 1, minimum=1)
+# ONNX Runtime threads per render (each worker runs one render at a time); 0: its default of
+# one per core, which with several workers oversubscribes the cores (engines/piper.py).
+PIPER_THREADS_PER_WORKER = env_int("PIPER_THREADS_PER_WORKER", 1, minimum=0)
 _piper_noise = env_float("PIPER_NOISE_SCALE", -1.0)
 PIPER_NOISE_SCALE = _piper_noise if _piper_noise >= 0 else None  # unset: the voice's own
 _piper_noise_w = env_float("PIPER_NOISE_W_SCALE", -1.0)

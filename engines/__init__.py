@@ -70,6 +70,7 @@ def build_engine() -> SpeechEngine:
 
     return PiperEngine(
         workers=settings.PIPER_WORKERS,
+        threads_per_worker=settings.PIPER_THREADS_PER_WORKER,
         max_active_jobs=settings.ENGINE_MAX_ACTIVE_JOBS,
         max_jobs_per_owner=settings.ENGINE_MAX_JOBS_PER_TENANT,
         queue_policy=queue_policy(),

@@ -18,7 +18,9 @@ nothing is stretched.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import threading
 from collections import deque
@@ -84,6 +86,33 @@ def spans_within(words: WordSpans, length: int, first: int, last: int) -> WordSp
     return [(moved(begin), moved(finish)) for begin, finish in words]
 
 
+def piper_voice_load(model_path: Path, config_path: Path, *, threads_per_render: int) -> Any:
+    """What `PiperVoice.load(..., include_alignments=True)` does (the model patched in
+    memory so that each phoneme's duration comes out, for word timings), with the session's
+    threads set, which `load` does not offer. Each scheduler worker runs one render at a
+    time; ONNX Runtime's default gives each render a thread per core, so two workers on two
+    cores ran four threads and waited on each other: one thread per render made 25 audio
+    seconds per second where the default made 18 (2 workers, this machine; bench/RESULTS.md).
+    `threads_per_render` 0: ONNX Runtime's default."""
+    import onnx
+    import onnxruntime
+    from piper import PiperVoice
+    from piper.config import PiperConfig
+    from piper.patch_voice_with_alignment import add_alignment_output
+
+    model = onnx.load(str(model_path))
+    with contextlib.suppress(ValueError):  # the file is patched already
+        add_alignment_output(model)
+    options = onnxruntime.SessionOptions()
+    if threads_per_render:
+        options.intra_op_num_threads = threads_per_render
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    config = PiperConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+    return PiperVoice(config=config, session=session)
+
+
 class PiperEngine(SpeechEngine):
     name = "piper"
     device = "cpu"
@@ -97,10 +126,12 @@ class PiperEngine(SpeechEngine):
         max_active_jobs: int = 64,
         max_jobs_per_owner: int | None = None,
         queue_policy: QueuePolicy | None = None,
+        threads_per_worker: int = 1,
         noise_scale: float | None = None,
         noise_w_scale: float | None = None,
     ) -> None:
         self.workers = workers or os.cpu_count() or 1
+        self.threads_per_worker = threads_per_worker
         super().__init__(
             max_active_jobs=max_active_jobs,
             max_jobs_per_owner=max_jobs_per_owner,
@@ -128,10 +159,9 @@ class PiperEngine(SpeechEngine):
         for path in (self.model_path, self.config_path):
             if not path.is_file():
                 raise EngineConfigurationError(f"Piper voice file {path} does not exist.")
-        from piper import PiperVoice
-
-        # With alignments (the voice patched in memory): each phoneme's duration, for word timings.
-        self._voice = PiperVoice.load(self.model_path, config_path=self.config_path, include_alignments=True)
+        self._voice = piper_voice_load(
+            self.model_path, self.config_path, threads_per_render=self.threads_per_worker
+        )
         self.sample_rate = int(self._voice.config.sample_rate)
         # The engine's own admission is the limit; the scheduler's is only a backstop, with
         # room for jobs cancelled but not yet dropped at their next step.
