@@ -16,6 +16,41 @@ from engines import loaded_engine
 from synthesis.stream.stats import stream_stats
 from usage.recorder import usage_spool
 
+# (metric, key in SpeechEngine.info(), help): what an autoscaler reads of the engine.
+ENGINE_GAUGES = (
+    (
+        "cwt_engine_jobs_in_flight",
+        "active_jobs",
+        "Streams the engine holds (HTTP syntheses and WebSocket utterances): its demand.",
+    ),
+    (
+        "cwt_engine_queue_depth",
+        "queued_jobs",
+        "Requests waiting for the engine to have real-time room for them.",
+    ),
+    (
+        "cwt_engine_capacity_audio_seconds_per_second",
+        "capacity_audio_seconds_per_second",
+        "Audio seconds per second the engine is measured to make: the real-time streams it can feed.",
+    ),
+    (
+        "cwt_engine_realtime_limit",
+        "realtime_limit",
+        "Streams admission lets the engine hold (capacity times headroom).",
+    ),
+    ("cwt_engine_queued_total", "jobs_queued", "Requests that waited in the engine's queue."),
+    (
+        "cwt_engine_refused_total",
+        "jobs_refused",
+        "Requests the engine refused (no real-time room soon enough, or share).",
+    ),
+    (
+        "cwt_engine_busy_seconds_total",
+        "busy_seconds",
+        "Seconds the engine has spent with at least one job in flight.",
+    ),
+)
+
 
 class _ServiceState:
     """Gauges read when scraped, from the state the service already keeps."""
@@ -27,41 +62,20 @@ class _ServiceState:
         self.active_streams.set_function(self._active_streams)
         self.utterances = Gauge("cwt_stream_utterances_active", "WebSocket utterances being spoken.")
         self.utterances.set_function(lambda: stream_stats.utterances_active)
-        self.engine_jobs = Gauge(
-            "cwt_engine_jobs_in_flight",
-            "Streams the engine holds (HTTP syntheses and WebSocket utterances): its demand.",
-        )
-        self.engine_jobs.set_function(lambda: _engine_value("active_jobs"))
-        self.engine_queue = Gauge(
-            "cwt_engine_queue_depth", "Requests waiting for the engine to have real-time room for them."
-        )
-        self.engine_queue.set_function(lambda: _engine_value("queued_jobs"))
-        self.engine_capacity = Gauge(
-            "cwt_engine_capacity_audio_seconds_per_second",
-            "Audio seconds per second the engine is measured to make: the real-time streams it can feed.",
-        )
-        self.engine_capacity.set_function(lambda: _engine_value("capacity_audio_seconds_per_second"))
-        self.engine_limit = Gauge(
-            "cwt_engine_realtime_limit", "Streams admission lets the engine hold (capacity times headroom)."
-        )
-        self.engine_limit.set_function(lambda: _engine_value("realtime_limit"))
-        self.engine_queued = Gauge("cwt_engine_queued_total", "Requests that waited in the engine's queue.")
-        self.engine_queued.set_function(lambda: _engine_value("jobs_queued"))
-        self.engine_refused = Gauge(
-            "cwt_engine_refused_total",
-            "Requests the engine refused (no real-time room soon enough, or share).",
-        )
-        self.engine_refused.set_function(lambda: _engine_value("jobs_refused"))
-        self.engine_busy = Gauge(
-            "cwt_engine_busy_seconds_total", "Seconds the engine has spent with at least one job in flight."
-        )
-        self.engine_busy.set_function(lambda: _engine_value("busy_seconds"))
+        # The engine's admission state (engines/capacity.py), by its key in engine.info().
+        self.engine = [self._engine_gauge(*gauge) for gauge in ENGINE_GAUGES]
         self.spool_bytes = Gauge("cwt_usage_spool_bytes", "Usage records waiting for the database (bytes).")
         self.spool_bytes.set_function(lambda: _spool()[1])
         self.spool_files = Gauge("cwt_usage_spool_files", "Usage journal files waiting for the database.")
         self.spool_files.set_function(lambda: _spool()[0])
         self.gpu_memory = Gauge("cwt_gpu_memory_bytes", "GPU memory allocated by the engine (0 off GPU).")
         self.gpu_memory.set_function(_gpu_memory_bytes)
+
+    @staticmethod
+    def _engine_gauge(name: str, key: str, documentation: str) -> Gauge:
+        gauge = Gauge(name, documentation)
+        gauge.set_function(lambda: _engine_value(key))
+        return gauge
 
     @staticmethod
     def _active_streams() -> float:

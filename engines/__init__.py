@@ -6,17 +6,14 @@ import threading
 
 from django.conf import settings
 
-from engines.base import (
-    BuiltinVoice,
+from engines.base import BuiltinVoice, SpeechEngine, SpeechJob
+from engines.capacity import EngineSlot, QueuePolicy
+from engines.errors import (
     CloningNotSupported,
     EngineConfigurationError,
     EngineFailure,
     EngineOverloaded,
     EngineShareExceeded,
-    EngineSlot,
-    QueuePolicy,
-    SpeechEngine,
-    SpeechJob,
 )
 
 __all__ = [

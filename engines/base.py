@@ -11,29 +11,8 @@ from typing import Any
 import numpy as np
 
 from engines.capacity import EngineSlot, QueuePolicy, RealtimeAdmission, ThroughputMeter
-from engines.errors import (
-    CloningNotSupported,
-    EngineConfigurationError,
-    EngineFailure,
-    EngineOverloaded,
-    EngineShareExceeded,
-)
+from engines.errors import CloningNotSupported
 from engines.text import Segment, Speech, effective_rate
-
-__all__ = [
-    "BuiltinVoice",
-    "CloningNotSupported",
-    "EngineConfigurationError",
-    "EngineFailure",
-    "EngineOverloaded",
-    "EngineShareExceeded",
-    "EngineSlot",
-    "QueuePolicy",
-    "SpeechEngine",
-    "SpeechJob",
-    "silence_chunk",
-    "voice_slug",
-]
 
 
 @dataclass(frozen=True)

@@ -31,14 +31,9 @@ from typing import Any
 import numpy as np
 
 from engines.alignment import WordSpans, piper_word_spans, report_word_spans
-from engines.base import (
-    BuiltinVoice,
-    EngineConfigurationError,
-    QueuePolicy,
-    SpeechEngine,
-    SpeechJob,
-    silence_chunk,
-)
+from engines.base import BuiltinVoice, SpeechEngine, SpeechJob, silence_chunk
+from engines.capacity import QueuePolicy
+from engines.errors import EngineConfigurationError
 from engines.scheduler import ChunkScheduler
 from engines.tempo import stretched
 from engines.text import Pause, Speech

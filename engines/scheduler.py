@@ -32,14 +32,14 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from engines.capacity import ThroughputMeter
 from engines.errors import EngineFailure, EngineOverloaded
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-_DONE = object()
+DONE = object()  # the last item of a stream's queue
 # A stream with less audio than this ahead of its caller's playback is at risk of running dry.
 MIN_LEAD_SECONDS = 0.75
 
@@ -48,25 +48,27 @@ def no_duration(item: Any) -> float:
     return 0.0
 
 
-class ScheduledJob:
-    def __init__(
-        self,
-        scheduler: ChunkScheduler,
-        iterator: Iterator[Any],
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self._scheduler = scheduler
-        self.iterator = iterator
+class ChunkStream:
+    """One request's side of an engine's loop (this scheduler, or XTTS's batched one): the
+    queue its chunks reach the event loop by, its place in the order (`priority`), and its
+    caller's playback clock. The loop's own state (buffered, cancelled) is guarded by the
+    loop's lock; `owner` is told when a chunk is taken (backpressure) and when the consumer
+    stops (cancellation)."""
+
+    def __init__(self, owner: StreamOwner, loop: asyncio.AbstractEventLoop, arrival: int) -> None:
+        self._owner = owner
         self.loop = loop
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.arrival = next(scheduler._arrivals)
-        self.started = False  # its first chunk has been made
-        self.running = False  # a worker is advancing it now
+        self.arrival = arrival
         self.cancelled = False
-        self.buffered = 0  # chunks delivered but not yet taken; guarded by the scheduler's lock
+        self.buffered = 0  # chunks delivered but not yet taken
         # Playback: when its first chunk was delivered, and the audio delivered since.
         self.first_delivery: float | None = None
         self.audio_delivered = 0.0
+
+    @property
+    def started(self) -> bool:
+        return self.first_delivery is not None
 
     @property
     def deadline(self) -> float:
@@ -75,21 +77,51 @@ class ScheduledJob:
             return float("-inf")
         return self.first_delivery + self.audio_delivered
 
+    def priority(self) -> tuple[int, float]:
+        """Lower goes first: no first chunk yet (by arrival), then the nearest deadline."""
+        if self.first_delivery is None:
+            return (0, float(self.arrival))
+        return (1, self.deadline)
+
+    def delivered(self, audio_seconds: float) -> None:
+        """Its clock, as a chunk of `audio_seconds` is delivered."""
+        if self.first_delivery is None:
+            self.first_delivery = time.monotonic()
+        self.audio_delivered += audio_seconds
+
     def cancel(self) -> None:
-        self._scheduler._cancel(self)
+        self._owner._cancel(self)
 
     async def chunks(self) -> AsyncIterator[Any]:
         try:
             while True:
                 item = await self.queue.get()
-                self._scheduler._taken(self)
-                if item is _DONE:
+                self._owner._taken(self)
+                if item is DONE:
                     return
                 if isinstance(item, BaseException):
                     raise EngineFailure(str(item)) from item
                 yield item
         finally:
             self.cancel()
+
+
+class StreamOwner(Protocol):
+    def _cancel(self, stream: Any) -> None: ...
+
+    def _taken(self, stream: Any) -> None: ...
+
+
+class ScheduledJob(ChunkStream):
+    def __init__(
+        self,
+        scheduler: ChunkScheduler,
+        iterator: Iterator[Any],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__(scheduler, loop, next(scheduler._arrivals))
+        self.iterator = iterator
+        self.running = False  # a worker is advancing it now
 
 
 class ChunkScheduler:
@@ -195,10 +227,7 @@ class ChunkScheduler:
         ]
         if not runnable:
             return None
-        fresh = [job for job in runnable if not job.started]
-        if fresh:
-            return min(fresh, key=lambda job: job.arrival)
-        return min(runnable, key=lambda job: (job.deadline, job.arrival))
+        return min(runnable, key=ChunkStream.priority)
 
     def _close(self, job: ScheduledJob) -> None:
         close = getattr(job.iterator, "close", None)
@@ -232,7 +261,7 @@ class ChunkScheduler:
             try:
                 item = next(job.iterator)
             except StopIteration:
-                final = _DONE
+                final = DONE
             except Exception as exc:
                 logger.exception("%s job failed", self.name)
                 final = exc
@@ -243,12 +272,8 @@ class ChunkScheduler:
                         self._jobs.remove(job)
                     self._deliver(job, final)
                 else:
-                    now = time.monotonic()
-                    if job.first_delivery is None:
-                        job.first_delivery = now
-                    job.started = True
                     audio_seconds = self._duration_of(item)
-                    job.audio_delivered += audio_seconds
+                    job.delivered(audio_seconds)
                     if self._meter is not None and self._computed(item):
                         self._meter.observe(time.perf_counter() - step_started, audio_seconds)
                     self._deliver(job, item)

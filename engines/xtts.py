@@ -21,15 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from engines.base import (
-    BuiltinVoice,
-    EngineConfigurationError,
-    EngineFailure,
-    QueuePolicy,
-    SpeechEngine,
-    SpeechJob,
-    voice_slug,
-)
+from engines.base import BuiltinVoice, SpeechEngine, SpeechJob, voice_slug
+from engines.capacity import QueuePolicy
+from engines.errors import EngineConfigurationError, EngineFailure
 from engines.xtts_batch import XttsBatcher
 from engines.xtts_gpt import Sampling, XttsStepModel
 

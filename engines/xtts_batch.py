@@ -38,7 +38,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -46,14 +46,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engines.base import EngineFailure, EngineOverloaded, SpeechJob, silence_chunk
+from engines.base import SpeechJob, silence_chunk
 from engines.capacity import ThroughputMeter
+from engines.errors import EngineFailure, EngineOverloaded
+from engines.scheduler import DONE, ChunkStream
 from engines.text import Pause, Segment
 from engines.xtts_gpt import Row, XttsStepModel
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-_DONE = object()
 # coqui's `inference_stream` default: samples cross-faded between consecutive chunks.
 OVERLAP_SAMPLES = 1024
 
@@ -74,7 +75,7 @@ class _Decoding:
     decoded: tuple[int, Any] | None = None  # (latent count, waveform) of its last vocoder call
 
 
-class BatchedStream:
+class BatchedStream(ChunkStream):
     """One request in the step loop; its consumer iterates `chunks()` on the event loop."""
 
     def __init__(
@@ -84,40 +85,11 @@ class BatchedStream:
         conditioning: tuple[Any, Any],
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        self._batcher = batcher
+        super().__init__(batcher, loop, next(batcher._arrivals))
         self.job = job
         self.segments: deque[Segment] = deque(job.segments)
         self.gpt_cond_latent, self.speaker_embedding = conditioning
-        self.loop = loop
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.arrival = next(batcher._arrivals)
-        self.cancelled = False
-        self.buffered = 0  # chunks delivered but not yet taken; guarded by the batcher's lock
-        self.first_chunk_at: float | None = None
-        self.audio_seconds = 0.0
         self.decoding: _Decoding | None = None
-
-    def priority(self) -> tuple[int, float]:
-        """Lower runs first: no first chunk yet (by arrival), then the nearest playback deadline."""
-        if self.first_chunk_at is None:
-            return (0, float(self.arrival))
-        return (1, self.first_chunk_at + self.audio_seconds)
-
-    def cancel(self) -> None:
-        self._batcher._cancel(self)
-
-    async def chunks(self) -> AsyncIterator[np.ndarray]:
-        try:
-            while True:
-                item = await self.queue.get()
-                self._batcher._taken(self)
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise EngineFailure(str(item)) from item
-                yield item
-        finally:
-            self.cancel()
 
 
 @dataclass
@@ -323,7 +295,7 @@ class XttsBatcher:
                 length_scale=1.0 / max(stream.job.rate_of(segment), 0.05),
             )
             return prefix
-        self._finish(stream, _DONE)
+        self._finish(stream, DONE)
         return None
 
     def _prefill(
@@ -433,7 +405,7 @@ class XttsBatcher:
                     self.step_model.pool.release(decoding.slot)
                     stream.decoding = None
                 if not stream.segments:
-                    self._finish(stream, _DONE)
+                    self._finish(stream, DONE)
 
     def _vocode(self, streams: Sequence[BatchedStream]) -> None:
         inputs: dict[int, Any] = {}
@@ -475,9 +447,7 @@ class XttsBatcher:
             stream.decoding.decoded = (len(stream.decoding.latents), wave.squeeze())
 
     def _deliver_audio(self, stream: BatchedStream, audio: np.ndarray, *, computed: bool = True) -> None:
-        if stream.first_chunk_at is None:
-            stream.first_chunk_at = time.monotonic()
-        stream.audio_seconds += len(audio) / self.sample_rate
+        stream.delivered(len(audio) / self.sample_rate)
         if computed:  # a break's silence costs nothing: metered, it would inflate capacity
             self._step_audio_seconds += len(audio) / self.sample_rate
         self._deliver(stream, audio)

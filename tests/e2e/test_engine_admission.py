@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from websockets.sync.client import connect
+from websockets.sync.client import ClientConnection, connect
 
 from tests.support.servers import ServiceEnv, daphne_server
 from tests.support.tenants import bearer, committed_tenant
@@ -42,6 +42,20 @@ def gauge(base_url: str, name: str) -> float:
     match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     assert match, f"{name} is not on /metrics"
     return float(match.group(1))
+
+
+def engine_jobs(base_url: str) -> int:
+    """The streams the server's engine holds now (its demand)."""
+    return int(httpx.get(f"{base_url}/v1/health", timeout=30).json()["engine"]["active_jobs"])
+
+
+def next_event(ws: ClientConnection, kind: str) -> dict[str, Any]:
+    """The next JSON event of `kind` on the socket (audio frames and other events skipped)."""
+    for _ in range(10_000):
+        message = ws.recv(timeout=60)
+        if isinstance(message, str) and json.loads(message)["type"] == kind:
+            return dict(json.loads(message))
+    raise AssertionError(f"no {kind} event")
 
 
 @contextmanager
@@ -91,7 +105,7 @@ def test_past_real_time_capacity_a_stream_queues_then_starts_and_past_the_queue_
         assert queued_result["bytes"] > 0
 
         wait_until(
-            lambda: httpx.get(f"{base_url}/v1/health", timeout=30).json()["engine"]["active_jobs"] == 0,
+            lambda: engine_jobs(base_url) == 0,
             what="every slot to be given back",
         )
         health = httpx.get(f"{base_url}/v1/health", timeout=30).json()["engine"]
@@ -124,17 +138,9 @@ def test_a_websocket_utterance_holds_one_slot_across_its_pieces_and_gives_it_bac
             f"{base_url.replace('http', 'ws')}/v1/stream", additional_headers=bearer(issued.plaintext)
         ) as ws,
     ):
-
-        def event(kind: str) -> dict[str, Any]:
-            for _ in range(10_000):
-                message = ws.recv(timeout=60)
-                if isinstance(message, str) and json.loads(message)["type"] == kind:
-                    return dict(json.loads(message))
-            raise AssertionError(f"no {kind} event")
-
         ws.send(json.dumps({"type": "start", "context_id": "a", "format": "pcm"}))
         ws.send(json.dumps({"type": "text", "context_id": "a", "text": "The first piece of a reply. "}))
-        event("audio_start")
+        next_event(ws, "audio_start")
         # Between pieces the utterance keeps its slot: another request finds the engine full.
         refused = httpx.post(
             f"{base_url}/v1/synthesize", json={"text": "Hello there."}, headers=bearer(issued.plaintext)
@@ -142,12 +148,12 @@ def test_a_websocket_utterance_holds_one_slot_across_its_pieces_and_gives_it_bac
         assert refused.json()["error"]["code"] == "engine_overloaded"
         ws.send(json.dumps({"type": "text", "context_id": "a", "text": "And the second piece of it."}))
         ws.send(json.dumps({"type": "end", "context_id": "a"}))
-        done = event("audio_end")
+        done = next_event(ws, "audio_end")
         assert done["context_id"] == "a"
         assert not done["cancelled"]
         assert done["audio_bytes"] > 0
         wait_until(
-            lambda: httpx.get(f"{base_url}/v1/health", timeout=30).json()["engine"]["active_jobs"] == 0,
+            lambda: engine_jobs(base_url) == 0,
             what="the utterance's slot to be given back",
         )
         answer = httpx.post(
@@ -168,29 +174,18 @@ def test_an_utterance_waiting_long_for_more_text_gives_its_slot_back_and_takes_o
             f"{base_url.replace('http', 'ws')}/v1/stream", additional_headers=bearer(issued.plaintext)
         ) as ws,
     ):
-
-        def event(kind: str) -> dict[str, Any]:
-            for _ in range(10_000):
-                message = ws.recv(timeout=60)
-                if isinstance(message, str) and json.loads(message)["type"] == kind:
-                    return dict(json.loads(message))
-            raise AssertionError(f"no {kind} event")
-
-        def engine_jobs() -> int:
-            return int(httpx.get(f"{base_url}/v1/health", timeout=30).json()["engine"]["active_jobs"])
-
         ws.send(json.dumps({"type": "start", "context_id": "a", "format": "pcm"}))
         ws.send(json.dumps({"type": "text", "context_id": "a", "text": "The model said this much. "}))
-        event("audio_start")
+        next_event(ws, "audio_start")
         # The LLM went quiet: the utterance stays open, its engine slot goes back.
-        wait_until(lambda: engine_jobs() == 0, what="the quiet utterance's slot to be given back")
+        wait_until(lambda: engine_jobs(base_url) == 0, what="the quiet utterance's slot to be given back")
         answer = httpx.post(
             f"{base_url}/v1/synthesize", json={"text": "Hello there."}, headers=bearer(issued.plaintext)
         )
         assert answer.status_code == 200
         ws.send(json.dumps({"type": "text", "context_id": "a", "text": "Then it went on."}))
         ws.send(json.dumps({"type": "end", "context_id": "a"}))
-        done = event("audio_end")
+        done = next_event(ws, "audio_end")
         assert not done["cancelled"]
         assert done["audio_bytes"] > 0
-        wait_until(lambda: engine_jobs() == 0, what="the slot to be given back at the end")
+        wait_until(lambda: engine_jobs(base_url) == 0, what="the slot to be given back at the end")

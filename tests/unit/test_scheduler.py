@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from engines.base import EngineFailure, EngineOverloaded
 from engines.capacity import ThroughputMeter
+from engines.errors import EngineFailure, EngineOverloaded
 from engines.scheduler import ChunkScheduler, ScheduledJob
 from tests.support.waiting import async_wait_until
 
@@ -44,7 +44,6 @@ def job(
     """A job; `started_at`: when its first chunk was delivered (None: not yet), `audio`:
     the seconds of audio delivered since."""
     made = ScheduledJob(scheduler, iter(()), IDLE_LOOP)
-    made.started = started_at is not None
     made.first_delivery, made.audio_delivered, made.buffered = started_at, audio, buffered
     scheduler._jobs.append(made)
     return made

@@ -129,9 +129,9 @@ def test_who_runs_first_no_first_chunk_by_arrival_then_the_nearest_playback_dead
         streams = [BatchedStream(engine.scheduler, job_for(engine, 0), (None, None), loop) for _ in range(5)]
     finally:
         loop.close()
-    streams[0].first_chunk_at, streams[0].audio_seconds = 100.0, 5.0  # runs dry at 105
-    streams[1].first_chunk_at, streams[1].audio_seconds = 101.0, 1.0  # runs dry at 102
-    streams[4].first_chunk_at, streams[4].audio_seconds = 90.0, 20.0  # runs dry at 110
+    streams[0].first_delivery, streams[0].audio_delivered = 100.0, 5.0  # runs dry at 105
+    streams[1].first_delivery, streams[1].audio_delivered = 101.0, 1.0  # runs dry at 102
+    streams[4].first_delivery, streams[4].audio_delivered = 90.0, 20.0  # runs dry at 110
     # streams 2 and 3 have no first chunk yet: they go first, the earlier arrival first.
     order = sorted(streams, key=BatchedStream.priority)
     assert [streams.index(stream) for stream in order] == [2, 3, 1, 0, 4]
