@@ -38,6 +38,7 @@ _engine_lock = threading.Lock()
 def queue_policy() -> QueuePolicy:
     return QueuePolicy(
         headroom=settings.ENGINE_REALTIME_HEADROOM,
+        realtime=settings.ENGINE_ADMISSION == "realtime",
         queue_max=settings.ENGINE_QUEUE_MAX,
         queue_seconds=settings.ENGINE_QUEUE_SECONDS,
     )

@@ -58,6 +58,10 @@ class QueuePolicy:
     """How close to its measured capacity an engine admits, and how long a request may wait."""
 
     headroom: float = 0.65  # admit up to this share of the measured capacity
+    # False: admit up to `max_active` whatever the measured speed, with no pacing of bursts
+    # (a fixed engine size: the tests on a shared, loaded machine, and operators who size
+    # by hand); capacity is still measured and reported.
+    realtime: bool = True
     queue_max: int = 16  # requests waiting at most
     queue_seconds: float = 2.0  # the longest a request waits before 503
 
@@ -137,6 +141,7 @@ class RealtimeAdmission:
         self.max_active = max_active
         self.max_per_owner = max_per_owner
         self.headroom = policy.headroom
+        self.realtime = policy.realtime
         self.queue_max = policy.queue_max
         self.queue_seconds = policy.queue_seconds
         # Whether a stream the engine holds is near running dry, or too many are still waiting
@@ -163,7 +168,7 @@ class RealtimeAdmission:
     def realtime_limit(self) -> float:
         """How many slots the engine can hold and keep real-time, as measured now."""
         capacity = self.meter.audio_seconds_per_second
-        if capacity is None:
+        if capacity is None or not self.realtime:
             return float(self.max_active)
         return min(float(self.max_active), capacity * self.headroom)
 
@@ -264,7 +269,7 @@ class RealtimeAdmission:
         return len(self._slots) + 1 <= self.realtime_limit()
 
     def _streams_at_risk(self) -> bool:
-        return bool(self._slots) and self.at_risk is not None and self.at_risk()
+        return self.realtime and bool(self._slots) and self.at_risk is not None and self.at_risk()
 
     def _room_now(self) -> bool:
         return self._capacity_room() and not self._streams_at_risk()
@@ -294,7 +299,7 @@ class RealtimeAdmission:
             except RuntimeError:  # the waiter's loop is gone: nobody will use the slot
                 self._slots.remove(slot)
                 self._drop_owner(waiter.owner)
-            if self.at_risk is not None:
+            if self.realtime and self.at_risk is not None:
                 # One at a time: the scheduler sees the new stream only once its waiter runs
                 # and submits it; the next step's `poke` considers the next waiter.
                 return

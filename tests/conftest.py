@@ -96,7 +96,7 @@ def service_env(test_database_url: str, tmp_path_factory: pytest.TempPathFactory
                 "PIPER_NOISE_SCALE": "0",
                 "PIPER_NOISE_W_SCALE": "0",
                 # Not by the loaded machine's speed (tests/settings.py); admission tests set it.
-                "ENGINE_REALTIME_HEADROOM": "1000",
+                "ENGINE_ADMISSION": "fixed",
                 **overrides,
             }
         )

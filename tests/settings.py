@@ -26,9 +26,10 @@ os.environ.setdefault("QUOTA_CACHE_SECONDS", "0")
 # in its own transaction; a spool of this run's own.
 os.environ.setdefault("USAGE_FLUSH_SECONDS", "0")
 os.environ.setdefault("USAGE_SPOOL_DIR", tempfile.mkdtemp(prefix="cwt-test-usage-"))
-# Tests share a loaded machine: admission by the engine's measured real-time capacity would
-# refuse by the machine's speed of the moment. Tests of that admission set their own.
-os.environ.setdefault("ENGINE_REALTIME_HEADROOM", "1000")
+# Tests share a loaded machine: admission by the engine's measured real-time capacity (and its
+# pacing of bursts) would refuse by the machine's speed of the moment. Tests of that admission
+# set ENGINE_ADMISSION=realtime and an engine whose speed they control.
+os.environ.setdefault("ENGINE_ADMISSION", "fixed")
 os.environ.setdefault("ALLOWED_HOSTS", "localhost,127.0.0.1,testserver")
 
 from callwaiting_tts.settings import *  # noqa: F403

@@ -30,6 +30,7 @@ UNLIMITED = {"rate_limit_minute": 0, "rate_limit_hour": 0, "quota_minutes": 0, "
 METRICS_TOKEN = "admission-scrape-token"
 LONG = " ".join(f"Sentence number {n} of an answer that keeps going for a long while." for n in range(40))
 ONE_AT_A_TIME = {
+    "ENGINE_ADMISSION": "realtime",
     "ENGINE_REALTIME_HEADROOM": "0",  # an idle engine still takes one
     "ENGINE_QUEUE_MAX": "1",
     "ENGINE_QUEUE_SECONDS": "120",

@@ -20,7 +20,7 @@ def loaded_tiny_xtts(checkpoint: Path, **options: Any) -> Iterator[XttsEngine]:
         "max_audio_tokens": 12,
         "deterministic": True,
         # Concurrency tests of the engine itself: admission by measured capacity must not bind.
-        "queue_policy": QueuePolicy(headroom=1000.0),
+        "queue_policy": QueuePolicy(realtime=False),
     }
     engine = XttsEngine(checkpoint_dir=str(checkpoint), **{**settings, **options})
     engine.load()

@@ -188,3 +188,27 @@ async def test_a_request_cancelled_just_as_it_is_granted_gives_the_slot_back() -
     with pytest.raises(asyncio.CancelledError):
         await waiting  # cancelled it is, not handed a slot it no longer wants
     assert gate.state().demand == 0
+
+
+async def test_fixed_admission_takes_up_to_max_active_however_slow_and_at_risk_the_engine_is() -> None:
+    """ENGINE_ADMISSION=fixed: a slow measurement and a stream at risk refuse nobody; only
+    the engine's size and the owner's share bind (the tests' loaded machine relies on it)."""
+    meter = ThroughputMeter(parallelism=1)
+    meter.observe(compute_seconds=10.0, audio_seconds=0.1)  # far slower than real time
+    gate = RealtimeAdmission(
+        meter=meter,
+        max_active=3,
+        max_per_owner=2,
+        policy=QueuePolicy(realtime=False, queue_max=0, queue_seconds=30.0),
+    )
+    gate.at_risk = lambda: True
+    slots = [await gate.acquire("a"), await gate.acquire("a")]
+    assert gate.realtime_limit() == 3.0
+    with pytest.raises(EngineShareExceeded):  # room left, but not in a's share
+        await gate.acquire("a")
+    slots.append(await gate.acquire("b"))
+    with pytest.raises(EngineOverloaded):  # full: the size binds
+        await gate.acquire("c")
+    for slot in slots:
+        slot.release()
+    assert gate.state().demand == 0
