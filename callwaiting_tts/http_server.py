@@ -36,7 +36,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+from contextlib import suppress
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import IO, Any
 
 from daphne.access import AccessLogGenerator
@@ -157,6 +159,14 @@ class BoundedRequest(WebRequest):  # type: ignore[misc]  # daphne ships no types
         self._discarded = 0
         self._closing: DelayedCall | None = None
         super().__init__(*args, parsePOSTFormSubmission=False, **kwargs)
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        # Twisted's table of reason phrases has no 422 or 429 (its status line read
+        # `429 Unknown Status`); the standard library's has every registered code.
+        if message is None:
+            with suppress(ValueError):
+                message = HTTPStatus(code).phrase.encode("ascii")
+        super().setResponseCode(code, message)
 
     # Twisted calls gotLength once the headers are in (None: a chunked body),
     # handleContentChunk with each piece of body, and requestReceived at its end.

@@ -84,6 +84,7 @@ def test_one_tenant_filling_its_share_of_the_engine_leaves_room_for_another(
             )
             statuses.append(response.status_code)
             if response.status_code != 200:
+                assert response.reason_phrase == "Too Many Requests"  # not Twisted's "Unknown Status"
                 codes.append(json.loads(response.read())["error"]["code"])
         assert statuses == [200, 200, 429, 429]
         assert codes == ["engine_share_exceeded"] * 2

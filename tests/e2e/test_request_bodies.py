@@ -15,6 +15,7 @@ import wave
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,7 @@ def test_an_upload_with_a_key_may_be_larger_than_other_bodies(server: Server, up
     )
     # The view read the whole upload and got as far as the engine, which here cannot clone.
     assert response.status_code == 422, response.text
+    assert response.reason_phrase == HTTPStatus(422).phrase  # Twisted's own table has none
     assert response.json()["error"]["code"] == "cloning_not_supported"
 
     without_key = httpx.post(
