@@ -135,11 +135,10 @@ def _synthesis_errors() -> dict[str, Any]:
         "400": error_response(
             "empty_text, invalid_ssml, ssml_break_too_long, unsupported_format, unsupported_sample_rate, "
             "invalid_speed, unsupported_language, invalid_request, malformed_json, nesting_too_deep, "
-            "malformed_request"
+            "malformed_request, audio_too_long (more audio than MAX_AUDIO_SECONDS_PER_REQUEST)"
         ),
         "404": error_response("voice_not_found"),
         "413": error_response("text_too_long, body_too_large"),
-        "422": error_response("audio_too_long: more audio than MAX_AUDIO_SECONDS_PER_REQUEST"),
         "500": error_response("engine_error"),
     }
 
@@ -289,11 +288,10 @@ def audio_speech_operation() -> dict[str, Any]:
                 },
             },
             "400": openai_error_response(
-                "invalid_request, empty_text, unsupported_format, ... (as /v1/synthesize)"
+                "invalid_request, empty_text, unsupported_format, audio_too_long, ... (as /v1/synthesize)"
             ),
             "404": openai_error_response("voice_not_found"),
             "413": openai_error_response("text_too_long, body_too_large"),
-            "422": openai_error_response("audio_too_long"),
             "500": openai_error_response("engine_error"),
         },
     }
