@@ -23,6 +23,8 @@ from core.env import (
     env_float,
     env_int,
     env_list,
+    env_mapping,
+    env_optional_float,
     env_str,
 )
 
@@ -249,10 +251,8 @@ PIPER_WORKERS = env_int("PIPER_WORKERS", os.cpu_count() or 1, minimum=1)
 # ONNX Runtime threads per render (each worker runs one render at a time); 0: its default of
 # one per core, which with several workers oversubscribes the cores (engines/piper.py).
 PIPER_THREADS_PER_WORKER = env_int("PIPER_THREADS_PER_WORKER", 1, minimum=0)
-_piper_noise = env_float("PIPER_NOISE_SCALE", -1.0)
-PIPER_NOISE_SCALE = _piper_noise if _piper_noise >= 0 else None  # unset: the voice's own
-_piper_noise_w = env_float("PIPER_NOISE_W_SCALE", -1.0)
-PIPER_NOISE_W_SCALE = _piper_noise_w if _piper_noise_w >= 0 else None
+PIPER_NOISE_SCALE = env_optional_float("PIPER_NOISE_SCALE", minimum=0.0)  # unset: the voice's own
+PIPER_NOISE_W_SCALE = env_optional_float("PIPER_NOISE_W_SCALE", minimum=0.0)
 ENGINE_MAX_ACTIVE_JOBS = env_int("ENGINE_MAX_ACTIVE_JOBS", 32, minimum=1)
 # One tenant's share of those slots: a burst from one tenant leaves the rest to others
 # (refused with 429 engine_share_exceeded past it). Half the engine unless set.
@@ -324,9 +324,7 @@ METRICS_TENANT_LABELS = env_bool("METRICS_TENANT_LABELS", False)
 
 # OpenAI's voice names (alloy, echo, ...) on /v1/audio/speech: "alloy=joe,echo=joe".
 # A name not listed (or naming no built-in voice) speaks with the engine's default voice.
-OPENAI_VOICE_MAP = dict(
-    pair.split("=", 1) for pair in env_str("OPENAI_VOICE_MAP").replace(" ", "").split(",") if "=" in pair
-)
+OPENAI_VOICE_MAP = env_mapping("OPENAI_VOICE_MAP")
 
 # WS /v1/stream limits (see README "Streaming over WebSocket").
 WS_MAX_MESSAGE_BYTES = env_int("WS_MAX_MESSAGE_BYTES", 64 * 1024, minimum=1024)

@@ -61,6 +61,28 @@ def env_float(name: str, default: float, *, minimum: float | None = None) -> flo
     return value
 
 
+def env_optional_float(name: str, *, minimum: float | None = None) -> float | None:
+    """A number, or None when unset (the component's own default applies): never a sentinel
+    value, so that a negative or garbled value is refused rather than read as "unset"."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    return env_float(name, 0.0, minimum=minimum)
+
+
+def env_mapping(name: str, *, separator: str = "=") -> dict[str, str]:
+    """`key=value,key=value`; an item without both sides (`alloy:joe`, `=joe`) is refused."""
+    mapping: dict[str, str] = {}
+    for item in env_list(name, []):
+        key, found, value = (part.strip() for part in item.partition(separator))
+        if not found or not key or not value:
+            raise ImproperlyConfigured(
+                f"{name}: {item!r} is not a pair; write {name}=name{separator}value,name{separator}value."
+            )
+        mapping[key] = value
+    return mapping
+
+
 def env_list(name: str, default: list[str]) -> list[str]:
     raw = os.environ.get(name)
     if raw is None:

@@ -83,6 +83,12 @@ def test_debug_is_off_unless_asked_for() -> None:
         ("TTS_ENGINE", "espeak", "TTS_ENGINE='espeak' must be one of"),
         ("PUBLIC_BASE_URL", "ftp://x", "must start with http"),
         ("DATABASE_URL", "nosuchdb://x", "DATABASE_URL cannot be parsed"),
+        # Values once read silently as "unset" or dropped.
+        ("PIPER_NOISE_SCALE", "-5", "PIPER_NOISE_SCALE=-5.0 is below the minimum"),
+        ("PIPER_NOISE_W_SCALE", "loud", "PIPER_NOISE_W_SCALE='loud' is not a number"),
+        ("OPENAI_VOICE_MAP", "alloy:joe", "OPENAI_VOICE_MAP: 'alloy:joe' is not a pair"),
+        ("OPENAI_VOICE_MAP", "alloy=joe,=joe", "OPENAI_VOICE_MAP: '=joe' is not a pair"),
+        ("ENGINE_ADMISSION", "loose", "ENGINE_ADMISSION='loose' must be one of"),
     ],
 )
 def test_bad_values_stop_start_up_with_a_message_naming_the_variable(
@@ -91,6 +97,12 @@ def test_bad_values_stop_start_up_with_a_message_naming_the_variable(
     result = read_setting("s.DEBUG", {"SECRET_KEY": "x" * 50, variable: value})
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_voice_maps_and_optional_numbers_parse_when_well_formed() -> None:
+    env = {"SECRET_KEY": "x" * 50, "OPENAI_VOICE_MAP": " alloy = joe , echo=joe ", "PIPER_NOISE_SCALE": "0"}
+    result = read_setting("s.OPENAI_VOICE_MAP, s.PIPER_NOISE_SCALE, s.PIPER_NOISE_W_SCALE", env)
+    assert result.stdout.strip() == "{'alloy': 'joe', 'echo': 'joe'} 0.0 None", result.stderr
 
 
 def test_no_database_url_means_an_embedded_sqlite_file() -> None:
