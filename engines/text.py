@@ -131,6 +131,9 @@ _BREAK_STRENGTHS = {"none": 0.0, "x-weak": 0.1, "weak": 0.25, "medium": 0.4, "st
 _RATE_WORDS = {"x-slow": 0.5, "slow": 0.75, "medium": 1.0, "default": 1.0, "fast": 1.25, "x-fast": 1.75}
 
 # Sentence ends: . ! ? … (and CJK full stops) followed by space or end.
+# Where an SSML document starts: its root, an XML declaration, or a DOCTYPE (refused as
+# invalid_ssml by the parser, never spoken as text), in any case.
+SSML_START = re.compile(r"<(?:speak|\?xml\b|!doctype\b)", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.!?…。！？])[\"')\]]*\s+")  # noqa: RUF001  (full-width stops are real)
 # Clause boundaries inside a long sentence.
 _CLAUSE_END = re.compile(r"(?<=[,;:—–])\s+")  # noqa: RUF001  (em and en dashes)
@@ -338,7 +341,7 @@ def prepare_text(
     if not text.strip():
         raise ServiceError(400, "empty_text", "The text is empty.")
     stripped = text.strip()
-    is_ssml = stripped.startswith(("<speak", "<?xml"))
+    is_ssml = SSML_START.match(stripped) is not None
     parsed = parse_ssml(stripped, ssml) if is_ssml else [Speech(normalise_whitespace(text))]
     segments: list[Segment] = []
     for segment in parsed:

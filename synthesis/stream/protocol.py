@@ -12,6 +12,7 @@ from django.conf import settings
 
 from core.bounded_json import bounded_json_loads
 from core.errors import ServiceError
+from engines.text import SSML_START
 
 # Close codes (documented in docs/streaming.md).
 CLOSE_UNAUTHORIZED = 4001  # no key, a bad one, or none in time
@@ -27,8 +28,7 @@ _CLAUSE_END = re.compile(r"""[.!?;:\u2026\u3002\uff01\uff1f]["')\]]*\s+|\n+""")
 # space), so a run-on LLM reply does not wait for its end.
 RUN_ON_CHARS = 200
 # An SSML document is spoken whole: its sentences are not cut apart (a part of a document
-# is not a document), however its text arrives. A document starts at `<speak` or `<?xml`.
-_SSML_START = re.compile(r"<(?:speak|\?xml)\b", re.IGNORECASE)
+# is not a document), however its text arrives. A document starts at engines.text's SSML_START.
 _SSML_END = re.compile(r"</speak\s*>", re.IGNORECASE)
 
 CONTEXT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
@@ -57,7 +57,7 @@ def ready_pieces(buffer: str, *, final: bool = False, eager: bool = False) -> tu
 
 
 def _ready_once(buffer: str, *, final: bool, eager: bool) -> tuple[str, str]:
-    if (document := _SSML_START.search(buffer)) is not None:
+    if (document := SSML_START.search(buffer)) is not None:
         if buffer[: document.start()].strip():
             return buffer[: document.start()], buffer[document.start() :]
         if (closed := _SSML_END.search(buffer, document.start())) is not None:

@@ -131,6 +131,25 @@ def test_entity_expansion_is_refused() -> None:
     assert code_of("<speak><!DOCTYPE x [<!ENTITY a 'b'>]>&a;</speak>") == "invalid_ssml"
 
 
+def test_a_doctype_before_speak_is_a_document_never_spoken_as_text() -> None:
+    document = "<!DOCTYPE speak>\n<speak>Hello <break time='1ms'/>there.</speak>"
+    segments = prepare_text(document, max_chars=1000)
+    assert [segment.text for segment in segments if isinstance(segment, Speech)] == ["Hello", "there."]
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        '<!doctype speak SYSTEM "speak.dtd">\n<speak>Hello there.</speak>',  # XML's DOCTYPE is upper case
+        "  <!DOCTYPE html><p>Hello</p>",
+        "<SPEAK>Hello</speak>",
+        '<?XML version="1.0"?><speak>Hello there.</speak>',
+    ],
+)
+def test_markup_that_opens_like_a_document_is_parsed_and_refused_never_spoken_as_text(document: str) -> None:
+    assert code_of(document) == "invalid_ssml"
+
+
 def test_external_entities_are_refused() -> None:
     document = (
         '<speak xmlns="http://www.w3.org/2001/10/synthesis"><!DOCTYPE x SYSTEM "file:///etc/passwd"></speak>'
