@@ -123,6 +123,10 @@ class SpeechEngine(abc.ABC):
     def find_builtin_voice(self, voice_id: str) -> BuiltinVoice | None:
         return next((voice for voice in self.builtin_voices() if voice.voice_id == voice_id), None)
 
+    def speaks(self, tag: str) -> str | None:
+        """The engine's own name for a language tag, or None if it does not speak it."""
+        return match_language(tag, self.languages)
+
     def info(self) -> dict[str, Any]:
         state = self.admission.state()
         return {
@@ -151,3 +155,17 @@ class SpeechEngine(abc.ABC):
 
 def silence_chunk(seconds: float, sample_rate: int) -> np.ndarray:
     return np.zeros(round(seconds * sample_rate), dtype=np.float32)
+
+
+def match_language(tag: str, languages: tuple[str, ...]) -> str | None:
+    """Which of `languages` a tag names, matched as BCP 47 tags are, whatever their case or
+    separator: `en-US`, `en_us` and `EN` all name Piper's `en`; XTTS's `zh-cn` is `zh-CN`,
+    `zh_CN` or plain `zh`. A region not listed falls back to its language (`en-GB` to `en`).
+    An engine that lists no languages takes any tag, normalised."""
+    wanted = tag.strip().lower().replace("_", "-")
+    if not languages or wanted in languages:
+        return wanted
+    primary = wanted.split("-", 1)[0]
+    if primary in languages:
+        return primary
+    return next((known for known in languages if known.split("-", 1)[0] == primary), None)

@@ -142,6 +142,9 @@ class _AacWriter:
         self._stream = self._container.add_stream("aac", rate=sample_rate, layout="mono")
         self._stream.bit_rate = self.BIT_RATE
         self._sample_rate = sample_rate
+        self.frames = 0  # ADTS frames written, each FRAME_SAMPLES long when decoded
+
+    FRAME_SAMPLES = 1024  # AAC-LC
 
     def write(self, samples: np.ndarray) -> bytes:
         import av
@@ -152,11 +155,13 @@ class _AacWriter:
         frame.sample_rate = self._sample_rate
         for packet in self._stream.encode(frame):
             self._container.mux(packet)
+            self.frames += 1
         return self._sink.take_new()
 
     def finish(self) -> bytes:
         for packet in self._stream.encode(None):
             self._container.mux(packet)
+            self.frames += 1
         self._container.close()
         return self._sink.take_new()
 
@@ -199,7 +204,18 @@ class AudioEncoder:
 
     @property
     def duration_s(self) -> float:
+        """Seconds of speech encoded (what usage counts)."""
         return self.samples_out / self.spec.sample_rate
+
+    @property
+    def decoded_duration_s(self) -> float:
+        """Seconds a player decodes from the finished file. AAC in ADTS has no way to say
+        that its first frame is the encoder's priming or how much of its last is padding,
+        so it decodes whole frames: up to two frames (85 ms at 24 kHz) longer than the
+        speech. Every other format decodes to exactly `duration_s`."""
+        if self._aac is not None:
+            return self._aac.frames * _AacWriter.FRAME_SAMPLES / self.spec.sample_rate
+        return self.duration_s
 
     def push(self, chunk: np.ndarray) -> bytes:
         samples = chunk.astype(np.float32, copy=False)

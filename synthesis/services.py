@@ -30,7 +30,8 @@ class SynthesisResult:
     """Filled in while a synthesis runs: what the response headers report."""
 
     spec: OutputSpec
-    audio_seconds: float = 0.0
+    audio_seconds: float = 0.0  # speech made (usage)
+    file_seconds: float = 0.0  # the finished file's length as decoded (X-Audio-Duration)
     # The code of a limit that ended a streamed answer early (its body ends cleanly there).
     cut_short: str | None = None
 
@@ -180,15 +181,16 @@ async def synthesis_setup(
         raise ServiceError(400, "invalid_speed", f"speed must be between {MIN_SPEED} and {MAX_SPEED}.")
     engine = get_engine()
     voice = await voice_resolve(engine=engine, tenant=tenant, voice_id=voice_id)
-    language = (language or voice.language).lower()
-    if engine.languages and language not in engine.languages:
+    requested = language or voice.language
+    spoken = engine.speaks(requested)
+    if spoken is None:
         raise ServiceError(
             400,
             "unsupported_language",
-            f"The {engine.name} engine speaks {', '.join(engine.languages)}; got {language!r}.",
+            f"The {engine.name} engine speaks {', '.join(engine.languages)}; got {requested!r}.",
         )
     return SynthesisSetup(
-        engine=engine, spec=spec, voice=voice, language=language, speed=speed, owner=tenant.id.hex
+        engine=engine, spec=spec, voice=voice, language=spoken, speed=speed, owner=tenant.id.hex
     )
 
 
@@ -238,5 +240,6 @@ async def synthesis_audio(
         await audio.aclose()  # type: ignore[attr-defined]
     data = encoder.finish()
     result.audio_seconds = encoder.duration_s
+    result.file_seconds = encoder.decoded_duration_s
     if data:
         yield data

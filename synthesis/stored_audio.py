@@ -121,7 +121,7 @@ async def stored_audio_for(*, tenant: Tenant, plan: SynthesisPlan) -> StoredAudi
             content_type=plan.spec.content_type,
             sample_rate=plan.spec.sample_rate,
             size_bytes=len(body),
-            duration_s=round(result.audio_seconds, 3),
+            duration_s=round(result.file_seconds, 3),
         )
     except IntegrityError:  # a concurrent identical request stored it first
         await sync_to_async(default_storage.delete, thread_sensitive=False)(saved_name)

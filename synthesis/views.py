@@ -147,7 +147,7 @@ async def audio_response(
             meter.audio_sent(len(whole), result.audio_seconds)
         response = HttpResponse(whole, content_type=content_type or plan.spec.content_type)
         response["Content-Length"] = str(len(whole))
-        response["X-Audio-Duration"] = f"{result.audio_seconds:.3f}"
+        response["X-Audio-Duration"] = f"{result.file_seconds:.3f}"
     for name, value in headers.items():
         response[name] = value
     return response

@@ -130,9 +130,10 @@ async def voice_create(
             "cloning_not_supported",
             f"The {engine.name} engine cannot clone voices; the service needs XTTS.",
         )
-    language = language.lower()
-    if engine.languages and language not in engine.languages:
+    spoken = engine.speaks(language)
+    if spoken is None:
         raise ServiceError(400, "unsupported_language", f"The engine speaks {', '.join(engine.languages)}.")
+    language = spoken
     voice_id = voice_id or slugify(name)[:48] or f"voice-{uuid.uuid4().hex[:8]}"
     if engine.find_builtin_voice(voice_id) is not None:
         raise ServiceError(409, "voice_exists", f"{voice_id!r} is a built-in voice; choose another voice_id.")

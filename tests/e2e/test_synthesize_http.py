@@ -111,6 +111,18 @@ def test_non_streamed_wav_has_exact_headers(client: httpx.Client) -> None:
         assert handle.frames / 24000 == pytest.approx(float(response.headers["X-Audio-Duration"]), abs=0.001)
 
 
+@pytest.mark.parametrize("audio_format", [member.value for member in AudioFormat])
+def test_a_whole_file_decodes_to_exactly_its_stated_duration_in_every_format(
+    client: httpx.Client, audio_format: str
+) -> None:
+    spec = OutputSpec.parse(audio_format, None)
+    response = synthesize(client, text="Your table for two is booked.", format=audio_format)
+    assert response.status_code == 200, response.text
+    decoded_seconds = len(decode(response.content, spec)) / spec.sample_rate
+    # AAC said the speech's length and decoded up to 85 ms longer (its priming and padding).
+    assert decoded_seconds == pytest.approx(float(response.headers["X-Audio-Duration"]), abs=0.001)
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [
@@ -123,6 +135,7 @@ def test_non_streamed_wav_has_exact_headers(client: httpx.Client) -> None:
         ({"text": "Hi.", "format": "mulaw", "sample_rate": 24000}, 400, "unsupported_sample_rate"),
         ({"text": "Hi.", "speed": 10}, 400, "invalid_speed"),
         ({"text": "Hi.", "language": "xx"}, 400, "unsupported_language"),
+        ({"text": "Hi.", "language": "fr-US"}, 400, "unsupported_language"),
         ({"text": "<speak><p>oops</speak>"}, 400, "invalid_ssml"),
         ({"voice_id": "joe"}, 400, "invalid_request"),
         ({"text": "Hi.", "sample_rate": "fast"}, 400, "invalid_request"),
@@ -141,6 +154,12 @@ def test_bad_requests_get_a_clear_error(
     assert error["code"] == code
     assert error["message"]
     assert error["request_id"] == response.headers["X-Request-ID"]
+
+
+@pytest.mark.parametrize("language", ["en", "EN", "en-US", "en_US", "en-us", "en-GB", "en-Latn-US"])
+def test_any_form_of_a_language_tag_the_voice_speaks_is_accepted(client: httpx.Client, language: str) -> None:
+    response = client.post("/v1/synthesize", json={"text": "Hi.", "language": language})
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b'"text"', b""])
