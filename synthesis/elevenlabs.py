@@ -35,7 +35,7 @@ from api.views import async_api_view
 from core.errors import ServiceError
 from engines.alignment import CharTimeline, CharTimings, chunks_are_sentences
 from synthesis.admission import SynthesisRequest, synthesis_admit
-from synthesis.elevenlabs_wire import alignment_seconds, output_format, speed_of
+from synthesis.elevenlabs_wire import alignment_seconds, output_format, speed_of, voice_settings_checked
 from synthesis.services import SynthesisResult
 from synthesis.views import audio_response, json_object_body, stream_body_closing
 from tenants.authentication import Principal, principal_require_voice
@@ -74,7 +74,7 @@ def _parse(request: HttpRequest, voice_id: str, *, streaming: bool) -> Synthesis
         language=body.get("language_code") or None,
         audio_format=audio_format,
         sample_rate=sample_rate,
-        speed=speed_of(body.get("voice_settings")),
+        speed=speed_of(voice_settings_checked(body.get("voice_settings"))),
         streaming=streaming,
     )
 

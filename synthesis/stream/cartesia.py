@@ -11,8 +11,9 @@ Client messages: a generation request `{"context_id", "transcript", "continue",
 "encoding": "pcm_s16le" | "pcm_mulaw", "sample_rate"}, "language"?, "model_id"?,
 "add_timestamps"?}`: the first for a `context_id` opens it (its voice, language and output
 are the context's), later ones add their transcript; `continue: false` ends the context.
-A transcript that ends a sentence is spoken at once. `{"context_id", "cancel": true}` stops
-a context at once (barge-in).
+A transcript that ends a sentence is spoken at once; `flush: true` speaks what the context
+holds now (the rest of a sentence included). `{"context_id", "cancel": true}` stops a context
+at once (barge-in).
 
 Server messages: `{"type": "chunk", "data": "<base64>", "context_id", "done": false,
 "status_code": 206}`; with `add_timestamps`, `{"type": "timestamps", "word_timestamps":
@@ -121,8 +122,10 @@ class CartesiaStreamConsumer(StreamConnection):
         if not isinstance(transcript, str):
             raise ProtocolError("invalid_message", "`transcript` must be a string.", context_id)
         more = message.get("continue", False)
-        if not isinstance(more, bool):
-            raise ProtocolError("invalid_message", "`continue` must be true or false.", context_id)
+        flush = message.get("flush", False)
+        for name, value in (("continue", more), ("flush", flush)):
+            if not isinstance(value, bool):
+                raise ProtocolError("invalid_message", f"`{name}` must be true or false.", context_id)
         if utterance is None:
             if not transcript and not more:
                 return  # ending a context that never opened (or has ended): nothing to say
@@ -132,6 +135,8 @@ class CartesiaStreamConsumer(StreamConnection):
             raise ProtocolError("context_ended", f"Context {context_id!r} has ended.", context_id)
         if transcript:
             utterance.add_text(transcript)
+        if flush and more:
+            utterance.add_text("", final=True)  # speak what is buffered now, mid-sentence or not
         if not more:
             if utterance.queued or utterance.buffer.strip():
                 utterance.end()

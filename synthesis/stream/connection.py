@@ -7,7 +7,9 @@ header or message the key came in), its stream lease, the live access re-check, 
 watchdog, and the utterances: each is admitted by `synthesis_admit` (rate limit, plan,
 quota), metered by its own UsageMeter (one usage row whatever happens, under the
 dialect's endpoint name), run by utterance.Utterance (the one engine -> encoder -> socket
-loop, with flow control), cancelled by `cancel_utterance`, and cleaned up on disconnect.
+loop, with flow control), cancelled by `cancel_utterance`, and cleaned up once when the
+connection ends, however it ends (`_cleanup`: on Daphne's disconnect, on a send that finds the
+socket closed, or when the consumer's task ends for any other reason).
 
 A dialect subclasses `StreamConnection` and supplies:
 
@@ -28,7 +30,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from datetime import datetime
 from typing import Any, NoReturn
@@ -51,8 +53,10 @@ from synthesis.stream.protocol import (
     CLOSE_STREAM_LIMIT,
     CLOSE_UNAUTHORIZED,
     ProtocolError,
+    SocketClosed,
     header,
     parse_message,
+    sendable_close_code,
 )
 from synthesis.stream.stats import stream_stats
 from synthesis.stream.twilio import TwilioFramer
@@ -77,6 +81,11 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
     # The layer's recovery count when this connection joined its tenant's group; None while
     # it is not in the group (then `_access_watch` polls the database).
     _access_joined_at: int | None = None
+    _closing = False  # nothing new starts (closing, or closed)
+    _socket_gone = False  # a send found the socket closed: nothing more can be sent
+    _connected = False  # connect() has set the connection up: there is something to clean up
+    _counted = False  # counted in stream_stats.connections
+    _cleaned = False  # `_cleanup` has run (it runs once)
 
     # --- what a dialect supplies ---
 
@@ -124,23 +133,45 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
 
     # --- connection ---
 
+    async def __call__(
+        self,
+        scope: dict[str, Any],
+        receive: Callable[[], Awaitable[dict[str, Any]]],
+        send: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        # The connection's cleanup must not depend on Daphne delivering websocket.disconnect:
+        # the consumer's task also ends by StopConsumer after a send found the socket closed,
+        # by an exception from the channel layer, or cancelled by Daphne
+        # (application_close_timeout). Whichever way, the cleanup runs here (once).
+        try:
+            await super().__call__(scope, receive, send)
+        except Exception:
+            # Escaping, it would make Daphne close with 1011 itself; close with ours instead.
+            logger.exception("WebSocket consumer failed")
+            await self.close(code=CLOSE_SERVER_ERROR)
+        finally:
+            # Shielded: a second cancellation (the server shutting down) cannot cut it short.
+            await asyncio.shield(self._cleanup())
+
     async def connect(self) -> None:
         self.flow = TransportFlow()
         self.utterances: dict[str, Utterance] = {}
         self.last_activity = time.monotonic()
         self.connection_id = uuid.uuid4().hex
         self._background: list[asyncio.Task[None]] = []
-        self._closing = False
+        self._connected = True
         await self.accept()
         self.flow.attach(self.base_send)
         stream_stats.connections += 1
+        self._counted = True
         await self.connected()
         if not self._closing:
             self._background.append(asyncio.create_task(self._idle_watchdog()))
 
     async def dispatch(self, message: dict[str, Any]) -> None:
-        # An exception that escaped here would end the application: Daphne closes the
-        # socket (1011) and never delivers the disconnect, so nothing would be released.
+        # An exception that escaped here would end the consumer before the disconnect that
+        # Daphne sends: `__call__` cleans up then, but the socket would be closed by Daphne
+        # (1011) rather than by us.
         try:
             # Channels closes stale database connections (a thread hop) before every
             # message; frames of text need no database, so only the rest pay for it.
@@ -150,38 +181,80 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
                 await super().dispatch(message)
         except StopConsumer:
             raise
+        except SocketClosed:
+            # The client has gone (or is going): there is no one to answer. The connection's
+            # work ends now, without waiting for a disconnect that may never be delivered.
+            await self._cleanup()
+            raise StopConsumer() from None
         except Exception:
             logger.exception("WebSocket handler for %r failed", message.get("type"))
             if message.get("type") == "websocket.disconnect":
-                raise StopConsumer() from None  # the cleanup has had its turn; end
+                raise StopConsumer() from None  # `__call__` finishes the cleanup; end
             await self.refuse(
                 CLOSE_SERVER_ERROR, "internal_error", "The server failed; reconnect.", status=500
             )
 
     async def disconnect(self, code: int) -> None:
-        # Every step runs whatever an earlier one raised: a leaked lease or counter
-        # would outlive the connection (a tenant refused streams it does not hold).
+        await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        """Give back everything the connection holds, once: its background tasks, its
+        utterances (each with its engine slot, quota reservation and usage row), its stream
+        lease, its place in the counters and its access group. Every step runs whatever an
+        earlier one raised: a leaked lease or counter would outlive the connection (a tenant
+        refused streams it does not hold)."""
+        if self._cleaned or not self._connected:
+            return
+        self._cleaned = True
         self._closing = True
-        try:
-            for task in self._background:
-                task.cancel()
-            for utterance in list(self.utterances.values()):
-                try:
-                    await self._end_utterance(utterance, 200, CLIENT_DISCONNECTED)
-                except Exception:  # the others must still end (and give back their slots)
-                    logger.exception("Ending utterance %s on disconnect failed", utterance.request_id)
-        finally:
+        for task in self._background:
+            task.cancel()
+        for utterance in list(self.utterances.values()):
             try:
-                if self.lease is not None:
-                    await self.lease.release()
-            finally:
-                self.flow.detach()
-                stream_stats.connections -= 1
-                if self.principal is not None and self.channel_layer is not None:
-                    with suppress(Exception):
-                        await self.channel_layer.group_discard(
-                            tenant_access_group(self.principal.tenant.id), self.channel_name
-                        )
+                await self._end_utterance(utterance, 200, CLIENT_DISCONNECTED)
+            except Exception:  # the others must still end (and give back their slots)
+                logger.exception("Ending utterance %s on disconnect failed", utterance.request_id)
+        if self.lease is not None:
+            try:
+                await self.lease.release()
+            except Exception:
+                logger.exception("Releasing the stream lease of %s failed", self.connection_id)
+        self.flow.detach()
+        if self._counted:
+            self._counted = False
+            stream_stats.connections -= 1
+        if self.principal is not None and self.channel_layer is not None:
+            with suppress(Exception):
+                await self.channel_layer.group_discard(
+                    tenant_access_group(self.principal.tenant.id), self.channel_name
+                )
+
+    async def send(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool = False
+    ) -> None:
+        """Send on the socket; SocketClosed once it has closed (Autobahn raises on a send
+        after the client's close frame, before Daphne has seen the connection end)."""
+        if self._socket_gone:
+            raise SocketClosed("The socket has closed.")
+        try:
+            await super().send(text_data=text_data, bytes_data=bytes_data, close=close)
+        except Exception as exc:
+            self._socket_gone = self._closing = True
+            raise SocketClosed("The socket has closed.") from exc
+
+    async def close(self, code: int | None = None, reason: str | None = None) -> None:
+        """Close the socket with a code Daphne can send; never raises (a socket that has
+        already closed needs no close)."""
+        self._closing = True
+        if code is not None and not sendable_close_code(code):
+            logger.error("Close code %s cannot be sent; closing with %s", code, CLOSE_SERVER_ERROR)
+            code = CLOSE_SERVER_ERROR
+        if self._socket_gone:
+            return
+        try:
+            await super().close(code=code, reason=reason)
+        except Exception:
+            logger.info("Closing a WebSocket that had already closed", exc_info=True)
 
     async def _end_utterance(self, utterance: Utterance, status: int, code: str) -> None:
         """Stop an utterance from outside its task and record how it ended."""
@@ -423,6 +496,8 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
         utterance.meter.finish(200)
         try:
             await self.send_end(utterance, cancelled=False)
+        except SocketClosed:
+            pass  # the client has gone: no one to tell
         except Exception:
             logger.warning("Could not report the end of utterance %s", utterance.request_id, exc_info=True)
 
@@ -434,6 +509,8 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
                 utterance.context_id, code, message, request_id=utterance.request_id, status=status
             )
             await self.send_end(utterance, cancelled=False)
+        except SocketClosed:
+            pass  # the client has gone: no one to tell
         except Exception:
             logger.warning(
                 "Could not report the failure of utterance %s", utterance.request_id, exc_info=True

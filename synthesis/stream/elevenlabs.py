@@ -41,10 +41,17 @@ from urllib.parse import parse_qs
 from core.errors import ServiceError
 from engines.alignment import CharTimings
 from synthesis.admission import SynthesisRequest, identifier_problems, invalid_request
-from synthesis.elevenlabs_wire import API_KEY_HEADER, alignment_ms, output_format, speed_of
+from synthesis.elevenlabs_wire import (
+    API_KEY_HEADER,
+    alignment_ms,
+    output_format,
+    speed_of,
+    voice_settings_checked,
+)
 from synthesis.services import synthesis_setup
 from synthesis.stream.connection import StreamConnection
 from synthesis.stream.protocol import (
+    CLOSE_NORMAL,
     CONTEXT_ID,
     ProtocolError,
     frame_pieces,
@@ -58,7 +65,8 @@ from usage.recorder import ELEVENLABS_MULTI_STREAM, ELEVENLABS_STREAM
 # ElevenLabs closes a refused connection with 1008 (policy violation); Daphne's WebSocket
 # layer (Autobahn) lets a server close only with 1000 or 3000-4999, so refusals close with
 # our codes (protocol.CLOSE_*): 4001 a bad or missing key, 4003 access revoked, 4008 idle,
-# 4029 the tenant's streams all in use, and 4400 a connection whose query or voice is refused.
+# 4029 the tenant's streams all in use, 4500 a server failure, and 4400 a connection whose
+# query or voice is refused.
 CLOSE_REFUSED = 4400
 DEFAULT_INACTIVITY_SECONDS = 20.0
 MAX_INACTIVITY_SECONDS = 180.0
@@ -195,6 +203,12 @@ class ElevenLabsStreamConsumer(StreamConnection):
                 else:
                     await self.cancel_utterance(utterance)  # never flushed: stop at once (barge-in)
             return
+        # Checked wherever they come (a bad value is the client's mistake, said at once);
+        # used by the context they open.
+        try:
+            settings_given = voice_settings_checked(message.get("voice_settings"))
+        except ServiceError as exc:
+            raise ProtocolError(exc.code, exc.message, context_id, status=exc.status_code) from exc
         utterance = self.utterances.get(context_id)
         if text == "" and not message.get("flush"):
             if not self.multi and utterance is not None and not utterance.ended:
@@ -203,8 +217,8 @@ class ElevenLabsStreamConsumer(StreamConnection):
         if utterance is None or utterance.ended:
             if utterance is not None:
                 raise ProtocolError("context_ended", f"Context {context_id!r} is closing.", context_id)
-            if isinstance(message.get("voice_settings"), dict):
-                self.voice_settings = message["voice_settings"]
+            if settings_given:
+                self.voice_settings = settings_given
             utterance = await self.open_utterance(context_id, self._request)
         if text:
             utterance.add_text(text)
@@ -273,7 +287,7 @@ class ElevenLabsStreamConsumer(StreamConnection):
         await self.send(text_data=self._with_context(utterance.context_id, {"isFinal": True}))
         if not self.multi and not self._closing:
             # stream-input is one context: the connection ends with it.
-            await self.close(code=1000)
+            await self.close(code=CLOSE_NORMAL)
 
     async def send_error(
         self,

@@ -14,12 +14,27 @@ from core.bounded_json import bounded_json_loads
 from core.errors import ServiceError
 from engines.text import SSML_START
 
-# Close codes (documented in docs/streaming.md).
+# Close codes (documented in docs/streaming.md). Daphne's WebSocket layer (Autobahn) lets a
+# server close only with 1000 or 3000-4999, and raises on any other code: the close is never
+# sent, and the exception escapes the consumer before its disconnect cleanup. So our reasons
+# are 4xxx (4000 + the HTTP status where there is one), and 1011 is never used.
+CLOSE_NORMAL = 1000
 CLOSE_UNAUTHORIZED = 4001  # no key, a bad one, or none in time
 CLOSE_ACCESS_REVOKED = 4003  # the key was revoked or expired, or the tenant deactivated, while open
 CLOSE_IDLE = 4008  # nothing sent for WS_IDLE_SECONDS with nothing playing
 CLOSE_STREAM_LIMIT = 4029  # the tenant's concurrent streams are all in use
-CLOSE_SERVER_ERROR = 1011
+CLOSE_SERVER_ERROR = 4500  # the server failed, or could not verify the key (database unavailable)
+
+
+def sendable_close_code(code: int) -> bool:
+    """Whether Daphne can send `code` (Autobahn's rule for a server's close)."""
+    return code == CLOSE_NORMAL or 3000 <= code <= 4999
+
+
+class SocketClosed(Exception):
+    """A send found the socket closed (the client has gone, or its close is under way):
+    the connection's work ends; its cleanup still runs."""
+
 
 # A clause is ready once its closing punctuation is followed by whitespace (the
 # LLM has moved on: "3.5" or "e.g." mid-token is not an end), or at a newline.

@@ -32,10 +32,10 @@ from synthesis.admission import service_error_for
 from synthesis.audio import AudioEncoder
 from synthesis.services import SynthesisSetup, encoded_audio, output_budget, text_segments
 from synthesis.stream.flow import TransportFlow
-from synthesis.stream.protocol import ProtocolError, ready_pieces
+from synthesis.stream.protocol import ProtocolError, SocketClosed, ready_pieces
 from synthesis.stream.twilio import TwilioFramer
 from usage.quotas import quota_estimate
-from usage.recorder import UsageMeter
+from usage.recorder import CLIENT_DISCONNECTED, UsageMeter
 
 logger = logging.getLogger(__name__)
 
@@ -186,9 +186,13 @@ class Utterance:
                     "The utterance had nothing to say: it needs at least one letter or digit.",
                 )
             await self._send_audio(self.encoder.finish(), final=True)
+        except SocketClosed:
+            # The client has gone: the utterance ends as a disconnect does (no one to tell).
+            self._release_slot()
+            await self.owner.utterance_failed(self, 200, CLIENT_DISCONNECTED, "The client disconnected.")
         except Exception as exc:
-            # Whatever failed (text, engine, encoder, the transport), the utterance ends
-            # here with its error event and usage row; the connection stays.
+            # Whatever failed (text, engine, encoder), the utterance ends here with its
+            # error event and usage row; the connection stays.
             error = service_error_for(exc, request_id=self.request_id)
             self._release_slot()
             await self.owner.utterance_failed(self, error.status_code, error.code, error.message)

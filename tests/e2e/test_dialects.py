@@ -412,3 +412,107 @@ def test_xtts_chunks_carry_estimated_alignment_within_their_audio(
         _check_alignment_matches_audio(messages[:-1], 24000, SENTENCES)
         expected = [("elevenlabs-multi-stream", 200, "")]
         wait_until(lambda: _rows(django_db_blocker, tenant) == expected, what="the row")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_inactivity_timeout_spares_a_socket_whose_context_still_holds_text(
+    server: str, django_db_blocker: Any
+) -> None:
+    with committed_tenant(django_db_blocker, "el-holding", **UNLIMITED) as (_tenant, issued):
+
+        async def main() -> None:
+            url = _ws(
+                server,
+                "/v1/text-to-speech/joe/multi-stream-input?inactivity_timeout=1&output_format=pcm_16000",
+            )
+            async with connect(url, additional_headers={"xi-api-key": issued.plaintext}) as ws:
+                await ws.send(json.dumps({"text": " ", "context_id": "a"}))
+                await ws.send(json.dumps({"text": "Your table is booked", "context_id": "a"}))
+                # Three times the timeout without a message: the context waits with its text,
+                # which is not inactivity. Nothing has been said yet (no clause has ended).
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(ws.recv(), 3)
+                await ws.send(json.dumps({"context_id": "a", "flush": True}))
+                await ws.send(json.dumps({"context_id": "a", "close_context": True}))
+                messages = await _until_final(ws)
+                assert any(body.get("audio") for body in messages)
+                assert messages[-1] == {"isFinal": True, "contextId": "a"}
+
+        asyncio.run(main())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_elevenlabs_voice_settings_of_the_wrong_type_or_range_draw_invalid_voice_settings(
+    server: str, django_db_blocker: Any
+) -> None:
+    with committed_tenant(django_db_blocker, "el-settings", **UNLIMITED) as (tenant, issued):
+
+        async def main() -> None:
+            url = _ws(server, "/v1/text-to-speech/joe/multi-stream-input?output_format=pcm_16000")
+            async with connect(url, additional_headers={"xi-api-key": issued.plaintext}) as ws:
+                for bad in (
+                    {"speed": "fast"},
+                    {"speed": 9},
+                    {"stability": 1.5},
+                    {"similarity_boost": -0.1},
+                    {"style": True},
+                    {"use_speaker_boost": "yes"},
+                    "loud",
+                ):
+                    await ws.send(json.dumps({"text": "Hello. ", "context_id": "a", "voice_settings": bad}))
+                    body = await _json(ws)
+                    assert (body["error"], body["contextId"]) == ("invalid_voice_settings", "a"), bad
+                # Good settings (ElevenLabs' whole set) open the context; the connection stayed.
+                good = {
+                    "stability": 0.5,
+                    "similarity_boost": 0.8,
+                    "style": 0,
+                    "use_speaker_boost": True,
+                    "speed": 1.1,
+                }
+                await ws.send(
+                    json.dumps({"text": "Hello. ", "context_id": "a", "voice_settings": good, "flush": True})
+                )
+                await ws.send(json.dumps({"context_id": "a", "close_context": True}))
+                messages = await _until_final(ws)
+                assert not [body for body in messages if "error" in body]
+                assert any(body.get("audio") for body in messages)
+
+        asyncio.run(main())
+        with httpx.Client(timeout=60) as client:
+            answer = client.post(
+                f"{server}/v1/text-to-speech/joe",
+                headers={"xi-api-key": issued.plaintext},
+                json={"text": "Hello.", "voice_settings": {"stability": 2}},
+            )
+        assert answer.status_code == 400
+        assert answer.json()["error"]["code"] == "invalid_voice_settings"
+        expected = [("elevenlabs-multi-stream", 200, "")]
+        wait_until(lambda: _rows(django_db_blocker, tenant)[:1] == expected, what="the spoken context's row")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cartesia_flush_speaks_what_the_context_holds_before_it_ends(
+    server: str, django_db_blocker: Any
+) -> None:
+    with committed_tenant(django_db_blocker, "cartesia-flush", **UNLIMITED) as (_tenant, issued):
+
+        async def main() -> None:
+            headers = {"X-API-Key": issued.plaintext}
+            async with connect(_ws(server, "/tts/websocket"), additional_headers=headers) as ws:
+                # No sentence end: held until more comes, or a flush.
+                await ws.send(_cartesia_request("f", "Your table is booked for", more=True))
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(ws.recv(), 2)
+                await ws.send(_cartesia_request("f", "", more=True, flush=True))
+                chunk = await _json(ws)
+                assert (chunk["type"], chunk["context_id"]) == ("chunk", "f")
+                # The context is still open: more text, then its end.
+                await ws.send(_cartesia_request("f", " eight.", more=False))
+                messages = await _until_final(ws, "done")
+                assert messages[-1]["type"] == "done"
+                await ws.send(_cartesia_request("g", "Hi", more=True, flush="yes"))
+                error = await _json(ws)
+                assert (error["type"], error["code"]) == ("error", "invalid_message")
+
+        asyncio.run(main())
