@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from datetime import datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 from django.conf import settings
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.sync.client import connect as sync_connect
 
 from engines.text import Segment
 from synthesis.services import text_segments
@@ -169,3 +173,98 @@ def test_utterances_on_several_sockets_and_processes_overshoot_the_quota_by_at_m
         wait_until(rows_written, what="every utterance's usage row")
         billed = sum(row.audio_seconds for row in _rows(django_db_blocker, tenant.id))
         assert billed == pytest.approx(spoken, abs=0.01 * len(utterances))
+
+
+def _engine(base_url: str) -> dict[str, Any]:
+    return dict(httpx.get(f"{base_url}/v1/health", timeout=30).json()["engine"])
+
+
+def _first_audio_at(row: UsageLog) -> datetime:
+    assert row.latency_ms is not None, f"{row.request_id} sent no audio"
+    return row.created_at + timedelta(milliseconds=row.latency_ms)
+
+
+@pytest.mark.timeout(300)
+def test_a_tenant_holding_the_engine_with_utterances_cannot_have_another_tenants_request_refused(
+    service_env: ServiceEnv, django_db_blocker: Any
+) -> None:
+    # Decided by counts alone: the engine holds two streams (its measured speed never binds),
+    # the busy tenant may hold or await four, the queue holds two and waits as long as needed,
+    # and an utterance waiting for more text keeps its slot.
+    env = service_env(
+        ENGINE_MAX_ACTIVE_JOBS="2",
+        ENGINE_MAX_JOBS_PER_TENANT="4",
+        ENGINE_QUEUE_MAX="2",
+        ENGINE_QUEUE_SECONDS="300",
+        WS_UTTERANCE_IDLE_SLOT_SECONDS="300",
+    )
+    with (
+        committed_tenant(django_db_blocker, "busy", **UNLIMITED) as (busy, busy_key),
+        committed_tenant(django_db_blocker, "other", **UNLIMITED) as (other, other_key),
+        daphne_server(env) as base_url,
+        sync_connect(_ws_url(base_url), additional_headers=bearer(busy_key.plaintext)) as ws,
+    ):
+        events: list[dict[str, Any]] = []
+
+        def until(context: str, kind: str) -> dict[str, Any]:
+            for event in events:
+                if (event.get("context_id"), event["type"]) == (context, kind):
+                    return event
+            for _ in range(100_000):
+                message = ws.recv(timeout=120)
+                if isinstance(message, str):
+                    event = dict(json.loads(message))
+                    events.append(event)
+                    if (event.get("context_id"), event["type"]) == (context, kind):
+                        return event
+            raise AssertionError(f"no {kind} for {context}")
+
+        # The busy tenant holds the whole engine: two utterances speaking and waiting for more...
+        for context in ("a1", "a2"):
+            ws.send(json.dumps({"type": "start", "context_id": context, "format": "pcm"}))
+            ws.send(
+                json.dumps({"type": "text", "context_id": context, "text": "The first part of a reply. "})
+            )
+            until(context, "audio_start")
+        wait_until(lambda: _engine(base_url)["active_jobs"] == 2, what="both utterances to hold a slot")
+        # ...and two more waiting for the engine fill its queue.
+        for context in ("a3", "a4"):
+            ws.send(json.dumps({"type": "synthesize", "context_id": context, "text": "Then the rest of it."}))
+        wait_until(lambda: _engine(base_url)["queued_jobs"] == 2, what="the extra utterances to queue")
+
+        answer: dict[str, httpx.Response] = {}
+
+        def other_request() -> None:
+            answer["response"] = httpx.post(
+                f"{base_url}/v1/synthesize",
+                json={"text": "The other tenant asks a question of its own.", "format": "pcm"},
+                headers=bearer(other_key.plaintext),
+                timeout=240,
+            )
+
+        asker = threading.Thread(target=other_request)
+        asker.start()
+        # The other tenant's request takes the place of the busy tenant's last in the queue.
+        refused = until("a4", "error")
+        assert refused["code"] == "engine_overloaded"
+        until("a4", "audio_end")
+        assert _engine(base_url)["queued_jobs"] == 2  # a3 and the other tenant's request
+        # A slot comes free: the other tenant holds none, the busy one still holds one.
+        ws.send(json.dumps({"type": "cancel", "context_id": "a1"}))
+        asker.join(timeout=240)
+        assert answer["response"].status_code == 200, answer["response"].text
+        assert not until("a3", "audio_end")["cancelled"]  # then the busy tenant's next
+        ws.send(json.dumps({"type": "cancel", "context_id": "a2"}))
+        until("a2", "audio_end")
+
+        def rows() -> list[UsageLog]:
+            with django_db_blocker.unblock():
+                return list(UsageLog.objects.filter(tenant__in=[busy, other]))
+
+        wait_until(lambda: len(rows()) == 5, what="every request's usage row")
+        by_id = {row.request_id: row for row in rows()}
+        theirs = next(row for row in rows() if row.tenant_id == other.id)
+        a3 = by_id[until("a3", "audio_end")["request_id"]]
+        assert (theirs.status_code, a3.status_code) == (200, 200)
+        # Granted before the busy tenant's utterance that had queued before it.
+        assert _first_audio_at(theirs) < _first_audio_at(a3)

@@ -69,7 +69,8 @@ def test_without_redis_extending_a_reservation_stops_once_what_is_held_reaches_t
         other = await holds_reserve(
             key, limit=60, used=0, read_at_ms=_now_ms(), record_id=uuid.uuid4(), estimate=0
         )
-        assert utterance is not None and other is not None
+        assert utterance is not None
+        assert other is not None
         # Piece by piece, 25 s each: the one that starts under the limit is reserved (the
         # overshoot is one piece), the next of either request is refused.
         assert await utterance.extend(25, used=10, read_at_ms=_now_ms())
