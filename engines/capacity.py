@@ -17,8 +17,12 @@ number of audio seconds per second of its workers' time. So:
   near running dry at its caller, or as many as there are workers still wait for their
   first chunk). The last rule paces a burst of arrivals: each new stream starts once the
   ones before it have a lead, instead of all starting together and all running dry.
-  Otherwise it waits in a short FIFO queue, bounded in length and in time, and is
-  granted when slots end: its first audio is later, but once started it never stutters.
+  Otherwise it waits in a short queue, bounded in length and in time, and is granted
+  when slots end: its first audio is later, but once started it never stutters. The queue
+  takes turns between owners (`_ranks`: the owner holding fewer slots first, each owner's
+  waiters in their order), and a request that finds it full takes the place of the last
+  waiter of an owner holding more (`_displace`), so one owner's burst can neither keep
+  another's request behind all of it nor have it refused.
   A request whose expected wait is past the queue's time bound is refused at once
   (`EngineOverloaded`, 503) with a Retry-After from that expected wait, as is one that
   waited the whole bound, and one from an owner already at its share (a full engine
@@ -41,6 +45,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 
 from engines.errors import EngineOverloaded, EngineShareExceeded
@@ -108,11 +113,13 @@ class EngineSlot:
         self.admission.release(self)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Waiter:
     owner: str
     loop: asyncio.AbstractEventLoop
     granted: asyncio.Future[EngineSlot]
+    # Pushed out of a full queue by an owner holding fewer slots (see `_displace`).
+    displaced: bool = False
 
 
 @dataclass(frozen=True)
@@ -194,18 +201,21 @@ class RealtimeAdmission:
         loop = asyncio.get_running_loop()
         with self._lock:
             capacity_room = self._capacity_room()
-            if not self._queue and capacity_room and not self._streams_at_risk():
+            # Those in the queue this request would wait behind (`_rank`: fewer slots held first).
+            ahead = self._ahead_of(owner)
+            if not ahead and capacity_room and not self._streams_at_risk():
                 self._check_share(owner)
                 return self._grant(owner)
             if capacity_room:
                 self._check_share(owner)  # 429: the engine is not full, the owner's share is
-            position = len(self._queue) + 1
+            position = ahead + 1
             # Queued behind a stream at risk only (there is capacity for it): a moment's wait.
             free = max(0, math.floor(self.realtime_limit()) - len(self._slots))
             wait = 0.0 if position <= free else self._expected_wait(position - free)
-            # A full engine answers 503 first, whoever asks: also to an owner at its share.
+            # A full engine answers 503 first, whoever asks: also to an owner at its share. A
+            # full queue takes a request that goes ahead of its last waiter: that one leaves.
             if (
-                len(self._queue) >= self.queue_max
+                (len(self._queue) >= self.queue_max and not self._displace(owner))
                 or wait > self.queue_seconds
                 or (owner and self._by_owner[owner] >= self.max_per_owner)
             ):
@@ -222,6 +232,8 @@ class RealtimeAdmission:
             async with asyncio.timeout(self.queue_seconds):
                 return await asyncio.shield(waiter.granted)
         except BaseException as exc:
+            if waiter.displaced:  # out of the queue already (its owner's count too)
+                raise
             with self._lock:
                 queued = waiter in self._queue
                 if queued:  # not granted: leave the queue
@@ -290,9 +302,51 @@ class RealtimeAdmission:
         self.admitted_total += 1
         return slot
 
+    def _held(self, owner: str) -> int:
+        return sum(1 for slot in self._slots if slot.owner == owner)
+
+    def _ranks(self) -> list[tuple[int, int]]:
+        """Each waiter's place, in queue order: (slots its owner holds plus its owner's
+        waiters before it, arrival). Lower goes first, so the queue takes turns between
+        owners, and one holding fewer streams goes ahead of one holding many: a tenant's
+        burst of streams never keeps another's request waiting behind all of it."""
+        seen: Counter[str] = Counter()
+        ranks = []
+        for index, waiter in enumerate(self._queue):
+            ranks.append((self._held(waiter.owner) + seen[waiter.owner], index))
+            seen[waiter.owner] += 1
+        return ranks
+
+    def _ahead_of(self, owner: str) -> int:
+        """How many waiters a new request of `owner` would wait behind."""
+        mine = self._held(owner) + sum(1 for waiter in self._queue if waiter.owner == owner)
+        return sum(1 for rank, _index in self._ranks() if rank <= mine)
+
+    def _displace(self, owner: str) -> bool:
+        """Make room in a full queue for a request of `owner` if it goes ahead of the last
+        waiter (by `_rank`): that waiter is refused (503), as it would have been had it
+        come after. So a tenant that fills the queue cannot have another's request refused."""
+        ranks = self._ranks()
+        if not ranks:
+            return False
+        last_rank, last_index = max(ranks)
+        if last_rank <= self._held(owner) + sum(1 for waiter in self._queue if waiter.owner == owner):
+            return False
+        victim = self._queue[last_index]
+        del self._queue[last_index]
+        self._drop_owner(victim.owner)
+        victim.displaced = True
+        self.refused_total += 1
+        retry = EngineOverloaded(retry_after_s=_retry_after(self._expected_wait(len(self._queue) + 1)))
+        with suppress(RuntimeError):  # its loop is gone: nobody waits for it
+            victim.loop.call_soon_threadsafe(_refuse, victim.granted, retry)
+        return True
+
     def _grant_waiting(self) -> None:
         while self._queue and self._room_now():
-            waiter = self._queue.popleft()
+            _rank, index = min(self._ranks())
+            waiter = self._queue[index]
+            del self._queue[index]
             slot = self._grant(waiter.owner, counted=True)
             try:
                 waiter.loop.call_soon_threadsafe(_resolve, waiter.granted, slot)
@@ -328,6 +382,11 @@ def _resolve(future: asyncio.Future[EngineSlot], slot: EngineSlot) -> None:
         slot.release()
     else:
         future.set_result(slot)
+
+
+def _refuse(future: asyncio.Future[EngineSlot], error: EngineOverloaded) -> None:
+    if not future.done():
+        future.set_exception(error)
 
 
 def _retry_after(wait_seconds: float) -> int:

@@ -73,8 +73,31 @@ redis.call('PEXPIRE', KEYS[1], {KEY_TTL_MS})
 return 1
 """
 )
-# KEYS: the hash. ARGV: record id, "grow" or "settle", seconds.
-_ADJUST_LUA = (
+# KEYS: the hash. ARGV: limit, used, read_at_ms, record id, seconds it then holds in all.
+# Returns 1 (extended) or 0 (the quota is reached: the entry is left as it was).
+_EXTEND_LUA = (
+    _NOW
+    + f"""
+local held = 0
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local seconds, written, expires = parse(entries[i + 1])
+  if expires == nil or expires < now then
+    redis.call('HDEL', KEYS[1], entries[i])
+  elseif written == 0 or written >= tonumber(ARGV[3]) then
+    held = held + seconds
+  end
+end
+if tonumber(ARGV[2]) + held >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[4], ARGV[5] .. ';0;' .. (now + {RUNNING_TTL_MS}))
+redis.call('PEXPIRE', KEYS[1], {KEY_TTL_MS})
+return 1
+"""
+)
+# KEYS: the hash. ARGV: record id, the seconds it settles to.
+_SETTLE_LUA = (
     _NOW
     + f"""
 local value = redis.call('HGET', KEYS[1], ARGV[1])
@@ -82,14 +105,8 @@ local seconds, written, expires = 0, 0, 0
 if value then
   seconds, written, expires = parse(value)
 end
-local amount = tonumber(ARGV[3])
-if ARGV[2] == 'grow' then
-  if not value or written > 0 then
-    return 0
-  end
-  seconds = seconds + amount
-  expires = math.max(expires, now + {RUNNING_TTL_MS})
-elseif written > 0 then
+local amount = tonumber(ARGV[2])
+if written > 0 then
   seconds = amount  -- its row is stored already: the entry lives out its written time
 elseif amount > 0 then
   seconds = amount
@@ -204,25 +221,83 @@ class QuotaReservation:
     record_id: uuid.UUID  # the id of the request's usage record
     seconds: float
     in_redis: bool
+    limit: float = 0.0  # the quota it was reserved under, in seconds (what `extend` checks)
     # Made locally after a Redis call that may still have run: the Redis copy is cleared too.
     clear_in_redis: bool = False
     settled: bool = False
-    # This reservation's last change on its way to Redis: the next one goes after it, so a
-    # `grow` can never land after the `settle` that ends the reservation.
-    _last_change: asyncio.Task[None] | None = field(default=None, repr=False)
+    # This reservation's last change on its way to Redis: the next one goes after it, so an
+    # `extend` can never land after the `settle` that ends the reservation.
+    _last_change: asyncio.Task[Any] | None = field(default=None, repr=False)
 
-    def grow(self, seconds: float) -> None:
-        """More text arrived (a WebSocket utterance): reserve its audio too."""
-        if self.settled or seconds <= 0:
-            return
-        self.seconds += seconds
+    async def extend(self, seconds: float, *, used: float, read_at_ms: float) -> bool:
+        """More of the request's audio is about to be made (a piece of a WebSocket
+        utterance): reserve `seconds` more, unless `used` plus everything held (this
+        reservation too, by every process) already reaches its limit (then False, and
+        nothing changes). One atomic step, as `holds_reserve`: concurrent extensions of
+        all of a tenant's requests overshoot by at most one extension."""
+        if self.settled:
+            return False
+        if seconds <= 0:
+            return True
+        limit = self.limit
         if self.in_redis:
-            self._send("grow", seconds)
-            return
+            # What this process held while Redis was away counts too, as in `holds_reserve`.
+            local = _local_held(self.key, read_at_ms)
+            loop = asyncio.get_running_loop()
+            # A change of its own, in this reservation's order: a `settle` sent while this
+            # waits (the utterance stopped) lands after it, never before.
+            task = loop.create_task(
+                self._extend_in_redis(seconds, limit, used + local, read_at_ms, self._last_change)
+            )
+            self._last_change = task
+            _pending.add(task)
+            task.add_done_callback(_pending.discard)
+            extended = await asyncio.shield(task)
+            if extended is not None:
+                if extended:
+                    self.seconds += seconds
+                return extended
+            # Redis is away: this process's own count decides, with this reservation in it.
+            if used + local + self.seconds >= limit:
+                return False
+            self.seconds += seconds
+            return True
         with _local_lock:
-            if (entry := _local[self.key].reserved.get(self.record_id)) is not None:
-                entry.seconds += seconds
+            holds = _local[self.key]
+            if used + holds.seconds(read_at_ms) >= limit:
+                return False
+            self.seconds += seconds
+            entry = holds.reserved.get(self.record_id)
+            if entry is None:  # expired meanwhile: it counts again from now
+                holds.reserved[self.record_id] = _Entry(self.seconds, _now_ms() + RUNNING_TTL_MS)
+            else:
+                entry.seconds = self.seconds
                 entry.expires_at_ms = max(entry.expires_at_ms, _now_ms() + RUNNING_TTL_MS)
+        return True
+
+    async def _extend_in_redis(
+        self, seconds: float, limit: float, used: float, read_at_ms: float, after: asyncio.Task[Any] | None
+    ) -> bool | None:
+        """Whether Redis extended the entry; None when Redis could not be asked."""
+        if after is not None and not after.done():
+            await asyncio.wait([after])
+        try:
+            extended = await async_redis().eval(
+                _EXTEND_LUA,
+                1,
+                _redis_key(self.key),
+                limit,
+                used,
+                int(read_at_ms),
+                self.record_id.hex,
+                self.seconds + seconds,
+            )
+        except RedisUnavailable:
+            return None
+        except REDIS_ERRORS as exc:
+            breaker.trip(exc)
+            return None
+        return bool(extended)
 
     def settle(self, actual_seconds: float) -> None:
         """The request ended having sent `actual_seconds` (0 for cache hits and refusals):
@@ -233,21 +308,21 @@ class QuotaReservation:
         self.settled = True
         kept = actual_seconds if actual_seconds > 0 and settings.USAGE_RECORDS else 0.0
         if self.in_redis:
-            self._send("settle", kept)
+            self._send(kept)
             return
         if self.clear_in_redis:
-            self._send("settle", 0.0)
+            self._send(0.0)
         with _local_lock:
             holds = _local[self.key]
             holds.reserved.pop(self.record_id, None)
             if kept:
                 holds.settled[self.record_id] = _Entry(kept, _now_ms() + UNWRITTEN_TTL_MS)
 
-    def _send(self, mode: str, seconds: float) -> None:
+    def _send(self, seconds: float) -> None:
         """Send a change to Redis without making the caller wait: on the event loop as a
         task after this reservation's previous change; from a thread without a loop (the
         process exiting) directly."""
-        args = (_ADJUST_LUA, 1, _redis_key(self.key), self.record_id.hex, mode, seconds)
+        args = (_SETTLE_LUA, 1, _redis_key(self.key), self.record_id.hex, seconds)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -262,7 +337,7 @@ class QuotaReservation:
         task.add_done_callback(_pending.discard)
 
 
-async def _aeval(args: tuple[Any, ...], *, after: asyncio.Task[None] | None) -> None:
+async def _aeval(args: tuple[Any, ...], *, after: asyncio.Task[Any] | None) -> None:
     if after is not None and not after.done():
         await asyncio.wait([after])
     try:
@@ -300,13 +375,15 @@ async def holds_reserve(
         # A timeout may come after the script ran: its entry is cleared when this settles.
         maybe_in_redis = isinstance(exc, TimeoutError | redis.TimeoutError)
     else:
-        return QuotaReservation(key, record_id, estimate, in_redis=True) if reserved else None
+        return QuotaReservation(key, record_id, estimate, in_redis=True, limit=limit) if reserved else None
     with _local_lock:
         holds = _local[key]
         if used + holds.seconds(read_at_ms) >= limit:
             return None
         holds.reserved[record_id] = _Entry(estimate, _now_ms() + RUNNING_TTL_MS)
-    return QuotaReservation(key, record_id, estimate, in_redis=False, clear_in_redis=maybe_in_redis)
+    return QuotaReservation(
+        key, record_id, estimate, in_redis=False, limit=limit, clear_in_redis=maybe_in_redis
+    )
 
 
 # Marks Redis has not taken yet (it was away): sent again with the next batch, so that a

@@ -58,26 +58,26 @@ def _seconds_until_next_month(now: datetime) -> int:
 _recently_read: dict[tuple[uuid.UUID, date], tuple[float, float, float]] = {}
 
 
-async def _quota_read(tenant: Tenant, month: date) -> tuple[float, float]:
+async def _quota_read(tenant_id: uuid.UUID, month: date) -> tuple[float, float]:
     """The tenant's counter for `month`, and when that reading began (on the clock the
     holds are stamped with: they are compared with it)."""
-    cached = _recently_read.get((tenant.id, month))
+    cached = _recently_read.get((tenant_id, month))
     if cached is not None and time.monotonic() - cached[2] < settings.QUOTA_CACHE_SECONDS:
         return cached[0], cached[1]
     # Taken before the query: a row written while it runs counts as not yet read.
     read_at_ms = await holds_clock_ms()
-    this_month = QuotaUsage.objects.filter(tenant=tenant, month=month)
+    this_month = QuotaUsage.objects.filter(tenant_id=tenant_id, month=month)
     try:
         used = float(await this_month.values_list("audio_seconds", flat=True).afirst() or 0.0)
     except DatabaseError:
-        logger.warning("Quota of tenant %s not readable; using the last value seen.", tenant.id)
+        logger.warning("Quota of tenant %s not readable; using the last value seen.", tenant_id)
         return (cached[0], cached[1]) if cached is not None else (0.0, 0.0)
-    _recently_read[(tenant.id, month)] = (used, read_at_ms, time.monotonic())
+    _recently_read[(tenant_id, month)] = (used, read_at_ms, time.monotonic())
     return used, read_at_ms
 
 
 async def quota_used_seconds(tenant: Tenant) -> float:
-    used, _read_at = await _quota_read(tenant, current_month())
+    used, _read_at = await _quota_read(tenant.id, current_month())
     return used
 
 
@@ -97,11 +97,11 @@ def quota_estimate(segments: list[Segment], speed: float) -> float:
     return estimated_audio_seconds(segments, speed, chars_per_second=RESERVE_CHARS_PER_SECOND)
 
 
-def _quota_exceeded(tenant: Tenant) -> ServiceError:
+def _quota_exceeded(quota_minutes: float) -> ServiceError:
     return ServiceError(
         429,
         "quota_exceeded",
-        f"This month's {tenant.quota_minutes} minutes of audio are used up; it renews on the 1st (UTC).",
+        f"This month's {quota_minutes:g} minutes of audio are used up; it renews on the 1st (UTC).",
         headers={"Retry-After": str(_seconds_until_next_month(datetime.now(UTC)))},
     )
 
@@ -119,7 +119,7 @@ async def quota_reserve(
     if tenant.quota_minutes == 0:
         return None
     month = current_month(created_at)
-    used, read_at_ms = await _quota_read(tenant, month)
+    used, read_at_ms = await _quota_read(tenant.id, month)
     reservation = await holds_reserve(
         (tenant.id, month),
         limit=tenant.quota_minutes * 60,
@@ -129,8 +129,18 @@ async def quota_reserve(
         estimate=estimated_seconds,
     )
     if reservation is None:
-        raise _quota_exceeded(tenant)
+        raise _quota_exceeded(tenant.quota_minutes)
     return reservation
+
+
+async def quota_extend(reservation: QuotaReservation, estimated_seconds: float) -> None:
+    """Reserve more audio for a running request (the next piece of a WebSocket utterance,
+    before its audio is made), or raise 429 quota_exceeded when what is used and held
+    (by every process, this request's own reservation included) already reaches the quota:
+    the request then ends there, its audio so far counted when it settles."""
+    used, read_at_ms = await _quota_read(reservation.key[0], reservation.key[1])
+    if not await reservation.extend(estimated_seconds, used=used, read_at_ms=read_at_ms):
+        raise _quota_exceeded(reservation.limit / 60)
 
 
 async def quota_check(tenant: Tenant) -> None:

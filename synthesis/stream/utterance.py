@@ -6,8 +6,12 @@ utterance ends through its owner with one outcome.
 
 An utterance is a request of its own, with one request's limits: its text (MAX_TEXT_CHARS),
 its SSML breaks and its estimated audio (an OutputBudget, spent as each piece becomes
-ready, so that the piece that overdraws is refused before its audio is made), and the
-audio actually made (encoded_audio, over the utterance's one encoder)."""
+ready, so that the piece that overdraws is refused before its audio is made), the audio
+actually made (encoded_audio, over the utterance's one encoder), and the tenant's monthly
+quota: each piece's estimated audio is added to the utterance's reservation, checked
+against everything the tenant holds on every process, just before that piece is spoken
+(usage.quotas.quota_extend). So an utterance fed text past the quota ends there with
+quota_exceeded, and all of a tenant's utterances together overshoot by at most one piece."""
 
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from synthesis.services import SynthesisSetup, encoded_audio, output_budget, tex
 from synthesis.stream.flow import TransportFlow
 from synthesis.stream.protocol import ProtocolError, SocketClosed, ready_pieces
 from synthesis.stream.twilio import TwilioFramer
-from usage.quotas import quota_estimate
+from usage.quotas import quota_estimate, quota_extend
 from usage.recorder import CLIENT_DISCONNECTED, UsageMeter
 
 logger = logging.getLogger(__name__)
@@ -137,8 +141,6 @@ class Utterance:
         try:
             segments = text_segments(piece, opening=not self.opened)
             self.budget.spend(segments)
-            if (reservation := self.meter.quota_reservation) is not None:
-                reservation.grow(quota_estimate(segments, self.setup.speed))
         except ServiceError as exc:
             if exc.code == "empty_text":  # a piece of only punctuation or markup
                 return
@@ -163,6 +165,11 @@ class Utterance:
             while (piece := await self._next_piece()) is not None:
                 spoken = True
                 text, segments = piece
+                # Its audio reserved against the quota before it is made (and before it
+                # takes an engine slot): past the quota the utterance ends here, with
+                # quota_exceeded, having sent the pieces before it.
+                if (reservation := self.meter.quota_reservation) is not None:
+                    await quota_extend(reservation, quota_estimate(segments, self.setup.speed))
                 if self.slot is None:
                     self.slot = await self.setup.engine.reserve(self.setup.owner)
                 plan = self.setup.plan_segments(segments, slot=self.slot)

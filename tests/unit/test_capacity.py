@@ -212,3 +212,47 @@ async def test_fixed_admission_takes_up_to_max_active_however_slow_and_at_risk_t
     for slot in slots:
         slot.release()
     assert gate.state().demand == 0
+
+
+async def test_an_owner_holding_fewer_streams_is_granted_ahead_of_another_owners_queued_burst() -> None:
+    gate = admission(capacity=None, max_active=2, queue_max=4)
+    held = [await gate.acquire("busy"), await gate.acquire("busy")]  # the engine is full
+    burst = [asyncio.create_task(gate.acquire("busy")) for _ in range(3)]
+    await asyncio.sleep(0)
+    other = asyncio.create_task(gate.acquire("other"))
+    await asyncio.sleep(0)
+    assert gate.state().queued == 4
+    held[0].release()  # "other" holds none, "busy" one: "other" goes first
+    slot = await asyncio.wait_for(other, 5)
+    assert slot.owner == "other"
+    assert not any(task.done() for task in burst)
+    slot.release()  # then "busy"'s in their order
+    first = await asyncio.wait_for(burst[0], 5)
+    assert not burst[1].done()
+    for task in burst[1:]:
+        task.cancel()
+    await asyncio.gather(*burst[1:], return_exceptions=True)
+    for slot in (first, held[1]):
+        slot.release()
+    assert gate.state().demand == 0
+
+
+async def test_a_queue_full_of_one_owners_burst_makes_room_for_another_owner() -> None:
+    gate = admission(capacity=None, max_active=2, queue_max=2)
+    held = [await gate.acquire("busy"), await gate.acquire("busy")]
+    burst = [asyncio.create_task(gate.acquire("busy")) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(EngineOverloaded):  # the same owner again: the queue is full
+        await gate.acquire("busy")
+    other = asyncio.create_task(gate.acquire("other"))
+    await asyncio.sleep(0)
+    # The other owner takes the place of the burst's last waiter, which is refused.
+    with pytest.raises(EngineOverloaded):
+        await asyncio.wait_for(burst[1], 5)
+    assert not burst[0].done()
+    held[0].release()
+    assert (await asyncio.wait_for(other, 5)).owner == "other"
+    burst[0].cancel()
+    await asyncio.gather(burst[0], return_exceptions=True)
+    state = gate.state()
+    assert (state.queued, state.refused_total) == (0, 2)

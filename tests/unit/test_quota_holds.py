@@ -54,3 +54,33 @@ def test_without_redis_a_reservation_is_held_settled_and_released_by_the_writers
         assert again is not None
 
     asyncio.run(scenario())
+
+
+def test_without_redis_extending_a_reservation_stops_once_what_is_held_reaches_the_limit(
+    settings: Any,
+) -> None:
+    settings.REDIS_URL = ""
+    key = (uuid.uuid4(), date(2026, 11, 1))
+
+    async def scenario() -> None:
+        utterance = await holds_reserve(
+            key, limit=60, used=0, read_at_ms=_now_ms(), record_id=uuid.uuid4(), estimate=0
+        )
+        other = await holds_reserve(
+            key, limit=60, used=0, read_at_ms=_now_ms(), record_id=uuid.uuid4(), estimate=0
+        )
+        assert utterance is not None
+        assert other is not None
+        # Piece by piece, 25 s each: the one that starts under the limit is reserved (the
+        # overshoot is one piece), the next of either request is refused.
+        assert await utterance.extend(25, used=10, read_at_ms=_now_ms())
+        assert await other.extend(25, used=10, read_at_ms=_now_ms())  # 10 + 25 < 60
+        assert not await utterance.extend(25, used=10, read_at_ms=_now_ms())  # 10 + 50 held
+        assert not await other.extend(1, used=10, read_at_ms=_now_ms())
+        assert (utterance.seconds, other.seconds) == (25, 25)
+        other.settle(5.0)  # it ended having sent 5 s: the rest is free again
+        assert await utterance.extend(25, used=10, read_at_ms=_now_ms())  # 10 + 25 + 5
+        utterance.settle(0.0)
+        assert not await utterance.extend(1, used=0, read_at_ms=_now_ms())  # settled: no more
+
+    asyncio.run(scenario())
