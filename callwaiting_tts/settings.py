@@ -303,6 +303,10 @@ HTTP_HEADER_TIMEOUT_SECONDS = env_float("HTTP_HEADER_TIMEOUT_SECONDS", 10.0, min
 HTTP_BODY_GRACE_SECONDS = env_float("HTTP_BODY_GRACE_SECONDS", 10.0, minimum=0.5)
 HTTP_BODY_MIN_BYTES_PER_SECOND = env_int("HTTP_BODY_MIN_BYTES_PER_SECOND", 1024, minimum=1)
 CONNECTIONS_PER_CLIENT_MAX = env_int("CONNECTIONS_PER_CLIENT_MAX", 256, minimum=0)
+# A streamed HTTP response whose client reads nothing for this long is cut and its
+# resources (engine slot, stream lease, usage row) released; until then it waits, holding
+# no more than the socket's buffers (synthesis/stream/flow.py).
+HTTP_STREAM_STALL_SECONDS = env_float("HTTP_STREAM_STALL_SECONDS", 30.0, minimum=0.5)
 RATE_LIMITS_ENABLED = env_bool("RATE_LIMITS_ENABLED", True)
 QUOTA_CACHE_SECONDS = env_float("QUOTA_CACHE_SECONDS", 5.0, minimum=0.0)
 # Usage rows: each finished request appends a record to a local spool, and a
