@@ -19,6 +19,7 @@ from servestatic import ServeStaticASGI  # noqa: E402
 from callwaiting_tts.handlers import ApiASGIHandler  # noqa: E402
 from callwaiting_tts.lifecycle import engine_warm_up  # noqa: E402
 from engines import get_engine  # noqa: E402
+from synthesis.stream.flow import backpressured_send  # noqa: E402
 from usage.recorder import usage_flusher_start  # noqa: E402
 
 api_http_app = ApiASGIHandler()
@@ -34,7 +35,8 @@ Send = Callable[[Mapping[str, Any]], Awaitable[None]]
 
 async def http_app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
     if scope["path"].startswith(settings.API_PATH_PREFIX):
-        await api_http_app(scope, receive, send)
+        # A streamed answer waits for its client to read (synthesis/stream/flow.py).
+        await api_http_app(scope, receive, backpressured_send(send))
     else:
         await site_http_app(scope, receive, send)
 

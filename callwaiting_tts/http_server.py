@@ -22,6 +22,18 @@ stopped every stream on the process for seconds. So here:
 WebSockets are untouched: their handshake has no body and Daphne hands the
 connection over before any of this applies.
 
+Nobody holds a connection for long before authentication (slowloris): a request's
+headers must all arrive within HTTP_HEADER_TIMEOUT_SECONDS (Twisted's own timeout
+is an idle one, reset by every byte, so a byte every few seconds kept a connection
+for ever); a body must come at HTTP_BODY_MIN_BYTES_PER_SECOND once
+HTTP_BODY_GRACE_SECONDS have passed (each second of grace is earned again by that
+many bytes, as Apache's mod_reqtimeout does); a WebSocket handshake and its auth
+within WS_AUTH_SECONDS (Daphne's handshake and connect timeouts, set in serve.py,
+and the consumer's auth deadline); and one client address holds at most
+CONNECTIONS_PER_CLIENT_MAX connections (a wrapper around the factory, which sees
+each connection end whether it stayed HTTP or became a WebSocket). Each cut is
+counted in `cwt_connections_cut_total` by reason.
+
 Requests that Twisted or Daphne refuse before the application sees them (a bad
 Content-Length, broken chunked framing, an invalid header name, a request line or
 path that does not parse, too many or too long headers) were answered with a bare
@@ -48,11 +60,15 @@ from django.conf import settings
 from django.urls import reverse
 from twisted.internet import reactor as twisted_reactor
 from twisted.internet.base import DelayedCall
+from twisted.internet.protocol import connectionDone
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.http_headers import Headers
 
 from api.errors import error_body
 from callwaiting_tts.logs import redact_secrets
+from core.metrics import CONNECTION_CUTS
 from core.request_ids import REQUEST_ID_HEADER, SANE_REQUEST_ID, new_request_id
 
 logger = logging.getLogger(__name__)
@@ -258,8 +274,107 @@ class BoundedRequest(WebRequest):  # type: ignore[misc]  # daphne ships no types
         self.handle_reply({"type": "http.response.body", "body": json.dumps(error).encode()})
 
 
+# Twisted's classes, untyped where these call them.
+_HTTPChannel: Any = HTTPChannel
+_WrappingFactory: Any = WrappingFactory
+
+
+def connection_cut(reason: str) -> None:
+    CONNECTION_CUTS.labels(reason=reason).inc()
+
+
 class ServiceHTTPChannel(HTTPChannel):
-    """Twisted's HTTP/1.1 connection, answering what it cannot parse in the error shape."""
+    """Twisted's HTTP/1.1 connection, answering what it cannot parse in the error shape,
+    and holding each request to a deadline for its headers and a minimum rate for its body."""
+
+    _header_deadline: DelayedCall | None = None
+    _body_deadline: DelayedCall | None = None
+    _in_body = False
+    _body_started = 0.0
+    _body_received = 0
+
+    def connectionMade(self) -> None:
+        _HTTPChannel.connectionMade(self)
+        self._start_header_deadline()
+
+    def dataReceived(self, data: bytes) -> None:
+        # Between requests on a kept-alive connection no deadline runs (Twisted's idle
+        # timeout does); the next request's first byte starts its header deadline.
+        if self._header_deadline is None and not self._in_body and not self._handlingRequest:
+            self._start_header_deadline()
+        if self._in_body:
+            self._body_received += len(data)
+        _HTTPChannel.dataReceived(self, data)
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_header_deadline()
+        if self.length != 0:  # a body follows: a length, or chunked (None)
+            self._in_body = True
+            self._body_started = reactor.seconds()
+            self._body_received = 0
+            self._body_deadline = reactor.callLater(settings.HTTP_BODY_GRACE_SECONDS, self._check_body_rate)
+        _HTTPChannel.allHeadersReceived(self)
+
+    def allContentReceived(self) -> None:
+        self._cancel_body_deadline()
+        _HTTPChannel.allContentReceived(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_header_deadline()
+        self._cancel_body_deadline()
+        _HTTPChannel.connectionLost(self, reason)
+
+    def _start_header_deadline(self) -> None:
+        self._header_deadline = reactor.callLater(
+            settings.HTTP_HEADER_TIMEOUT_SECONDS, self._headers_too_slow
+        )
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            if self._header_deadline.active():
+                self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _cancel_body_deadline(self) -> None:
+        self._in_body = False
+        if self._body_deadline is not None:
+            if self._body_deadline.active():
+                self._body_deadline.cancel()
+            self._body_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        self._cut(
+            "header_timeout",
+            f"The request's headers did not arrive within {settings.HTTP_HEADER_TIMEOUT_SECONDS:g} s.",
+        )
+
+    def _check_body_rate(self) -> None:
+        # The deadline moves on by a second for every HTTP_BODY_MIN_BYTES_PER_SECOND received.
+        self._body_deadline = None
+        rate = settings.HTTP_BODY_MIN_BYTES_PER_SECOND
+        earned = settings.HTTP_BODY_GRACE_SECONDS + self._body_received / rate
+        remaining = self._body_started + earned - reactor.seconds()
+        if remaining > 0:
+            self._body_deadline = reactor.callLater(remaining, self._check_body_rate)
+            return
+        self._in_body = False
+        self._cut("body_too_slow", f"The request's body arrived slower than {rate} bytes/s.")
+
+    def _cut(self, reason: str, message: str) -> None:
+        connection_cut(reason)
+        request_id = new_request_id()
+        channel: Any = self
+        # A body refused as too large has had its 413 already.
+        answered = any(getattr(request, "_refused", False) for request in self.requests)
+        if channel.transport is not None and not answered:
+            channel.transport.write(
+                raw_error_response("408 Request Timeout", "request_timeout", message, request_id)
+            )
+        logger.info("Cut a slow client (%s).", reason, extra={"request_id": request_id})
+        # Twisted's own timeout: close once the answer is written, abort if the client
+        # does not read it within abortTimeout.
+        channel.timeoutConnection()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # Twisted's one answer for every framing error: a bad Content-Length or chunk, a
@@ -305,6 +420,42 @@ class BoundedHTTPFactory(HTTPFactory):  # type: ignore[misc]
         return protocol
 
 
+class PeerCountedProtocol(ProtocolWrapper):
+    peer_host = ""
+
+
+class PeerCappedFactory(WrappingFactory):
+    """At most CONNECTIONS_PER_CLIENT_MAX connections from one address; more are closed
+    as they are accepted. (Twisted's LimitConnectionsByPeer reads the address as a tuple,
+    which Twisted's addresses no longer are, and counts nothing.)"""
+
+    protocol = PeerCountedProtocol
+
+    def __init__(self, wrapped: Any, max_per_peer: int) -> None:
+        _WrappingFactory.__init__(self, wrapped)
+        self.max_per_peer = max_per_peer
+        self.per_peer: dict[str, int] = {}
+
+    def buildProtocol(self, addr: Any) -> Any:
+        host = str(getattr(addr, "host", ""))
+        held = self.per_peer.get(host, 0)
+        if self.max_per_peer and held >= self.max_per_peer:
+            connection_cut("client_connection_cap")
+            return None  # Twisted closes the socket it just accepted
+        protocol: Any = super().buildProtocol(addr)
+        protocol.peer_host = host
+        self.per_peer[host] = held + 1
+        return protocol
+
+    def unregisterProtocol(self, p: Any) -> None:
+        _WrappingFactory.unregisterProtocol(self, p)
+        held = self.per_peer.get(p.peer_host, 0) - 1
+        if held > 0:
+            self.per_peer[p.peer_host] = held
+        else:
+            self.per_peer.pop(p.peer_host, None)
+
+
 class RedactingAccessLog(AccessLogGenerator):  # type: ignore[misc]
     """Daphne's access lines, with signed links' signatures and keys in query strings blanked."""
 
@@ -327,12 +478,12 @@ class ServiceServer(Server):  # type: ignore[misc]
     # Server.run() makes its HTTP factory and listens with it in one method;
     # assigning the factory is where ours takes the place of Daphne's.
     @property
-    def http_factory(self) -> BoundedHTTPFactory:
-        return self._bounded_http_factory
+    def http_factory(self) -> PeerCappedFactory:
+        return self._http_factory
 
     @http_factory.setter
     def http_factory(self, _daphne_factory: Any) -> None:
-        self._bounded_http_factory = BoundedHTTPFactory(self)
+        self._http_factory = PeerCappedFactory(BoundedHTTPFactory(self), settings.CONNECTIONS_PER_CLIENT_MAX)
 
     def listen_success(self, port: Any) -> None:
         self.ports.append(port)

@@ -56,6 +56,11 @@ def main() -> None:
         endpoints=[f"tcp:port={settings.PORT}:interface={settings.HOST}"],
         signal_handlers=False,
         action_logger=access_log,
+        # A WebSocket's opening handshake, and its whole time before it is open, within
+        # WS_AUTH_SECONDS (Daphne's defaults: 5 s and 20 s); its auth message is held to the
+        # same by the consumer (synthesis/stream/connection.py).
+        websocket_handshake_timeout=settings.WS_AUTH_SECONDS,
+        websocket_connect_timeout=settings.WS_AUTH_SECONDS,
     )
 
     # On the server's own event loop once it runs: the async Redis client is bound to it.

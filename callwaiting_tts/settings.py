@@ -297,6 +297,19 @@ REQUEST_BODY_MAX_BYTES = env_int("REQUEST_BODY_MAX_BYTES", 1024 * 1024, minimum=
 # Django's limit on a body it reads into memory: the same, so that it holds under
 # any ASGI server (and the tests' clients) too.
 DATA_UPLOAD_MAX_MEMORY_SIZE = REQUEST_BODY_MAX_BYTES
+# Before authentication nobody may hold a connection for long (callwaiting_tts/http_server.py):
+# a request's headers must all arrive within HTTP_HEADER_TIMEOUT_SECONDS of its first byte (of
+# the connection, for its first request); its body at HTTP_BODY_MIN_BYTES_PER_SECOND or faster,
+# after HTTP_BODY_GRACE_SECONDS; one client address holds at most CONNECTIONS_PER_CLIENT_MAX
+# connections (0: no cap; behind a proxy every client has the proxy's address).
+HTTP_HEADER_TIMEOUT_SECONDS = env_float("HTTP_HEADER_TIMEOUT_SECONDS", 10.0, minimum=0.5)
+HTTP_BODY_GRACE_SECONDS = env_float("HTTP_BODY_GRACE_SECONDS", 10.0, minimum=0.5)
+HTTP_BODY_MIN_BYTES_PER_SECOND = env_int("HTTP_BODY_MIN_BYTES_PER_SECOND", 1024, minimum=1)
+CONNECTIONS_PER_CLIENT_MAX = env_int("CONNECTIONS_PER_CLIENT_MAX", 256, minimum=0)
+# A streamed HTTP response whose client reads nothing for this long is cut and its
+# resources (engine slot, stream lease, usage row) released; until then it waits, holding
+# no more than the socket's buffers (synthesis/stream/flow.py).
+HTTP_STREAM_STALL_SECONDS = env_float("HTTP_STREAM_STALL_SECONDS", 30.0, minimum=0.5)
 RATE_LIMITS_ENABLED = env_bool("RATE_LIMITS_ENABLED", True)
 QUOTA_CACHE_SECONDS = env_float("QUOTA_CACHE_SECONDS", 5.0, minimum=0.0)
 # Usage rows: each finished request appends a record to a local spool, and a

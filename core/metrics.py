@@ -45,6 +45,12 @@ USAGE_DEAD_LETTERS = Counter(
     "Usage records the database refused, moved to the dead-letter file (see /v1/health).",
 )
 LIMIT_REFUSALS = Counter("cwt_limit_refusals", "Requests refused by a tenant limit.", _labels("reason"))
+CONNECTION_CUTS = Counter(
+    "cwt_connections_cut",
+    "Connections the server cut: slow headers or body, too many from one address, no WebSocket "
+    "auth in time, a streamed response its client stopped reading.",
+    ["reason"],
+)
 HTTP_REQUESTS = Counter(
     "cwt_http_requests", "API requests (under /v1), by route and status.", ["method", "route", "status"]
 )

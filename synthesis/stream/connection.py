@@ -42,6 +42,7 @@ from django.utils import timezone
 
 from core.channel_layer import ChannelLayerUnavailable, channel_layer_in_outage, channel_layer_recoveries
 from core.errors import ServiceError
+from core.metrics import CONNECTION_CUTS
 from engines.alignment import CharTimings
 from synthesis.admission import SynthesisRequest, service_error_for, synthesis_admit
 from synthesis.stream.access import access_recheck
@@ -351,6 +352,7 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
     async def _auth_deadline(self, hint: str) -> None:
         await asyncio.sleep(settings.WS_AUTH_SECONDS)
         if self.principal is None and not self._closing:
+            CONNECTION_CUTS.labels(reason="ws_auth_timeout").inc()
             await self.refuse(
                 CLOSE_UNAUTHORIZED,
                 "auth_timeout",
