@@ -15,6 +15,10 @@ class Permission(models.TextChoices):
     UPLOAD = "upload", "Upload cloned voices"
 
 
+MINT_CLIENT_TOKEN = "tenants.mint_client_token"  # noqa: S105  (a permission name)
+VIEW_TENANT = "tenants.view_tenant"
+
+
 def _no_permissions() -> list[str]:
     return []
 
@@ -73,6 +77,9 @@ class Tenant(models.Model):
 
     class Meta:
         ordering = ["name"]
+        # Granted to staff users or groups in the admin (Users, Groups): the playground mints a
+        # streaming token for a tenant only for a user who holds it and may view tenants.
+        permissions = [("mint_client_token", "Can mint client tokens")]
 
     def __str__(self) -> str:
         return self.name
