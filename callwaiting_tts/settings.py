@@ -84,6 +84,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "callwaiting_tts.middleware.RequestIdMiddleware",
+    "callwaiting_tts.middleware.AllowedHostsMiddleware",
     "callwaiting_tts.middleware.MethodMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -102,6 +103,8 @@ MIDDLEWARE = [
 # them in its one sync thread, which the streaming API must never wait on.
 API_MIDDLEWARE = [
     "callwaiting_tts.middleware.RequestIdMiddleware",
+    # ALLOWED_HOSTS: nothing else in this stack calls get_host(), which is what checks it.
+    "callwaiting_tts.middleware.AllowedHostsMiddleware",
     # Before the method policy: a CORS preflight (OPTIONS) is answered here, not refused there.
     "callwaiting_tts.middleware.TenantCorsMiddleware",
     "callwaiting_tts.middleware.MethodMiddleware",

@@ -214,19 +214,17 @@ def token_scope_error(message: str) -> ServiceError:
     return ServiceError(403, "token_scope", message)
 
 
-def principal_authorize(
-    principal: Principal, *, route: str | None, origin: str | None, host: str | None
-) -> None:
+def principal_authorize(principal: Principal, *, route: str | None, origin: str | None) -> None:
     """May this principal call `route` from this browser origin? 403 if not.
 
-    `origin` is the request's Origin header (None from a server-side client), `host` its
-    Host header (a page of this service itself is always allowed)."""
+    `origin` is the request's Origin header (None from a server-side client; the service's
+    own PUBLIC_BASE_URL is always allowed)."""
     token = principal.token
     if token is not None and not token.allows_route(route):
         raise token_scope_error(
             f"This client token may call only {', '.join(sorted(token.routes))}; not {route or 'this route'}."
         )
-    if not origin_allowed(principal.tenant, token, origin, host):
+    if not origin_allowed(principal.tenant, token, origin):
         raise ServiceError(
             403,
             "origin_not_allowed",
@@ -251,7 +249,6 @@ def _authorize_http(request: HttpRequest, principal: Principal) -> None:
         principal,
         route=match.url_name if match is not None else None,
         origin=request.headers.get("Origin"),
-        host=request.headers.get("Host"),
     )
 
 

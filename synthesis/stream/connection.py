@@ -214,7 +214,6 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
                 principal,
                 route="stream",
                 origin=header(self.scope, b"origin"),
-                host=header(self.scope, b"host"),
             )
         except ApiKeyError as exc:
             await self.refuse(CLOSE_UNAUTHORIZED, exc.code, exc.message, status=exc.status_code)
