@@ -86,6 +86,11 @@ def _common_responses(method: str, operation: dict[str, Any], openai: bool) -> d
             **shape("missing_api_key, invalid_api_key, invalid_token, token_expired"),
             "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
         }
+        responses["400"] = shape(
+            responses["400"]["description"] + "; conflicting_credentials: two credentials that differ "
+            "(Authorization, xi-api-key, X-API-Key, a key in the query); api_key_in_url: a key in the "
+            "query beside one in a header"
+        )
         # A client token outside its scope, or a browser origin the tenant does not allow.
         responses["403"] = shape("token_scope, origin_not_allowed")
         responses["429"] = {
