@@ -62,12 +62,24 @@ def test_no_signature_or_key_from_a_url_is_logged(
                 await ws.recv()  # ready
 
         asyncio.run(handshake())
+        # Our own key and token by value: under names that say nothing, and in paths.
+        token = client.post("/v1/tokens", json={}, headers=bearer(issued.plaintext)).json()["token"]
+        for where in (
+            f"/v1/health?k={issued.plaintext}&foo={token}",
+            f"/v1/voices/{issued.plaintext}",
+            f"/v1/audio/{token}",
+        ):
+            assert client.get(where).status_code in {200, 401, 403, 404}
         log = "".join(path.read_text() for path in Path(env["CWT_TEST_LOG_DIR"]).glob("daphne-*.log"))
 
     assert link.path in log  # the requests were logged, by path
     assert signature not in log
     assert signature[::-1] not in log
     assert issued.plaintext not in log
+    assert issued.plaintext.rsplit("_", 1)[1] not in log  # the secret, however it is cut
+    assert token not in log
+    assert token.split(":")[-1] not in log  # the token's signature
+    assert f"cwt_{issued.api_key.prefix}_REDACTED" in log  # the public prefix still names the key
     for value in QUERY_SECRETS.values():
         assert value not in log
     if log_format == "plain":
