@@ -297,6 +297,11 @@ REQUEST_BODY_MAX_BYTES = env_int("REQUEST_BODY_MAX_BYTES", 1024 * 1024, minimum=
 # Django's limit on a body it reads into memory: the same, so that it holds under
 # any ASGI server (and the tests' clients) too.
 DATA_UPLOAD_MAX_MEMORY_SIZE = REQUEST_BODY_MAX_BYTES
+# Form bounds (Django's defaults are 1000 fields, 100 files): the admin's bulk actions post one
+# field per selected row; no API form has more than one file. Over them: 400 too_many_fields /
+# too_many_files (api.views).
+DATA_UPLOAD_MAX_NUMBER_FIELDS = 1000
+DATA_UPLOAD_MAX_NUMBER_FILES = 5
 RATE_LIMITS_ENABLED = env_bool("RATE_LIMITS_ENABLED", True)
 QUOTA_CACHE_SECONDS = env_float("QUOTA_CACHE_SECONDS", 5.0, minimum=0.0)
 # Usage rows: each finished request appends a record to a local spool, and a
