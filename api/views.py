@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
 from django.db import DatabaseError
 from django.http import HttpRequest, StreamingHttpResponse
 from django.http.multipartparser import MultiPartParserError
@@ -63,6 +65,19 @@ def async_api_view(
                 error = ServiceError(
                     400, "invalid_request", validation_message(exc.detail), details=exc.detail
                 )
+                return render_error(request, error)
+            except TooManyFieldsSent:
+                # Django's bound on form fields (DATA_UPLOAD_MAX_NUMBER_FIELDS): a SuspiciousOperation
+                # the view never sees, which would otherwise be a 500 and a Sentry event.
+                limit = settings.DATA_UPLOAD_MAX_NUMBER_FIELDS
+                error = ServiceError(400, "too_many_fields", f"The form holds more than {limit} fields.")
+                return render_error(request, error)
+            except TooManyFilesSent:
+                limit = settings.DATA_UPLOAD_MAX_NUMBER_FILES
+                error = ServiceError(400, "too_many_files", f"The form holds more than {limit} files.")
+                return render_error(request, error)
+            except RequestDataTooBig:
+                error = ServiceError(413, "request_too_large", "The request body is too large.")
                 return render_error(request, error)
             except MultiPartParserError as exc:
                 # A form body that does not parse (no boundary, broken parts): the client's.

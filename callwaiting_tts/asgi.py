@@ -17,6 +17,7 @@ from django.urls import URLPattern, path  # noqa: E402
 from servestatic import ServeStaticASGI  # noqa: E402
 
 from callwaiting_tts.handlers import ApiASGIHandler  # noqa: E402
+from callwaiting_tts.hosts import allowed_hosts_websocket  # noqa: E402
 from callwaiting_tts.lifecycle import engine_warm_up  # noqa: E402
 from engines import get_engine  # noqa: E402
 from synthesis.stream.flow import backpressured_send  # noqa: E402
@@ -73,6 +74,6 @@ websocket_urlpatterns: list[URLPattern] = [
 application = ProtocolTypeRouter(
     {
         "http": http_app,
-        "websocket": URLRouter(websocket_urlpatterns),
+        "websocket": allowed_hosts_websocket(URLRouter(websocket_urlpatterns)),
     }
 )

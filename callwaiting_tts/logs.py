@@ -3,7 +3,10 @@
 Every record carries the request id (RequestIdLogFilter). Request logs add
 counts and ids as `extra` fields; no log line carries a tenant's text, and none
 carries a secret from a URL (SecretRedactingFilter): a signed audio link's
-signature, or a key a client put in a query string, is written as REDACTED.
+signature, or a key a client put in a query string, is written as REDACTED. Our own
+credentials are also redacted by their value, wherever they appear (a parameter of any
+name, `?k=`, a path segment, a message): an API key keeps its public prefix
+(`cwt_k3j9x0aa_REDACTED`), a client token becomes `cwtc_REDACTED`.
 """
 
 from __future__ import annotations
@@ -29,10 +32,27 @@ _SECRET_QUERY_PARAMETER = re.compile(
     re.IGNORECASE,
 )
 REDACTED = "REDACTED"
+# Our key (`cwt_<prefix>_<secret>`) and client token (`cwtc_<payload>:<signature>`) formats,
+# raw or percent-encoded (`%5F` for `_`), with whatever URL-safe characters follow.
+_CREDENTIAL_VALUE = re.compile(r"cwt(?P<token>c?)(?:_|%5[Ff])(?P<rest>[A-Za-z0-9_.:%\-]*)")
+_KEY_PARTS = re.compile(r"(?P<prefix>[a-z0-9]{8})(?:_|%5[Ff])(?P<secret>.*)", re.DOTALL)
+
+
+def _redact_credential(match: re.Match[str]) -> str:
+    rest = match["rest"]
+    if match["token"]:
+        return f"cwtc_{REDACTED}"
+    if parts := _KEY_PARTS.fullmatch(rest):
+        # The prefix is public (the admin shows it): it names the key; only the secret goes.
+        return f"cwt_{parts['prefix']}_" + (REDACTED if parts["secret"] else "")
+    return f"cwt_{REDACTED}" if rest else match[0]
 
 
 def redact_secrets(text: str) -> str:
-    """`text` with the value of every secret-bearing query parameter in it replaced."""
+    """`text` with the value of every secret-bearing query parameter in it replaced, and
+    every key or client token of ours, wherever it is."""
+    if "cwt" in text:
+        text = _CREDENTIAL_VALUE.sub(_redact_credential, text)
     return _SECRET_QUERY_PARAMETER.sub(rf"\g<name>{REDACTED}", text)
 
 

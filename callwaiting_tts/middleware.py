@@ -1,9 +1,11 @@
-"""Request ids (every response carries X-Request-ID, every log line names it), rate headers,
-CORS for the tenants' browser origins, and the one method policy (HEAD wherever GET is; 405
-naming the documented methods)."""
+"""Request ids (every response carries X-Request-ID, every log line names it), the Host check
+(ALLOWED_HOSTS on every route, callwaiting_tts.hosts), rate headers, CORS for the tenants'
+browser origins, and the one method policy (HEAD wherever GET is; 405 naming the documented
+methods)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import SplitResult
@@ -11,15 +13,19 @@ from urllib.parse import SplitResult
 import sentry_sdk
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from corsheaders.middleware import CorsMiddleware
+from django.core.exceptions import DisallowedHost
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.security import SecurityMiddleware
 from django.utils.cache import patch_vary_headers
 
+from api.errors import error_response
 from core.metrics import HTTP_DURATION, HTTP_REQUESTS
 from core.request_ids import REQUEST_ID_HEADER, SANE_REQUEST_ID, current_request_id, new_request_id
 from tenants.origins import preflight_origins
+
+logger = logging.getLogger(__name__)
 
 
 def _annotate(request: HttpRequest, response: HttpResponseBase, request_id: str) -> None:
@@ -85,6 +91,37 @@ class RequestIdMiddleware(DualModeMiddleware):
         _annotate(request, response, request_id)
         _observe(request, response, time.perf_counter() - started)
         return response
+
+
+class AllowedHostsMiddleware(DualModeMiddleware):
+    """ALLOWED_HOSTS for every route: `400 invalid_host` before anything reads the request.
+    Second in both stacks, after the request id (which the error carries)."""
+
+    def call_sync(self, request: HttpRequest) -> HttpResponseBase:
+        if (refused := _host_refusal(request)) is not None:
+            return refused
+        response = self.get_response(request)
+        assert isinstance(response, HttpResponseBase)
+        return response
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        if (refused := _host_refusal(request)) is not None:
+            return refused
+        response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
+        return response
+
+
+def _host_refusal(request: HttpRequest) -> HttpResponseBase | None:
+    try:
+        request.get_host()  # validates against ALLOWED_HOSTS (and caches nothing wrong)
+    except DisallowedHost:
+        logger.warning(
+            "Refused a request for host %r (not in ALLOWED_HOSTS).", request.META.get("HTTP_HOST", "")[:200]
+        )
+        return error_response(
+            request, 400, "invalid_host", "This service does not answer for that Host; use its own address."
+        )
+    return None
 
 
 def _observe(request: HttpRequest, response: HttpResponseBase, elapsed: float) -> None:

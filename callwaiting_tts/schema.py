@@ -4,7 +4,8 @@ cannot inspect, and the answers every route can give whatever its view.
 drf-spectacular describes the DRF views from their serializers (health, tenant, usage,
 voices). The async views are described in synthesis.schema; /v1/ready here. Then every
 operation gets the refusals that come from outside its view: 405 (with `Allow`), a
-request Twisted cannot parse (400 malformed_request, 431), a body over the limit (413
+request Twisted cannot parse (400 malformed_request, 431), a Host not served (400
+invalid_host), a body over the limit (413
 body_too_large), a database outage (503 database_unavailable), and for the routes that
 need a key, 401 (with `WWW-Authenticate`) and 429 (with `Retry-After` and the
 `X-RateLimit-*` headers). Each in the route's own error shape.
@@ -69,7 +70,10 @@ def _common_responses(method: str, operation: dict[str, Any], openai: bool) -> d
     shape = openai_error_response if openai else error_response
     allow = {"Allow": {"schema": {"type": "string"}, "description": "The documented methods."}}
     responses: dict[str, Any] = {
-        "400": shape("malformed_request: the request line, headers or body framing do not parse"),
+        "400": shape(
+            "malformed_request: the request line, headers or body framing do not parse; "
+            "invalid_host: a Host not in ALLOWED_HOSTS"
+        ),
         "405": {**shape("method_not_allowed"), "headers": allow},
         "431": shape("headers_too_large: too many or too long request headers"),
     }
@@ -82,6 +86,11 @@ def _common_responses(method: str, operation: dict[str, Any], openai: bool) -> d
             **shape("missing_api_key, invalid_api_key, invalid_token, token_expired"),
             "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
         }
+        responses["400"] = shape(
+            responses["400"]["description"] + "; conflicting_credentials: two credentials that differ "
+            "(Authorization, xi-api-key, X-API-Key, a key in the query); api_key_in_url: a key in the "
+            "query beside one in a header"
+        )
         # A client token outside its scope, or a browser origin the tenant does not allow.
         responses["403"] = shape("token_scope, origin_not_allowed")
         responses["429"] = {

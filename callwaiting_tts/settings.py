@@ -86,6 +86,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "callwaiting_tts.middleware.RequestIdMiddleware",
+    "callwaiting_tts.middleware.AllowedHostsMiddleware",
     "callwaiting_tts.middleware.MethodMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -104,6 +105,8 @@ MIDDLEWARE = [
 # them in its one sync thread, which the streaming API must never wait on.
 API_MIDDLEWARE = [
     "callwaiting_tts.middleware.RequestIdMiddleware",
+    # ALLOWED_HOSTS: nothing else in this stack calls get_host(), which is what checks it.
+    "callwaiting_tts.middleware.AllowedHostsMiddleware",
     # Before the method policy: a CORS preflight (OPTIONS) is answered here, not refused there.
     "callwaiting_tts.middleware.TenantCorsMiddleware",
     "callwaiting_tts.middleware.MethodMiddleware",
@@ -310,6 +313,11 @@ CONNECTIONS_PER_CLIENT_MAX = env_int("CONNECTIONS_PER_CLIENT_MAX", 256, minimum=
 # resources (engine slot, stream lease, usage row) released; until then it waits, holding
 # no more than the socket's buffers (synthesis/stream/flow.py).
 HTTP_STREAM_STALL_SECONDS = env_float("HTTP_STREAM_STALL_SECONDS", 30.0, minimum=0.5)
+# Form bounds (Django's defaults are 1000 fields, 100 files): the admin's bulk actions post one
+# field per selected row; no API form has more than one file. Over them: 400 too_many_fields /
+# too_many_files (api.views).
+DATA_UPLOAD_MAX_NUMBER_FIELDS = 1000
+DATA_UPLOAD_MAX_NUMBER_FILES = 5
 RATE_LIMITS_ENABLED = env_bool("RATE_LIMITS_ENABLED", True)
 QUOTA_CACHE_SECONDS = env_float("QUOTA_CACHE_SECONDS", 5.0, minimum=0.0)
 # Usage rows: each finished request appends a record to a local spool, and a

@@ -328,7 +328,7 @@ VOICE_UPLOAD_OPERATION: dict[str, Any] = {
             "description": "The new voice.",
             "content": json_content({"type": "object"}),
         },
-        "400": error_response("invalid_audio, invalid_request"),
+        "400": error_response("invalid_audio, invalid_request, too_many_fields, too_many_files"),
         "403": error_response("permission_denied"),
         "409": error_response("voice_exists"),
         "413": error_response("upload_too_large"),

@@ -7,6 +7,10 @@ Every failure is a 401 with `WWW-Authenticate: Bearer` and a stable code:
     expired_api_key   past its expires_at (e.g. the old key after a rotation)
     revoked_api_key   revoked
     tenant_inactive   the tenant behind the key is deactivated
+
+Two credentials in one request that differ (e.g. `xi-api-key` of one tenant and
+`Authorization` of another) are `400 conflicting_credentials`, on every door: which one
+would bill is nobody's guess.
     invalid_token     a client token (tenants.tokens) that is malformed or not signed by us
     token_expired     a client token past its expiry
 
@@ -22,6 +26,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -79,6 +84,66 @@ def bearer_token(authorization: str | None) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiKeyError("missing_api_key", "Send your API key as 'Authorization: Bearer <key>'.")
     return token.strip()
+
+
+# Every place a credential may come in, whichever door reads which: Bearer, ElevenLabs'
+# `xi-api-key`, Cartesia's `X-API-Key`; and the query names a client puts keys under (never
+# accepted there: URLs are logged).
+CREDENTIAL_HEADERS = ("authorization", "xi-api-key", "x-api-key")
+CREDENTIAL_QUERY_NAMES = frozenset(
+    {"token", "access_token", "api_key", "apikey", "api-key", "xi-api-key", "xi_api_key"}
+)
+
+
+def conflicting_credentials() -> ServiceError:
+    return ServiceError(
+        400,
+        "conflicting_credentials",
+        "The request carries more than one credential (headers, query or first message) and they "
+        "differ; send exactly one.",
+    )
+
+
+def credential_value(raw: str) -> str:
+    """A presented credential's text: a Bearer's token, else the value itself."""
+    scheme, _, rest = raw.strip().partition(" ")
+    return rest.strip() if scheme.lower() == "bearer" and rest.strip() else raw.strip()
+
+
+def credentials_presented(
+    headers: Mapping[str, str], query: Mapping[str, list[str]]
+) -> tuple[set[str], bool]:
+    """The distinct credentials in a request's headers (lower-case names) and query, and
+    whether any came in the query."""
+    found = {credential_value(headers[name]) for name in CREDENTIAL_HEADERS if headers.get(name, "").strip()}
+    in_query = {
+        value.strip()
+        for name, values in query.items()
+        if name.lower() in CREDENTIAL_QUERY_NAMES
+        for value in values
+        if value.strip()
+    }
+    return found | in_query, bool(in_query)
+
+
+def require_one_credential(headers: Mapping[str, str], query: Mapping[str, list[str]]) -> None:
+    """400 conflicting_credentials when a request carries two credentials that differ; a
+    credential in the query beside a header one is refused whatever it is, never ignored."""
+    found, in_query = credentials_presented(headers, query)
+    if len(found) > 1:
+        raise conflicting_credentials()
+    header_present = any(headers.get(name, "").strip() for name in CREDENTIAL_HEADERS)
+    if in_query and header_present:
+        raise ServiceError(
+            400,
+            "api_key_in_url",
+            "Never put the API key in the URL (URLs end up in logs): send it only in the header.",
+        )
+
+
+def _http_credentials_checked(request: HttpRequest) -> None:
+    headers = {name: request.headers.get(name, "") for name in CREDENTIAL_HEADERS}
+    require_one_credential(headers, {name: request.GET.getlist(name) for name in request.GET})
 
 
 def _parse(token: str) -> _Credential:
@@ -214,19 +279,17 @@ def token_scope_error(message: str) -> ServiceError:
     return ServiceError(403, "token_scope", message)
 
 
-def principal_authorize(
-    principal: Principal, *, route: str | None, origin: str | None, host: str | None
-) -> None:
+def principal_authorize(principal: Principal, *, route: str | None, origin: str | None) -> None:
     """May this principal call `route` from this browser origin? 403 if not.
 
-    `origin` is the request's Origin header (None from a server-side client), `host` its
-    Host header (a page of this service itself is always allowed)."""
+    `origin` is the request's Origin header (None from a server-side client; the service's
+    own PUBLIC_BASE_URL is always allowed)."""
     token = principal.token
     if token is not None and not token.allows_route(route):
         raise token_scope_error(
             f"This client token may call only {', '.join(sorted(token.routes))}; not {route or 'this route'}."
         )
-    if not origin_allowed(principal.tenant, token, origin, host):
+    if not origin_allowed(principal.tenant, token, origin):
         raise ServiceError(
             403,
             "origin_not_allowed",
@@ -251,12 +314,12 @@ def _authorize_http(request: HttpRequest, principal: Principal) -> None:
         principal,
         route=match.url_name if match is not None else None,
         origin=request.headers.get("Origin"),
-        host=request.headers.get("Host"),
     )
 
 
 async def aauthenticate_request(request: HttpRequest) -> Principal:
     """For plain async views; attaches the tenant to the request like the DRF class does."""
+    _http_credentials_checked(request)
     principal = await aauthenticate_token(bearer_token(request.headers.get("Authorization")))
     request.tenant = principal.tenant  # type: ignore[attr-defined]
     request.principal = principal  # type: ignore[attr-defined]
@@ -277,6 +340,7 @@ class ApiKeyAuthentication(BaseAuthentication):
     """DRF authentication: `request.user` is the Tenant, `request.auth` the ApiKey."""
 
     def authenticate(self, request: Request) -> tuple[Tenant, ApiKey]:
+        _http_credentials_checked(request._request)
         principal = authenticate_token(bearer_token(request.headers.get("Authorization")))
         request._request.tenant = principal.tenant  # type: ignore[attr-defined]
         request._request.principal = principal  # type: ignore[attr-defined]

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import ClassVar, TypedDict, cast
 
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
@@ -13,6 +14,10 @@ from django_stubs_ext import WithAnnotations
 
 class Permission(models.TextChoices):
     UPLOAD = "upload", "Upload cloned voices"
+
+
+MINT_CLIENT_TOKEN = "tenants.mint_client_token"  # noqa: S105  (a permission name)
+VIEW_TENANT = "tenants.view_tenant"
 
 
 def _no_permissions() -> list[str]:
@@ -73,6 +78,9 @@ class Tenant(models.Model):
 
     class Meta:
         ordering = ["name"]
+        # Granted to staff users or groups in the admin (Users, Groups): the playground mints a
+        # streaming token for a tenant only for a user who holds it and may view tenants.
+        permissions = [("mint_client_token", "Can mint client tokens")]
 
     def __str__(self) -> str:
         return self.name
@@ -131,6 +139,34 @@ class ApiKey(models.Model):
     @property
     def is_revoked(self) -> bool:
         return self.revoked_at is not None
+
+    def clean(self) -> None:
+        """A key's end only moves toward ending: `expires_at` and `revoked_at` may be set or
+        brought forward, never cleared or pushed later, so a key that has ended (a rotated-out
+        key past its grace, a revoked one) stays ended. Checked against the stored row, by
+        every ModelForm (the admin's change form) through full_clean()."""
+        if self.pk is None:
+            return
+        stored = ApiKey.objects.filter(pk=self.pk).values_list("expires_at", "revoked_at").first()
+        if stored is None:
+            return
+        problems: dict[str, str] = {}
+        changes = (
+            ("expires_at", "Expires at", stored[0], self.expires_at),
+            ("revoked_at", "Revoked at", stored[1], self.revoked_at),
+        )
+        for field, label, before, after in changes:
+            if before is None:
+                continue  # not set yet: it may be set to any time
+            if after is None:
+                problems[field] = f"{label} cannot be cleared: a key's end can only be brought forward."
+            elif after > before:
+                problems[field] = (
+                    f"{label} cannot move later than {before:%Y-%m-%d %H:%M:%S %Z}: a key's end can only "
+                    "be brought forward. Issue a new key instead."
+                )
+        if problems:
+            raise ValidationError(problems)
 
     def refusal(self, at: datetime | None = None) -> KeyRefusal | None:
         """Why this key may not be used now, or None: the one rule for authentication

@@ -11,8 +11,10 @@ Two checks, because a CORS preflight carries no credential:
   `origin_not_allowed`; a WebSocket is closed with 4003) unless its `Origin` is one of that
   tenant's origins and, for a client token scoped to origins, one of the token's
   (`origin_allowed`). A request without `Origin` is from a server-side client and is not
-  affected; a page of this service itself (its Origin names the Host it asked) always is
-  allowed: the playground.
+  affected; a page of this service itself always is allowed (the playground): its origin
+  is the configured PUBLIC_BASE_URL's, never read from the request's Host, which whoever
+  sends the request chooses (a page on evil.example resolving to this server would send
+  `Host: evil.example` with `Origin: http://evil.example`).
 
 The union is kept in process memory and read again from the database at most every
 CORS_ORIGINS_CACHE_SECONDS, only by requests that carry an Origin (requests from servers
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import time
-from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.db import DatabaseError
@@ -34,21 +35,16 @@ from tenants.tokens import ClientToken, normalise_origin
 logger = logging.getLogger(__name__)
 
 
-def is_same_origin(origin: str, host: str | None) -> bool:
-    """Does this Origin name the host the request was sent to (or the public base URL)?"""
-    try:
-        netloc = urlsplit(origin).netloc.lower()
-    except ValueError:
-        return False
-    if not netloc:
-        return False
-    return netloc == (host or "").lower() or netloc == urlsplit(settings.PUBLIC_BASE_URL).netloc.lower()
+def is_own_origin(origin: str) -> bool:
+    """Is this Origin the service's own (PUBLIC_BASE_URL: scheme, host and port)?"""
+    normalised = normalise_origin(origin)
+    return normalised is not None and normalised == normalise_origin(settings.PUBLIC_BASE_URL)
 
 
-def origin_allowed(tenant: Tenant, token: ClientToken | None, origin: str | None, host: str | None) -> bool:
+def origin_allowed(tenant: Tenant, token: ClientToken | None, origin: str | None) -> bool:
     if origin is None:
         return True  # not a browser: server-side clients send no Origin
-    if is_same_origin(origin, host):
+    if is_own_origin(origin):
         return True
     normalised = normalise_origin(origin)
     if normalised is None:

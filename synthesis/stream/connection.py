@@ -63,9 +63,13 @@ from synthesis.stream.stats import stream_stats
 from synthesis.stream.twilio import TwilioFramer
 from synthesis.stream.utterance import Utterance
 from tenants.authentication import (
+    CREDENTIAL_HEADERS,
     ApiKeyError,
     Principal,
     aauthenticate_token,
+    conflicting_credentials,
+    credential_value,
+    credentials_presented,
     principal_authorize,
     principal_require_voice,
 )
@@ -78,6 +82,7 @@ logger = logging.getLogger(__name__)
 
 class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  # channels ships no types
     principal: Principal | None = None
+    key_used: str | None = None  # the credential it authenticated with
     lease: StreamLease | None = None
     # The layer's recovery count when this connection joined its tenant's group; None while
     # it is not in the group (then `_access_watch` polls the database).
@@ -279,7 +284,15 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
 
     async def authenticate(self, key: str) -> None:
         """The one authentication path of every dialect: the API key (or any credential
-        `aauthenticate_token` takes), then one of the tenant's stream leases."""
+        `aauthenticate_token` takes), then one of the tenant's stream leases. A handshake
+        header carrying another credential than `key` (the dialect's own header, Bearer, or a
+        first message's key) refuses the connection: which would bill is nobody's guess."""
+        headers = {name: header(self.scope, name.encode()) or "" for name in CREDENTIAL_HEADERS}
+        found, _in_query = credentials_presented(headers, {})
+        if found - {credential_value(key)}:
+            error = conflicting_credentials()
+            await self.refuse(CLOSE_UNAUTHORIZED, error.code, error.message, status=error.status_code)
+            return
         try:
             principal = await aauthenticate_token(key)
             # A client token's routes (every streaming socket is the `stream` route), and a
@@ -288,7 +301,6 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
                 principal,
                 route="stream",
                 origin=header(self.scope, b"origin"),
-                host=header(self.scope, b"host"),
             )
         except ApiKeyError as exc:
             await self.refuse(CLOSE_UNAUTHORIZED, exc.code, exc.message, status=exc.status_code)
@@ -311,6 +323,7 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
             return
         lease.keep_alive()
         self.principal, self.lease = principal, lease
+        self.key_used = credential_value(key)
         await self._join_access_group()
         self._background.append(asyncio.create_task(self._access_watch()))
         self._watch_expiry(principal.api_key.expires_at)

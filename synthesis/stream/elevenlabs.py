@@ -52,6 +52,7 @@ from synthesis.services import synthesis_setup
 from synthesis.stream.connection import StreamConnection
 from synthesis.stream.protocol import (
     CLOSE_NORMAL,
+    CLOSE_UNAUTHORIZED,
     CONTEXT_ID,
     ProtocolError,
     frame_pieces,
@@ -59,7 +60,7 @@ from synthesis.stream.protocol import (
     key_in_query_string,
 )
 from synthesis.stream.utterance import Utterance
-from tenants.authentication import ApiKeyError, bearer_token
+from tenants.authentication import ApiKeyError, bearer_token, conflicting_credentials
 from usage.recorder import ELEVENLABS_MULTI_STREAM, ELEVENLABS_STREAM
 
 # ElevenLabs closes a refused connection with 1008 (policy violation); Daphne's WebSocket
@@ -186,6 +187,11 @@ class ElevenLabsStreamConsumer(StreamConnection):
             await self.authenticate(key)
             if self.principal is None or self._closing:
                 return
+        elif (again := message.get("xi-api-key") or message.get("xi_api_key")) and again != self.key_used:
+            # A second credential on an authenticated socket: refused, never ignored.
+            error = conflicting_credentials()
+            await self.refuse(CLOSE_UNAUTHORIZED, error.code, error.message, status=error.status_code)
+            return
         if message.get("close_socket") is True:
             await self.close_all()
             return

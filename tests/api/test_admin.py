@@ -2,17 +2,19 @@ from __future__ import annotations
 
 import re
 import uuid
+from datetime import datetime, timedelta
 
 import pytest
 from django.contrib.messages import get_messages
 from django.contrib.sessions.models import Session
+from django.core.exceptions import ValidationError
 from django.db.models import ProtectedError
 from django.test import Client
 from django.utils import timezone
 
 from tenants.authentication import ApiKeyError, authenticate_token
 from tenants.models import ApiKey, Tenant
-from tenants.services import api_key_revoke
+from tenants.services import api_key_revoke, api_key_rotate
 from tests.support.tenants import TenantFactory
 from usage.models import UsageLog
 
@@ -284,3 +286,65 @@ def test_allowed_origins_are_edited_one_per_line_and_stored_normalised(
     assert "is not a browser origin" in response.content.decode()
     tenant.refresh_from_db()
     assert tenant.allowed_origins == ["https://app.example.com", "http://localhost:5173"]
+
+
+def _change_key_expiry(admin_client: Client, api_key: ApiKey, expires_at: datetime | None) -> str:
+    """POST the admin's real change form for a key; the page's text when it refuses."""
+    form = {
+        "name": api_key.name,
+        "expires_at_0": "" if expires_at is None else f"{expires_at:%Y-%m-%d}",
+        "expires_at_1": "" if expires_at is None else f"{expires_at:%H:%M:%S}",
+    }
+    response = admin_client.post(f"/admin/tenants/apikey/{api_key.pk}/change/", form)
+    return "" if response.status_code == 302 else response.content.decode()
+
+
+def test_a_rotated_out_key_cannot_be_revived_by_clearing_or_postponing_its_expiry(
+    admin_client: Client, tenant_and_key
+) -> None:
+    tenant, old = tenant_and_key
+    api_key_rotate(tenant=tenant, grace_seconds=0)
+    with pytest.raises(ApiKeyError) as refused:
+        authenticate_token(old.plaintext)
+    assert refused.value.code == "expired_api_key"
+    ended_at = ApiKey.objects.get(pk=old.api_key.pk).expires_at
+    assert ended_at is not None
+    for wanted in (None, timezone.now() + timedelta(days=30), ended_at + timedelta(seconds=2)):
+        page = _change_key_expiry(admin_client, old.api_key, wanted)
+        assert "can only be brought forward" in page
+        assert ApiKey.objects.get(pk=old.api_key.pk).expires_at == ended_at
+        with pytest.raises(ApiKeyError) as refused:
+            authenticate_token(old.plaintext)
+        assert refused.value.code == "expired_api_key"
+
+
+def test_a_keys_expiry_can_be_set_and_brought_forward_but_not_pushed_later(
+    admin_client: Client, tenant_and_key
+) -> None:
+    _tenant, issued = tenant_and_key
+    later = (timezone.now() + timedelta(days=10)).replace(microsecond=0)
+    assert _change_key_expiry(admin_client, issued.api_key, later) == ""  # set
+    assert ApiKey.objects.get(pk=issued.api_key.pk).expires_at == later
+    sooner = later - timedelta(days=5)
+    assert _change_key_expiry(admin_client, issued.api_key, sooner) == ""  # brought forward
+    assert ApiKey.objects.get(pk=issued.api_key.pk).expires_at == sooner
+    assert "can only be brought forward" in _change_key_expiry(admin_client, issued.api_key, later)
+    assert "can only be brought forward" in _change_key_expiry(admin_client, issued.api_key, None)
+    assert ApiKey.objects.get(pk=issued.api_key.pk).expires_at == sooner
+    past = timezone.now().replace(microsecond=0) - timedelta(minutes=1)
+    assert _change_key_expiry(admin_client, issued.api_key, past) == ""  # ended now, for good
+    assert "can only be brought forward" in _change_key_expiry(admin_client, issued.api_key, sooner)
+
+
+def test_a_revoked_keys_revocation_cannot_be_cleared_or_postponed(tenant_and_key) -> None:
+    _tenant, issued = tenant_and_key
+    api_key_revoke(api_key=issued.api_key)
+    api_key = ApiKey.objects.get(pk=issued.api_key.pk)
+    assert api_key.revoked_at is not None
+    for wanted in (None, api_key.revoked_at + timedelta(hours=1)):
+        api_key.revoked_at = wanted
+        with pytest.raises(ValidationError) as refused:
+            api_key.full_clean()
+        assert "revoked_at" in refused.value.message_dict
+    api_key.revoked_at = timezone.now() - timedelta(days=1)  # earlier: allowed
+    api_key.full_clean()

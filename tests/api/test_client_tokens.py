@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from channels.testing import WebsocketCommunicator
+from django.test import override_settings
 from rest_framework.test import APIClient
 
 from tenants import tokens
@@ -85,7 +86,7 @@ def run_stream(scenario: Callable[[Stream], Awaitable[None]], *, origin: str | N
     async def main() -> Stream:
         from callwaiting_tts.asgi import application
 
-        headers = [(b"host", b"tts.example.net")]
+        headers = [(b"host", b"testserver")]
         if origin is not None:
             headers.append((b"origin", origin.encode()))
         communicator = WebsocketCommunicator(application, "/v1/stream", headers=headers)
@@ -312,6 +313,7 @@ def test_minting_needs_the_key(api_client: APIClient, db: None) -> None:
 # --- Browser origins ---------------------------------------------------------------------------
 
 
+@override_settings(PUBLIC_BASE_URL="https://tts.example.net")
 def test_a_stream_from_an_origin_the_tenant_does_not_allow_is_refused_4003(
     api_client: APIClient, tenant_key: tuple[Tenant, IssuedKey]
 ) -> None:
@@ -328,7 +330,10 @@ def test_a_stream_from_an_origin_the_tenant_does_not_allow_is_refused_4003(
         await stream.until("ready")
 
     run_stream(ready, origin=APP_ORIGIN)  # allowed
-    run_stream(ready, origin="https://tts.example.net")  # the service's own pages (its Host)
+    run_stream(ready, origin="https://tts.example.net")  # the service's own pages (PUBLIC_BASE_URL)
+    # An Origin naming the request's Host is no proof of anything: whoever sends it chose both.
+    stream = refused_at_auth(token, origin="http://testserver")
+    assert (stream.events[-1]["code"], stream.close_code) == ("origin_not_allowed", 4003)
     run_stream(ready)  # no Origin: a server-side client
 
 

@@ -23,6 +23,7 @@ import httpx
 import pytest
 from axes.models import AccessAttempt, AccessLog
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 
 from tenants.services import IssuedKey
 from tests.support.servers import ServiceEnv, daphne_server, free_port, manage
@@ -89,7 +90,12 @@ STAFF_PASSWORD = "a-long-staff-password-4-tests"
 def staff(django_db_blocker: Any, test_database_url: str) -> Iterator[str]:
     username = f"staff-{uuid.uuid4().hex[:8]}"
     with django_db_blocker.unblock():
-        get_user_model().objects.create_user(username, password=STAFF_PASSWORD, is_staff=True)
+        user = get_user_model().objects.create_user(username, password=STAFF_PASSWORD, is_staff=True)
+        user.user_permissions.set(  # what minting on the playground needs
+            Permission.objects.filter(
+                content_type__app_label="tenants", codename__in=["mint_client_token", "view_tenant"]
+            )
+        )
     try:
         yield username
     finally:

@@ -49,11 +49,12 @@ def test_no_signature_or_key_from_a_url_is_logged(
         signature = parse_qs(link.query)["signature"][0]
         assert client.get(f"{link.path}?{link.query}").status_code == 200
         # A link whose signature is wrong (403), and keys in query strings: on a public
-        # route, on one that needs a key (401), and on a WebSocket handshake.
+        # route, on one that needs a key, and on a WebSocket handshake.
         forged = f"{link.path}?expires=1&signature=forged-{signature[::-1]}"
         assert client.get(forged).status_code == 403
         assert client.get(f"/v1/health?{query}").status_code == 200
-        assert client.post(f"/v1/synthesize?{query}", json={"text": "Hi."}).status_code == 401
+        # Several differing keys in the query: refused as conflicting before anything else.
+        assert client.post(f"/v1/synthesize?{query}", json={"text": "Hi."}).status_code == 400
 
         async def handshake() -> None:
             ws_url = base_url.replace("http://", "ws://") + f"/v1/stream?{query}"
@@ -61,12 +62,24 @@ def test_no_signature_or_key_from_a_url_is_logged(
                 await ws.recv()  # ready
 
         asyncio.run(handshake())
+        # Our own key and token by value: under names that say nothing, and in paths.
+        token = client.post("/v1/tokens", json={}, headers=bearer(issued.plaintext)).json()["token"]
+        for where in (
+            f"/v1/health?k={issued.plaintext}&foo={token}",
+            f"/v1/voices/{issued.plaintext}",
+            f"/v1/audio/{token}",
+        ):
+            assert client.get(where).status_code in {200, 401, 403, 404}
         log = "".join(path.read_text() for path in Path(env["CWT_TEST_LOG_DIR"]).glob("daphne-*.log"))
 
     assert link.path in log  # the requests were logged, by path
     assert signature not in log
     assert signature[::-1] not in log
     assert issued.plaintext not in log
+    assert issued.plaintext.rsplit("_", 1)[1] not in log  # the secret, however it is cut
+    assert token not in log
+    assert token.split(":")[-1] not in log  # the token's signature
+    assert f"cwt_{issued.api_key.prefix}_REDACTED" in log  # the public prefix still names the key
     for value in QUERY_SECRETS.values():
         assert value not in log
     if log_format == "plain":

@@ -35,6 +35,24 @@ S3_SIGNED = (
         ("/v1/stream?API_KEY=Secret#frag", "/v1/stream?API_KEY=REDACTED#frag"),
         ("/v1/voices/key-holder?voice=joe", "/v1/voices/key-holder?voice=joe"),  # a path, not a parameter
         ("no url at all: key=value", "no url at all: key=value"),
+        # Our credentials by value, under any parameter name, in a path, percent-encoded.
+        (
+            "GET /v1/health?k=cwt_k3j9x0aa_Ab3Ab3Ab3Ab3Ab3Ab3Ab3Ab3Ab3Ab3Zz&lang=en",
+            "GET /v1/health?k=cwt_k3j9x0aa_REDACTED&lang=en",
+        ),
+        (
+            "GET /v1/voices/cwt_k3j9x0aa_Ab3Ab3Ab3Ab3Ab3Ab3Ab3Ab3Ab3Ab3Zz/x",
+            "GET /v1/voices/cwt_k3j9x0aa_REDACTED/x",
+        ),
+        (
+            "GET /v1/x?foo=cwt%5Fk3j9x0aa%5FAb3Ab3Ab3Ab3Ab3Ab3Ab3Ab3Ab3Ab3Zz",
+            "GET /v1/x?foo=cwt_k3j9x0aa_REDACTED",
+        ),
+        ("GET /v1/x?foo=cwtc_.eJyrVkpOLFGyUko2:1tQ:sig-_x&a=1", "GET /v1/x?foo=cwtc_REDACTED&a=1"),
+        ("/v1/audio/cwtc%5F.eJy:abc", "/v1/audio/cwtc_REDACTED"),
+        ("a malformed cwt_NOTAKEYsecret", "a malformed cwt_REDACTED"),
+        ("key cwt_k3j9x0aa_… verified", "key cwt_k3j9x0aa_… verified"),  # the admin's name for a key
+        ("cwt_k3j9x0aa_REDACTED", "cwt_k3j9x0aa_REDACTED"),  # idempotent
     ],
 )
 def test_redact_secrets_blanks_secret_query_parameters_only(text: str, expected: str) -> None:
