@@ -73,14 +73,23 @@ def health(request: Request) -> Response:
 
 def usage_info() -> dict[str, Any]:
     """The usage buffer: records waiting for the database, and whether it is away."""
-    files, size = usage_spool().pending()
+    spool = usage_spool()
+    files, size = spool.pending()
     flusher = usage_flusher()
+    failing_since = spool.failing_since
     return {
+        # False while the journal cannot be written (synthesis is refused: usage_unavailable).
+        "journal_writable": spool.writable,
+        "journal_error": spool.failure,
+        "journal_failing_s": None if failing_since is None else round(time.monotonic() - failing_since, 1),
+        # Records kept in memory meanwhile, and those lost because that store was full.
+        "held_records": spool.held(),
+        "lost_records": spool.lost,
         "spooled_files": files,
         "spooled_bytes": size,
         "database_unavailable": flusher is not None and flusher.outage_since is not None,
         "rows_written": 0 if flusher is None else flusher.rows_written,
         # Records the database refused (see the dead-letter file in the spool): not lost,
         # but not billed until someone looks.
-        "dead_letters": usage_spool().dead_letters(),
+        "dead_letters": spool.dead_letters(),
     }

@@ -68,6 +68,14 @@ class _ServiceState:
         self.spool_bytes.set_function(lambda: _spool()[1])
         self.spool_files = Gauge("cwt_usage_spool_files", "Usage journal files waiting for the database.")
         self.spool_files.set_function(lambda: _spool()[0])
+        self.journal_writable = Gauge(
+            "cwt_usage_journal_writable", "1 while the usage journal can be written; 0: synthesis is refused."
+        )
+        self.journal_writable.set_function(lambda: float(usage_spool().writable))
+        self.held_records = Gauge(
+            "cwt_usage_held_records", "Usage records held in memory because the journal cannot be written."
+        )
+        self.held_records.set_function(lambda: float(usage_spool().held()))
         self.gpu_memory = Gauge("cwt_gpu_memory_bytes", "GPU memory allocated by the engine (0 off GPU).")
         self.gpu_memory.set_function(_gpu_memory_bytes)
 

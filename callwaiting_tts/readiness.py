@@ -4,7 +4,8 @@ Two kinds of check, because a gateway that routes on readiness must not take the
 fleet out for what every pod shares:
 
 - what this pod cannot serve without: the database, its engine loaded and warmed up
-  (one real synthesis), and not draining for shutdown. Any of these failing is a 503,
+  (one real synthesis), a usage journal it can write (without one it refuses synthesis:
+  usage_unavailable), and not draining for shutdown. Any of these failing is a 503,
   naming it, so that the load balancer routes around the pod;
 - shared dependencies whose loss degrades every pod alike and which the service rides
   out: Redis (limits fall back to per-process shares, streams poll the database) and the
@@ -22,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.core.files.storage import default_storage
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
@@ -31,6 +33,7 @@ from api.errors import error_response
 from callwaiting_tts.lifecycle import lifecycle
 from core.redis import redis_configured
 from engines import loaded_engine
+from usage.recorder import usage_spool
 
 READY_TIMEOUT_SECONDS = 2.0
 # Failing, these degrade every pod alike: reported, but the pod stays ready.
@@ -52,7 +55,6 @@ def _storage_answers() -> None:
 
 async def _redis_answers() -> None:
     import redis.asyncio as aioredis
-    from django.conf import settings
 
     # A client of its own: the shared one's circuit breaker would hide a recovery for 5 s.
     client = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=READY_TIMEOUT_SECONDS)
@@ -86,6 +88,13 @@ async def ready(request: HttpRequest) -> HttpResponseBase:
         if engine is not None and engine.loaded and lifecycle.warm
         else {"ok": False, "error": "the engine is not loaded and warmed up yet"}
     )
+    if settings.USAGE_RECORDS:
+        spool = usage_spool()  # its last write attempt, probed a few times a second
+        checks["usage_journal"] = (
+            {"ok": True}
+            if spool.writable
+            else {"ok": False, "error": f"the usage journal cannot be written: {spool.failure}"}
+        )
     if lifecycle.draining:
         checks["shutdown"] = {"ok": False, "error": "draining for shutdown"}
     failing = sorted(name for name, result in checks.items() if not result["ok"])

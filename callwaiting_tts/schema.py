@@ -98,7 +98,7 @@ def _common_responses(method: str, operation: dict[str, Any], openai: bool) -> d
             "headers": {**_RETRY_AFTER, **RATE_HEADERS},
         }
         responses["503"] = {
-            **shape("database_unavailable, engine_overloaded"),
+            **shape("database_unavailable, engine_overloaded, usage_unavailable"),
             "headers": _RETRY_AFTER,
         }
     return responses

@@ -333,6 +333,9 @@ USAGE_FLUSH_BATCH = env_int("USAGE_FLUSH_BATCH", 500, minimum=1)
 USAGE_IN_FLIGHT_SECONDS = env_float("USAGE_IN_FLIGHT_SECONDS", 0.5, minimum=0.05)
 # Off only to measure what recording costs (bench/run.py): no rows, no billing.
 USAGE_RECORDS = env_bool("USAGE_RECORDS", True)
+# Usage records held in memory while the journal cannot be written (disk full, read-only);
+# one past this is logged and counted as lost. Synthesis is refused meanwhile.
+USAGE_HELD_RECORDS = env_int("USAGE_HELD_RECORDS", 10_000, minimum=0)
 # /v1/bench/bare, a view with no auth or anything else, for bench/run.py to compare with.
 BENCHMARK_ROUTES = env_bool("BENCHMARK_ROUTES", False)
 # On SIGTERM: stop accepting, let running synthesis finish for at most this long, exit.

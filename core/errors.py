@@ -43,6 +43,17 @@ def database_unavailable() -> ServiceError:
     )
 
 
+def usage_unavailable() -> ServiceError:
+    """Synthesis refused before any audio is made: its usage could not be recorded (the
+    usage journal cannot be written: disk full, read-only, permission)."""
+    return ServiceError(
+        503,
+        "usage_unavailable",
+        "Usage cannot be recorded right now, so no audio is made; retry shortly.",
+        headers={"Retry-After": "5"},
+    )
+
+
 def database_error(exc: DatabaseError) -> ServiceError:
     """The error for a database exception: a value the database refuses to store (a NUL
     byte, a lone surrogate, a number out of range) is the client's 400, never an outage;

@@ -44,6 +44,18 @@ USAGE_DEAD_LETTERS = Counter(
     "cwt_usage_dead_letters",
     "Usage records the database refused, moved to the dead-letter file (see /v1/health).",
 )
+USAGE_JOURNAL_FAILURES = Counter(
+    "cwt_usage_journal_failures",
+    "Usage records the journal could not take (disk full, read-only, permission): held in memory.",
+)
+USAGE_RECORDS_LOST = Counter(
+    "cwt_usage_records_lost",
+    "Usage records dropped: the journal failed and the held store was full (each one is logged).",
+)
+USAGE_UNAVAILABLE_REFUSALS = Counter(
+    "cwt_usage_unavailable_refusals",
+    "Synthesis requests and utterances refused (usage_unavailable): their usage could not be recorded.",
+)
 LIMIT_REFUSALS = Counter("cwt_limit_refusals", "Requests refused by a tenant limit.", _labels("reason"))
 CONNECTION_CUTS = Counter(
     "cwt_connections_cut",
@@ -92,6 +104,8 @@ def synthesis_observed(
         AUDIO_BYTES.labels(endpoint=endpoint, **tenant).inc(audio_bytes)
     if error_code in REFUSALS:
         LIMIT_REFUSALS.labels(reason=error_code, **tenant).inc()
+    elif error_code == "usage_unavailable":
+        USAGE_UNAVAILABLE_REFUSALS.inc()
 
 
 def limit_refused(reason: str, tenant_id: str) -> None:

@@ -5,7 +5,11 @@ Each entry point parses its own wire shape into a `SynthesisRequest`: the native
 a WebSocket `start` or `synthesize` (synthesis.stream). `synthesis_admit` then admits it
 in one fixed order:
 
-    rate limit -> plan (text, output, voice, language, output budget) -> quota -> stream lease
+    usage journal -> rate limit -> plan (text, output, voice, language, output budget)
+    -> quota -> stream lease
+
+The first refuses everything while usage cannot be recorded (usage_unavailable): no
+audio is made that could not be billed.
 
 HTTP requests are rate limited by the view decorator before the body is read (every API
 route is), so they skip the first step here; a WebSocket utterance is a request of its own
@@ -25,7 +29,7 @@ from typing import Any
 
 from django.db import DatabaseError
 
-from core.errors import ServiceError, database_error
+from core.errors import ServiceError, database_error, usage_unavailable
 from core.strings import control_characters_in
 from engines import EngineFailure, EngineOverloaded, EngineShareExceeded
 from engines.text import Segment
@@ -33,7 +37,7 @@ from synthesis.services import SynthesisPlan, SynthesisSetup, output_budget, syn
 from tenants.limits import StreamLease, arate_limit_check, stream_lease_acquire
 from tenants.models import Tenant
 from usage.quotas import quota_check, quota_estimate, quota_reserve
-from usage.recorder import UsageMeter
+from usage.recorder import UsageMeter, usage_recordable
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +178,8 @@ async def synthesis_admit(
         meter.format = request.audio_format or ""
         meter.voice_id = request.voice_id or ""
         meter.streaming = request.streaming
+        if not usage_recordable():  # a flag: no disk access on the hot path
+            raise usage_unavailable()
     if rate_limit:
         decision = await arate_limit_check(tenant)
         if decision is not None and (refusal := decision.refusal()) is not None:

@@ -5,6 +5,12 @@ database call, so logging cannot delay audio or fail a request. A background
 thread per process (UsageFlusher) moves spooled records into UsageLog rows and
 the monthly quota counters in one transaction, retrying with backoff while the
 database is away.
+
+A journal that cannot be written loses nothing silently: the record is held in memory
+(bounded by USAGE_HELD_RECORDS; what overflows is logged whole and counted), new
+synthesis is refused at admission (`usage_recordable`, 503 usage_unavailable) before any
+audio is made, and the flusher probes the journal until it takes the held records again,
+or writes them straight to the database meanwhile.
 """
 
 from __future__ import annotations
@@ -25,13 +31,13 @@ from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError, close_old_connections, transaction
 from django.http import HttpRequest
 
-from core.metrics import USAGE_DEAD_LETTERS, synthesis_observed
+from core.metrics import USAGE_DEAD_LETTERS, USAGE_JOURNAL_FAILURES, USAGE_RECORDS_LOST, synthesis_observed
 from core.strings import printable
 from tenants.models import Tenant
 from usage.models import UsageLog
 from usage.quota_holds import QuotaReservation
 from usage.quotas import current_month, quota_counters_add, quota_rows_written
-from usage.spool import UsageRecord, UsageSpool
+from usage.spool import Appended, UsageRecord, UsageSpool
 
 logger = logging.getLogger(__name__)
 request_log = logging.getLogger("callwaiting.requests")
@@ -131,12 +137,8 @@ class UsageMeter:
         if self.quota_reservation is not None:
             # Before the record is spooled: the writer's mark of its row must come after.
             self.quota_reservation.settle(0.0 if self.cached else self.audio_seconds)
-        try:
-            if settings.USAGE_RECORDS:
-                usage_spool().append(record)
-        except OSError:
-            # The disk refused: keep the counts in the log rather than fail the request.
-            logger.exception("Could not spool a usage record: %s", record)
+        if settings.USAGE_RECORDS:
+            usage_record_spool(record)
         synthesis_observed(
             tenant_id=record["tenant_id"],
             endpoint=self.endpoint,
@@ -242,8 +244,25 @@ def usage_spool() -> UsageSpool:
     with _spools_lock:
         spool = _spools.get(directory)
         if spool is None:
-            spool = _spools[directory] = UsageSpool(directory)
+            spool = _spools[directory] = UsageSpool(directory, held_limit=settings.USAGE_HELD_RECORDS)
         return spool
+
+
+def usage_record_spool(record: UsageRecord) -> Appended:
+    """Journal one record; one the journal cannot take is held in memory and counted, and
+    one the full held store cannot take either is logged whole (its last trace) and counted."""
+    outcome = usage_spool().append(record)
+    if outcome is not Appended.JOURNALED:
+        USAGE_JOURNAL_FAILURES.inc()
+    if outcome is Appended.LOST:
+        USAGE_RECORDS_LOST.inc()
+        logger.error("Usage record lost: the journal fails and the held store is full: %s", record)
+    return outcome
+
+
+def usage_recordable() -> bool:
+    """Whether a request admitted now can have its usage recorded (admission asks)."""
+    return not settings.USAGE_RECORDS or usage_spool().writable
 
 
 def _row(record: UsageRecord) -> UsageLog:
@@ -325,11 +344,27 @@ def usage_flush() -> int:
     processes left in flight (as `interrupted`); raises DatabaseError if the database is
     away (the records stay spooled)."""
     spool = usage_spool()
+    if not spool.writable:
+        spool.probe()  # the held records into the journal, if it takes them again
+    written = _held_write(spool)
     spool.seal()
-    written = spool.drain(usage_records_write, batch_size=settings.USAGE_FLUSH_BATCH)
+    written += spool.drain(usage_records_write, batch_size=settings.USAGE_FLUSH_BATCH)
     if spool.orphaned_in_flight(_interrupted_spool):
         spool.seal()
         written += spool.drain(usage_records_write, batch_size=settings.USAGE_FLUSH_BATCH)
+    return written
+
+
+def _held_write(spool: UsageSpool) -> int:
+    """Records the journal could not take, straight to the database (the disk may stay
+    broken for long); a batch the database cannot take goes back to the held store."""
+    written = 0
+    while batch := spool.held_take(settings.USAGE_FLUSH_BATCH):
+        try:
+            written += usage_records_write(batch, spool=spool)
+        except BaseException:
+            spool.held_return(batch)
+            raise
     return written
 
 
@@ -337,9 +372,8 @@ def _interrupted_spool(records: list[UsageRecord]) -> None:
     logger.warning(
         "Recording %d request(s) left running by a process that died, as interrupted.", len(records)
     )
-    spool = usage_spool()
     for record in records:
-        spool.append(record)
+        usage_record_spool(record)
 
 
 def usage_in_flight_snapshot() -> None:
@@ -373,11 +407,14 @@ class UsageFlusher(threading.Thread):
         self._stopping = threading.Event()
         self.outage_since: float | None = None
         self.rows_written = 0
+        self._snapshot_failing = False
 
     def run(self) -> None:
         backoff = self.interval
         next_flush = time.monotonic()
+        self._journal_once(probe=True)  # a journal that cannot be written is known at start-up
         while True:
+            self._journal_once()
             if time.monotonic() >= next_flush:
                 if self._flush_once():
                     backoff = self.interval
@@ -394,11 +431,31 @@ class UsageFlusher(threading.Thread):
         self._stopping.set()
         self.join(timeout)
 
+    def _journal_once(self, *, probe: bool = False) -> None:
+        """Every turn (a few times a second): while the journal fails, try it again, so that
+        admission resumes as soon as it works; while it works, look for a full or read-only
+        disk (a statvfs), so that readiness says so before a record is held."""
+        if not settings.USAGE_RECORDS:
+            return
+        spool = usage_spool()
+        try:
+            if probe or not spool.writable:
+                spool.probe()
+            else:
+                spool.check()
+        except Exception:
+            logger.exception("The usage journal probe failed; it will retry.")
+
     def _snapshot_once(self) -> None:
         try:
             usage_in_flight_snapshot()
         except Exception:
-            logger.exception("Could not write the in-flight usage snapshot; will retry.")
+            # Once per failure, not a few times a second while the disk stays full.
+            if not self._snapshot_failing:
+                logger.exception("Could not write the in-flight usage snapshot; will retry.")
+            self._snapshot_failing = True
+        else:
+            self._snapshot_failing = False
 
     def _flush_once(self) -> bool:
         try:

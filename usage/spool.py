@@ -34,18 +34,34 @@ real record (the writer keeps the first record of an id).
 A record the database refuses (not an outage: a value it cannot store) is moved to the
 dead-letter file `dead/letters.jsonl` by the writer, so it never blocks the records
 behind it, in this process or the next.
+
+When the journal itself cannot be written (disk full, read-only, permission: any OSError),
+a record is *held* in memory instead, at most `held_limit` of them (one past that is
+dropped, and the caller told so, to count and log it), and `failure` says why. While it is
+set, admission refuses new synthesis (usage_unavailable) and appends go straight to the
+held store without touching the disk. `probe` (the flusher thread: never the event loop)
+retries: the held records, or a blank line when none is held (readers skip blank lines);
+the first write that succeeds clears `failure`. `check` looks between writes (a statvfs)
+for a journal that has become read-only or full, so that readiness says so before a
+record needs it. The writer can also take held records (`held_take`) straight to the
+database while the disk stays broken.
 """
 
 from __future__ import annotations
 
+import enum
+import errno
 import fcntl
 import json
 import logging
 import os
 import threading
+import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -53,28 +69,84 @@ logger = logging.getLogger(__name__)
 
 UsageRecord = dict[str, Any]
 
+# A full disk leaves the active file as it was (a short write is cut back): keep it open,
+# it takes records again when space returns. Any other error closes it, and the next write
+# opens a new file.
+_KEEP_OPEN_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# Held records go back into the journal this many to a write().
+_PROBE_BATCH = 500
+
+
+class Appended(enum.Enum):
+    """What became of a record given to `UsageSpool.append`."""
+
+    JOURNALED = "journaled"
+    HELD = "held"  # the journal failed: kept in memory until it (or the database) takes it
+    LOST = "lost"  # the journal failed and the held store was full
+
 
 class UsageSpool:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, held_limit: int = 10_000) -> None:
         self.directory = directory
+        self.held_limit = held_limit
         self._owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._sequence = 0
         self._lock = threading.Lock()
         self._active_fd: int | None = None
-        self._active_records = 0
+        self._active_bytes = 0
         self._in_flight_lock_fd: int | None = None
         self._in_flight_written = b""
+        self._held: deque[UsageRecord] = deque()
+        # Why the last write attempt failed ("OSError: [Errno 28] ..."); None once one succeeds.
+        self.failure: str | None = None
+        self.failing_since: float | None = None  # time.monotonic()
+        self.lost = 0  # records dropped since start: the journal failed and the held store was full
 
     # --- writing (any thread, usually the event loop) ---
 
-    def append(self, record: UsageRecord) -> None:
-        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+    @property
+    def writable(self) -> bool:
+        """Whether the last write attempt succeeded (or none failed yet)."""
+        return self.failure is None
+
+    def held(self) -> int:
+        """Records waiting in memory for the journal (or the database) to take them."""
+        return len(self._held)
+
+    def append(self, record: UsageRecord) -> Appended:
+        line = _line(record)
         with self._lock:
-            if self._active_fd is None:
-                self._active_fd = self._open_active()
-            # One write() of one line to an O_APPEND file: lines never interleave.
-            os.write(self._active_fd, line)
-            self._active_records += 1
+            if self.failure is None:
+                try:
+                    self._write(line)
+                    return Appended.JOURNALED
+                except OSError as exc:
+                    self._failed(exc)
+            # While the journal fails no write is tried here: the probe finds when it works.
+            if len(self._held) >= self.held_limit:
+                self.lost += 1
+                return Appended.LOST
+            self._held.append(record)
+            return Appended.HELD
+
+    def _write(self, data: bytes) -> None:
+        """One write() to the active file (O_APPEND: lines never interleave), or OSError;
+        a write cut short by a full disk is cut back, so the next line starts clean."""
+        if self._active_fd is None:
+            self._active_fd = self._open_active()
+        fd = self._active_fd
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                os.ftruncate(fd, self._active_bytes)
+                raise OSError(errno.ENOSPC, f"No space left on device (wrote {written} of {len(data)} bytes)")
+        except OSError as exc:
+            if exc.errno not in _KEEP_OPEN_ERRORS:
+                self._active_fd = None
+                self._active_bytes = 0
+                os.close(fd)
+            raise
+        self._active_bytes += written
 
     def _open_active(self) -> int:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -82,17 +154,80 @@ class UsageSpool:
         name = f"{self._owner}-{self._sequence:06d}"
         hidden = self.directory / f".{name}.new"
         fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.rename(hidden, self.directory / f"{name}.jsonl")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.rename(hidden, self.directory / f"{name}.jsonl")
+        except OSError:
+            os.close(fd)
+            hidden.unlink(missing_ok=True)
+            raise
         return fd
+
+    def _failed(self, exc: OSError) -> None:
+        if self.failure is None:
+            self.failing_since = time.monotonic()
+            logger.error(
+                "The usage journal in %s cannot be written (%s): usage records are held in memory "
+                "(at most %d) and synthesis is refused (usage_unavailable) until it can.",
+                self.directory,
+                exc,
+                self.held_limit,
+            )
+        self.failure = f"{type(exc).__name__}: {exc}"[:300]
+
+    def probe(self) -> bool:
+        """Try the journal again (the flusher thread): the held records, in order, or a
+        blank line when none is held. Returns whether it took them."""
+        with self._lock:
+            try:
+                if not self._held:
+                    self._write(b"\n")
+                while self._held:
+                    batch = list(islice(self._held, _PROBE_BATCH))
+                    self._write(b"".join(_line(record) for record in batch))
+                    for _ in batch:
+                        self._held.popleft()
+            except OSError as exc:
+                self._failed(exc)
+                return False
+            if self.failure is not None:
+                logger.warning(
+                    "The usage journal can be written again after %.1f s: synthesis is admitted again.",
+                    time.monotonic() - (self.failing_since or time.monotonic()),
+                )
+            self.failure = None
+            self.failing_since = None
+            return True
+
+    def check(self) -> bool:
+        """Between writes: a journal that became read-only or full is found now (by a real
+        write, the probe), not by the next request's record. Returns `writable`."""
+        try:
+            stats = os.statvfs(self.directory)
+        except OSError:
+            return self.probe()  # missing (it is made on the first write) or unreadable
+        free_blocks = stats.f_bfree if os.geteuid() == 0 else stats.f_bavail
+        if stats.f_flag & os.ST_RDONLY or free_blocks == 0:
+            return self.probe()
+        return self.writable
+
+    def held_take(self, count: int) -> list[UsageRecord]:
+        """Up to `count` held records, out of the store (the writer stores them in the
+        database; `held_return` puts them back if it cannot)."""
+        with self._lock:
+            return [self._held.popleft() for _ in range(min(count, len(self._held)))]
+
+    def held_return(self, records: list[UsageRecord]) -> None:
+        with self._lock:
+            self._held.extendleft(reversed(records))
 
     def seal(self) -> None:
         """Close the active file (if it holds anything) so that it can be drained."""
         with self._lock:
-            if self._active_fd is not None and self._active_records:
+            if self._active_fd is not None and self._active_bytes:
                 os.close(self._active_fd)
                 self._active_fd = None
-                self._active_records = 0
+                self._active_bytes = 0
 
     # --- requests in flight (the flusher thread) ---
 
@@ -252,6 +387,10 @@ class UsageSpool:
             if isinstance(record, dict):
                 records.append(record)
         return records
+
+
+def _line(record: UsageRecord) -> bytes:
+    return (json.dumps(record, separators=(",", ":")) + "\n").encode()
 
 
 def _lines(data: bytes) -> Iterator[bytes]:

@@ -258,7 +258,7 @@ def test_ready_follows_postgres_and_redis_down_and_back(
         with daphne_server(env) as base_url:
             status, body = _ready(base_url)
             assert (status, body["failed"]) == (200, [])
-            assert set(body["checks"]) == {"database", "storage", "redis", "engine"}
+            assert set(body["checks"]) == {"database", "storage", "redis", "engine", "usage_journal"}
             assert body["checks"]["engine"]["warm_up_s"] > 0
 
             postgres.stop()
