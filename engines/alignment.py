@@ -28,6 +28,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+from engines.text import bounded_runs
+
 # Where each word of a chunk lies, as fractions (start, end) of the chunk's audio.
 WordSpans = list[tuple[float, float]]
 
@@ -149,7 +151,9 @@ def chunks_are_sentences(engine_name: str) -> bool:
 
 
 def sentences(text: str) -> list[str]:
-    """`text` cut after each sentence end (the whitespace stays with the sentence before it)."""
+    """`text` cut after each sentence end (the whitespace stays with the sentence before it),
+    and a long sentence into the runs the engine is given (engines.text.bounded_runs, which
+    cuts the raw text where it cuts the normalised one)."""
     pieces: list[str] = []
     start = 0
     for match in _SENTENCE_END.finditer(text):
@@ -157,7 +161,7 @@ def sentences(text: str) -> list[str]:
         start = match.end()
     if start < len(text):
         pieces.append(text[start:])
-    return [piece for piece in pieces if piece]
+    return [run for piece in pieces if piece for run in bounded_runs(piece) if run]
 
 
 class CharTimeline:

@@ -38,6 +38,11 @@ from engines.scheduler import ChunkScheduler
 from engines.tempo import stretched
 from engines.text import Pause, Speech
 
+# The most phonemes one render takes: its memory grows with its audio (about 10 MB a second;
+# 256 phonemes are 8 to 13 s and at most about 200 MB). engines/text.py bounds a segment's
+# characters, but some text reads far longer than it is written (digits: "12345 " is 38
+# phonemes; a Chinese character in an English voice, 8), so the phonemes are bounded too.
+MAX_PHONEMES_PER_RENDER = 256
 # At a cut sentence's join: what is kept of each side's silence (together about a word
 # gap), the level below which a sample counts as silence, and the fade at a trimmed edge.
 JOIN_SILENCE_SECONDS = 0.03
@@ -69,6 +74,20 @@ def trimmed_at_join(audio: np.ndarray, sample_rate: int, *, start: bool, end: bo
         if last < len(audio):
             trimmed[-fade:] *= ramp[::-1]
     return trimmed
+
+
+def phoneme_runs(phonemes: list[str], limit: int = MAX_PHONEMES_PER_RENDER) -> list[list[str]]:
+    """A sentence's phonemes in renders of at most `limit`, of about equal length, each cut at
+    a word gap (a space, dropped) in the second half of its share, else at its share."""
+    runs: list[list[str]] = []
+    while len(phonemes) > limit:
+        share = -(-len(phonemes) // -(-len(phonemes) // limit))
+        gap = next((i for i in range(share, share // 2, -1) if phonemes[i].isspace()), None)
+        cut, rest = (gap, gap + 1) if gap is not None else (share, share)
+        runs.append(phonemes[:cut])
+        phonemes = phonemes[rest:]
+    runs.append(phonemes)
+    return [run for run in runs if run]
 
 
 def spans_within(words: WordSpans, length: int, first: int, last: int) -> WordSpans:
@@ -227,12 +246,19 @@ class PiperEngine(SpeechEngine):
                 yield silence_chunk(segment.seconds, self.sample_rate)
                 continue
             rate = job.rate_of(segment)
-            sentences = [phonemes for phonemes in self._phonemize(segment.text) if phonemes]
             continues = isinstance(segment, Speech) and segment.continues
-            for index, phonemes in enumerate(sentences):
+            # Each render, and whether it joins the next (a sentence cut at MAX_PHONEMES_PER_RENDER).
+            renders = [
+                (run, number < len(runs) - 1)
+                for phonemes in self._phonemize(segment.text)
+                for runs in [phoneme_runs(phonemes)]
+                for number, run in enumerate(runs)
+            ]
+            for index, (phonemes, joins_next) in enumerate(renders):
                 audio, words = self._render(phonemes, rate)
-                at_start = joined_to_previous and index == 0
-                at_end = continues and index == len(sentences) - 1
+                at_start = joined_to_previous
+                at_end = joins_next or (continues and index == len(renders) - 1)
+                joined_to_previous = at_end
                 if at_start or at_end:
                     first, last = join_bounds(audio, self.sample_rate, start=at_start, end=at_end)
                     if words is not None:

@@ -14,6 +14,15 @@ request's breaks add up to at most so long, nested prosody rates multiply only w
 range of `speed` (and the engine clamps speed times rate to that range too), and a
 request's estimated audio is at most so long. A few kilobytes of text can then no longer
 ask for hours of audio.
+
+Work per engine pass is bounded too, however the text is punctuated: an engine renders a
+segment in one pass (Piper holds all of its audio in memory, about 10 MB a second; XTTS one
+GPT pass), so a sentence without punctuation is cut into runs of at most
+MAX_SEGMENT_CHARS (`bounded_runs`: at a clause mark if one lies near the middle, else
+between words, never after a word like "the", and a word longer than the bound at a mark
+inside it or, failing that, anywhere). The runs are the same whether cut from the raw
+text or from its normalised form, so that character timings (engines/alignment.py) and
+segments agree on where they lie.
 """
 
 from __future__ import annotations
@@ -139,8 +148,10 @@ _SENTENCE_END = re.compile(r"(?<=[.!?…。！？])[\"')\]]*\s+")  # noqa: RUF00
 _CLAUSE_END = re.compile(r"(?<=[,;:—–])\s+")  # noqa: RUF001  (em and en dashes)
 # A first clause shorter than this is not worth its own engine call.
 MIN_CLAUSE_CHARS = 20
-# Sentences longer than this are cut at clauses even when not first.
-LONG_SENTENCE_CHARS = 200
+# The longest segment an engine renders in one pass: about 35 words, 10 s of speech, 100 MB of
+# Piper's working memory (a render's memory grows with its audio: 600 characters took 330 MB,
+# 5,000 took 17 GB). coqui's XTTS cuts English at 250 (its tokenizer's char_limits).
+MAX_SEGMENT_CHARS = 200
 # A quick first chunk is not cut when fewer words than this would remain for the second.
 MIN_WORDS_AFTER_CUT = 3
 
@@ -168,16 +179,138 @@ def normalise_whitespace(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+# A run does not end on one of these: the word belongs with what follows it.
+_LEADING_WORDS = frozenset(
+    re.split(
+        r"\s+",
+        "a an the and or but nor so yet of to in on at by for with from into onto than that as if "
+        "is are was were be my your our their his her its this these those",
+    )
+)
+
+
+def _is_mark(char: str) -> bool:
+    """Punctuation a phrase may end on (a comma, a stop, a slash, a closing bracket); not an
+    opening bracket or quote."""
+    return unicodedata.category(char) in {"Po", "Pd", "Pe", "Pf"}
+
+
+@dataclass(frozen=True)
+class _Atom:
+    """A piece of text no cut goes inside: a word and the whitespace after it, or a part of a
+    word longer than a run. `length` counts each run of whitespace as one character."""
+
+    end: int  # offset just past it in the text
+    length: int
+    spaced: bool  # whitespace follows it
+    rank: int  # how good a cut after it is: 2 after a mark, 1 after a word, 0 otherwise
+
+
+def _word_parts(word: str, limit: int) -> list[str]:
+    """A word longer than `limit` in parts of at most `limit`: each cut after a mark in the
+    second half of its share ("/" in a URL, a full-width comma in Chinese), else at its share (parts of
+    about equal length), and never before a combining mark (it belongs to the letter before)."""
+    parts = []
+    while len(word) > limit:
+        share = -(-len(word) // -(-len(word) // limit))  # its length over the parts it needs
+        cut = next((i for i in range(share, share // 2, -1) if _is_mark(word[i - 1])), share)
+        while cut > 1 and unicodedata.combining(word[cut]):
+            cut -= 1
+        parts.append(word[:cut])
+        word = word[cut:]
+    parts.append(word)
+    return parts
+
+
+def _atoms(text: str, limit: int) -> list[_Atom]:
+    atoms: list[_Atom] = []
+    for match in re.finditer(r"\S+", text):
+        word = match.group()
+        spaced = match.end() < len(text)  # what follows a \S+ match is whitespace
+        after = re.match(r"\s*", text[match.end() :])
+        end = match.end() + (len(after.group()) if after else 0)
+        offset = match.start()
+        parts = _word_parts(word, limit)
+        for index, part in enumerate(parts):
+            offset += len(part)
+            last = index == len(parts) - 1
+            if _is_mark(part[-1]):
+                rank = 2
+            elif last and spaced and part.lower() not in _LEADING_WORDS:
+                rank = 1
+            else:
+                rank = 0
+            atoms.append(
+                _Atom(
+                    end if last else offset, len(part) + (1 if last and spaced else 0), last and spaced, rank
+                )
+            )
+    return atoms
+
+
+def bounded_runs(text: str, limit: int = MAX_SEGMENT_CHARS) -> list[str]:
+    """`text` in consecutive runs (joined, they are `text`) of at most `limit` characters
+    each, whitespace runs counted as one and not counting the whitespace a run ends with.
+    Text within the bound is one run. A longer one is cut into about equal runs (so no run
+    is a stub of a word or two), each cut at a clause mark if one lies past half of its
+    share, else after a word that does not lead into the next, else after any word, else
+    (one word longer than the bound: "aaaa...", a URL, Chinese without spaces) inside it."""
+    atoms = _atoms(text, limit)
+    runs: list[str] = []
+    start = first = 0  # the run's offset in the text, and its first atom
+    while first < len(atoms):
+        remaining = sum(atom.length for atom in atoms[first:]) - (1 if atoms[-1].spaced else 0)
+        if remaining <= limit:
+            break
+        target = remaining / -(-remaining // limit)  # remaining over the number of runs it needs
+        best, best_key = first, (-1, 0.0)
+        length = 0
+        for index in range(first, len(atoms)):
+            atom = atoms[index]
+            run_length = length + atom.length - (1 if atom.spaced else 0)
+            if run_length > limit:
+                break
+            length += atom.length
+            rank = atom.rank if run_length >= target / 2 else 0
+            key = (rank, -abs(run_length - target))
+            if key > best_key:
+                best, best_key = index, key
+        runs.append(text[start : atoms[best].end])
+        start, first = atoms[best].end, best + 1
+    if start < len(text) or not runs:
+        runs.append(text[start:])
+    return runs
+
+
+def ends_a_phrase(text: str) -> bool:
+    """Whether `text` ends on a mark (a stop, a comma): speech pauses there of itself."""
+    stripped = text.rstrip()
+    return bool(stripped) and _is_mark(stripped[-1])
+
+
 def split_for_streaming(text: str) -> list[str]:
-    """Sentences, with the first (and any very long) sentence cut at clause boundaries."""
+    """Sentences, each cut into bounded runs (`bounded_runs`), the first run cut at clause
+    boundaries too (so that audio can start early)."""
     sentences = [part.strip() for part in _SENTENCE_END.split(text) if part.strip()]
     pieces: list[str] = []
     for index, sentence in enumerate(sentences):
-        if index == 0 or len(sentence) > LONG_SENTENCE_CHARS:
-            pieces.extend(_merge_short(_CLAUSE_END.split(sentence)))
-        else:
-            pieces.append(sentence)
+        for number, run in enumerate(run.strip() for run in bounded_runs(sentence)):
+            if index == 0 and number == 0:
+                pieces.extend(_merge_short(_CLAUSE_END.split(run)))
+            elif run:
+                pieces.append(run)
     return pieces
+
+
+def bounded_speech(segment: Speech, limit: int = MAX_SEGMENT_CHARS) -> list[Speech]:
+    """`segment` in runs of at most `limit` characters, each but the last marked to join the
+    next (Speech.continues) unless it ends on a mark; for an engine whose own bound is lower."""
+    runs = [run.strip() for run in bounded_runs(segment.text, limit)]
+    runs = [run for run in runs if run]
+    return [
+        Speech(run, segment.rate, segment.continues if index == len(runs) - 1 else not ends_a_phrase(run))
+        for index, run in enumerate(runs)
+    ]
 
 
 def _merge_short(clauses: list[str]) -> list[str]:
@@ -347,8 +480,12 @@ def prepare_text(
     for segment in parsed:
         if isinstance(segment, Speech):
             # A piece of only punctuation ("...", "!!!" between breaks) is not sent to the engine.
-            pieces = split_for_streaming(segment.text)
-            segments.extend(Speech(piece, segment.rate) for piece in pieces if is_speakable(piece))
+            # A piece cut off mid-phrase (a long run without marks) is joined to the next one.
+            pieces = [piece for piece in split_for_streaming(segment.text) if is_speakable(piece)]
+            segments.extend(
+                Speech(piece, segment.rate, continues=index < len(pieces) - 1 and not ends_a_phrase(piece))
+                for index, piece in enumerate(pieces)
+            )
         else:
             segments.append(segment)
     if not any(isinstance(segment, Speech) for segment in segments):

@@ -50,7 +50,7 @@ from engines.base import SpeechJob, silence_chunk
 from engines.capacity import ThroughputMeter
 from engines.errors import EngineFailure, EngineOverloaded
 from engines.scheduler import DONE, ChunkStream
-from engines.text import Pause, Segment
+from engines.text import MAX_SEGMENT_CHARS, Pause, Segment, bounded_speech
 from engines.xtts_gpt import Row, XttsStepModel
 
 logger = logging.getLogger(__name__)
@@ -283,8 +283,19 @@ class XttsBatcher:
                 continue
             model, step = self.model, self.step_model
             language = stream.job.language.split("-")[0]
+            # One segment is one GPT pass, bounded by the model's text and audio tokens: a longer
+            # one is cut (at its language's character limit, coqui's own, then in halves while
+            # its tokens are too many) and its runs spoken in turn.
+            limit = model.tokenizer.char_limits.get(language, MAX_SEGMENT_CHARS)
+            if len(segment.text) > limit and len(runs := bounded_speech(segment, limit)) > 1:
+                stream.segments.extendleft(reversed(runs))
+                continue
             tokens = model.tokenizer.encode(segment.text.strip().lower(), lang=language)
             if len(tokens) >= model.args.gpt_max_text_tokens:
+                runs = bounded_speech(segment, max(len(segment.text) // 2, 1))
+                if len(runs) > 1:
+                    stream.segments.extendleft(reversed(runs))
+                    continue
                 raise EngineFailure(f"A text segment is too long for XTTS ({len(tokens)} tokens).")
             text_tokens = torch.tensor([tokens], dtype=torch.int32, device=step.device)
             prefix = step.prefix(stream.gpt_cond_latent.to(step.device), text_tokens)

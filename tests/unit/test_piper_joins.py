@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from engines import SpeechJob
-from engines.piper import SILENCE_LEVEL, PiperEngine, spans_within
+from engines.alignment import WordSpans
+from engines.piper import MAX_PHONEMES_PER_RENDER, SILENCE_LEVEL, PiperEngine, spans_within
 from engines.text import Segment, Speech, prepare_text
 
 TEXTS = [
@@ -92,3 +93,25 @@ async def test_the_first_chunk_is_a_small_part_of_the_sentence(piper: PiperEngin
 def test_word_spans_follow_the_audio_when_a_join_trims_its_silence() -> None:
     # A chunk of 1000 samples cut to [100, 900): fractions of the old chunk, moved to the new.
     assert spans_within([(0.1, 0.5), (0.5, 0.95)], 1000, 100, 900) == [(0.0, 0.5), (0.5, 1.0)]
+
+
+async def test_a_sentence_that_reads_far_longer_than_it_is_written_renders_in_bounded_passes(
+    piper: PiperEngine,
+) -> None:
+    # 200 characters of digits are about 1,300 phonemes (a minute of speech) in one sentence.
+    rendered: list[int] = []
+    render = piper._render
+
+    def spy(phonemes: list[str], rate: float) -> tuple[np.ndarray, WordSpans | None]:
+        rendered.append(len(phonemes))
+        return render(phonemes, rate)
+
+    piper._render = spy  # type: ignore[method-assign]
+    try:
+        chunks = await chunks_of(piper, [Speech("12345 " * 33)])
+    finally:
+        del piper._render
+    assert len(rendered) >= 4
+    assert max(rendered) <= MAX_PHONEMES_PER_RENDER
+    # All of it is spoken (about 40 s of digits), not cut short.
+    assert sum(len(chunk) for chunk in chunks) / piper.sample_rate > 30

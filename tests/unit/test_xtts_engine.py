@@ -153,3 +153,29 @@ def test_a_checkpoint_dir_missing_files_is_a_clear_error(tmp_path: Path) -> None
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(EngineConfigurationError, match=r"lacks model\.pth, vocab\.json"):
         XttsEngine(checkpoint_dir=str(tmp_path))
+
+
+async def test_a_segment_without_punctuation_is_spoken_in_runs_within_the_languages_limit(
+    engine: XttsEngine,
+) -> None:
+    # A caller of the engine that skips prepare_text still cannot hand XTTS one giant GPT pass.
+    tokenizer = engine.scheduler.model.tokenizer
+    encoded: list[str] = []
+    encode = tokenizer.encode
+
+    def spy(text: str, lang: str) -> object:
+        encoded.append(text)
+        return encode(text, lang=lang)
+
+    text = " ".join(["hello"] * 300) + " " + "a" * 700
+    tokenizer.encode = spy
+    try:
+        job = SpeechJob(segments=[Speech(text)], voice=engine.default_voice(), language="en")
+        chunks = await collect(engine, job)
+    finally:
+        del tokenizer.encode
+    assert chunks
+    limit = tokenizer.char_limits["en"]
+    assert len(encoded) >= len(text) // limit
+    assert all(len(piece) <= limit for piece in encoded)
+    assert "".join(piece.replace(" ", "") for piece in encoded) == text.replace(" ", "")
