@@ -35,11 +35,16 @@ REDACTED = "REDACTED"
 # Our key (`cwt_<prefix>_<secret>`) and client token (`cwtc_<payload>:<signature>`) formats,
 # raw or percent-encoded (`%5F` for `_`), with whatever URL-safe characters follow.
 _CREDENTIAL_VALUE = re.compile(r"cwt(?P<token>c?)(?:_|%5[Ff])(?P<rest>[A-Za-z0-9_.:%\-]*)")
+# Our own metric names (`cwt_usage_records_lost_total`) are words in lower case; a key's
+# secret (token_urlsafe) never is.
+_METRIC_NAME = re.compile(r"[a-z]+(?:_[a-z]+)*")
 _KEY_PARTS = re.compile(r"(?P<prefix>[a-z0-9]{8})(?:_|%5[Ff])(?P<secret>.*)", re.DOTALL)
 
 
 def _redact_credential(match: re.Match[str]) -> str:
     rest = match["rest"]
+    if not match["token"] and _METRIC_NAME.fullmatch(rest):
+        return match[0]
     if match["token"]:
         return f"cwtc_{REDACTED}"
     if parts := _KEY_PARTS.fullmatch(rest):

@@ -3,7 +3,7 @@
 The layer carries one kind of message here: "a tenant's access changed, check your key
 again" (tenants.services.tenant_access_changed) to every process's open WebSockets. A
 Redis outage must not end those connections: channels_redis lets a failed read escape
-from `receive`, which ends the consumer with it (Daphne closes the socket with 1011).
+from `receive`, which would end the consumer with it (and, escaping it, the socket).
 This layer instead waits for Redis to come back, and says meanwhile that it is in an
 outage, so that consumers check their keys against the database on their own instead
 (synthesis.stream.consumer). `group_add` raises ChannelLayerUnavailable, a consumer

@@ -214,10 +214,11 @@ class RealtimeAdmission:
             wait = 0.0 if position <= free else self._expected_wait(position - free)
             # A full engine answers 503 first, whoever asks: also to an owner at its share. A
             # full queue takes a request that goes ahead of its last waiter: that one leaves.
+            # Displacing comes last: only once this request is sure to be queued.
             if (
-                (len(self._queue) >= self.queue_max and not self._displace(owner))
-                or wait > self.queue_seconds
+                wait > self.queue_seconds
                 or (owner and self._by_owner[owner] >= self.max_per_owner)
+                or (len(self._queue) >= self.queue_max and not self._displace(owner))
             ):
                 self.refused_total += 1
                 raise EngineOverloaded(retry_after_s=_retry_after(wait))
@@ -233,6 +234,8 @@ class RealtimeAdmission:
                 return await asyncio.shield(waiter.granted)
         except BaseException as exc:
             if waiter.displaced:  # out of the queue already (its owner's count too)
+                if isinstance(exc, TimeoutError):  # its wait ended before the refusal came
+                    raise EngineOverloaded(retry_after_s=1) from None
                 raise
             with self._lock:
                 queued = waiter in self._queue

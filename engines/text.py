@@ -142,7 +142,7 @@ _RATE_WORDS = {"x-slow": 0.5, "slow": 0.75, "medium": 1.0, "default": 1.0, "fast
 # Sentence ends: . ! ? … (and CJK full stops) followed by space or end.
 # Where an SSML document starts: its root, an XML declaration, or a DOCTYPE (refused as
 # invalid_ssml by the parser, never spoken as text), in any case.
-SSML_START = re.compile(r"<(?:speak|\?xml\b|!doctype\b)", re.IGNORECASE)
+SSML_START = re.compile(r"<(?:speak\b|\?xml\b|!doctype\b)", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.!?…。！？])[\"')\]]*\s+")  # noqa: RUF001  (full-width stops are real)
 # Clause boundaries inside a long sentence.
 _CLAUSE_END = re.compile(r"(?<=[,;:—–])\s+")  # noqa: RUF001  (em and en dashes)
@@ -474,7 +474,9 @@ def prepare_text(
     if not text.strip():
         raise ServiceError(400, "empty_text", "The text is empty.")
     stripped = text.strip()
-    is_ssml = SSML_START.match(stripped) is not None
+    # A whole text that opens like `<speaking>` is markup too (refused, not read aloud); in a
+    # stream only a real opening starts a document ("the <speaker> icon" is text).
+    is_ssml = SSML_START.match(stripped) is not None or stripped[:6].lower() == "<speak"
     parsed = parse_ssml(stripped, ssml) if is_ssml else [Speech(normalise_whitespace(text))]
     segments: list[Segment] = []
     for segment in parsed:

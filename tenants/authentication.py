@@ -7,12 +7,12 @@ Every failure is a 401 with `WWW-Authenticate: Bearer` and a stable code:
     expired_api_key   past its expires_at (e.g. the old key after a rotation)
     revoked_api_key   revoked
     tenant_inactive   the tenant behind the key is deactivated
+    invalid_token     a client token (tenants.tokens) that is malformed or not signed by us
+    token_expired     a client token past its expiry
 
 Two credentials in one request that differ (e.g. `xi-api-key` of one tenant and
 `Authorization` of another) are `400 conflicting_credentials`, on every door: which one
 would bill is nobody's guess.
-    invalid_token     a client token (tenants.tokens) that is malformed or not signed by us
-    token_expired     a client token past its expiry
 
 A client token stands for its issuing key: it authenticates as that key's tenant, by the
 key's own rule, and is then held to its scope (403, `token_scope`). Every credential used

@@ -176,8 +176,8 @@ class StreamConnection(AsyncWebsocketConsumer, abc.ABC):  # type: ignore[misc]  
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # An exception that escaped here would end the consumer before the disconnect that
-        # Daphne sends: `__call__` cleans up then, but the socket would be closed by Daphne
-        # (1011) rather than by us.
+        # Daphne sends: `__call__` closes it with 4500 and cleans up, but the client would
+        # get no error event first.
         try:
             # Channels closes stale database connections (a thread hop) before every
             # message; frames of text need no database, so only the rest pay for it.

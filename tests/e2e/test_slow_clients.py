@@ -24,17 +24,19 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 
 METRICS_TOKEN = "scrape-token-for-slow-clients"
 PER_CLIENT = 12
-# A cut due after about a second must have happened within this (a loaded machine).
-CUT_WITHIN = 30.0
+# A cut due after a few seconds must have happened within this (a loaded machine).
+CUT_WITHIN = 40.0
 
 
 @pytest.fixture(scope="module")
 def base_url(service_env: ServiceEnv) -> Iterator[str]:
     env = service_env(
-        HTTP_HEADER_TIMEOUT_SECONDS="1",
-        HTTP_BODY_GRACE_SECONDS="1",
+        # Short enough to see each cut, long enough that a starved server (a loaded machine)
+        # never cuts a client that keeps to them: the reactor may run late by seconds.
+        HTTP_HEADER_TIMEOUT_SECONDS="3",
+        HTTP_BODY_GRACE_SECONDS="5",
         HTTP_BODY_MIN_BYTES_PER_SECOND="1000",
-        WS_AUTH_SECONDS="1",
+        WS_AUTH_SECONDS="5",
         CONNECTIONS_PER_CLIENT_MAX=str(PER_CLIENT),
         METRICS_TOKEN=METRICS_TOKEN,
     )

@@ -71,7 +71,9 @@ def never_reading_request(base_url: str, key: str, request_id: str, text: str = 
 
 @pytest.fixture
 def server(service_env: ServiceEnv) -> Iterator[tuple[Any, str]]:
-    env = service_env(HTTP_STREAM_STALL_SECONDS="4", METRICS_TOKEN=METRICS_TOKEN)
+    # Long enough that every stream is seen waiting at once before the first is cut (the
+    # engine fills the three sockets at different times on a loaded machine).
+    env = service_env(HTTP_STREAM_STALL_SECONDS="20", METRICS_TOKEN=METRICS_TOKEN)
     with daphne_process(env) as (process, base_url):
         yield process, base_url
 

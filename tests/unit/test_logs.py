@@ -53,6 +53,9 @@ S3_SIGNED = (
         ("a malformed cwt_NOTAKEYsecret", "a malformed cwt_REDACTED"),
         ("key cwt_k3j9x0aa_… verified", "key cwt_k3j9x0aa_… verified"),  # the admin's name for a key
         ("cwt_k3j9x0aa_REDACTED", "cwt_k3j9x0aa_REDACTED"),  # idempotent
+        # Our metric names are not keys.
+        ('cwt_connections_cut_total{reason="x"} 3', 'cwt_connections_cut_total{reason="x"} 3'),
+        ("cwt_usage_records_lost_total", "cwt_usage_records_lost_total"),
     ],
 )
 def test_redact_secrets_blanks_secret_query_parameters_only(text: str, expected: str) -> None:

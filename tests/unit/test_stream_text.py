@@ -50,6 +50,11 @@ def test_plain_text_is_ready_clause_by_clause_and_a_document_only_once_closed() 
     assert ready_pieces("A <speak>B</speak> C", final=True) == (["A ", "<speak>B</speak>", " C"], "")
 
 
+def test_text_that_merely_mentions_a_speak_like_tag_is_not_held_as_a_document() -> None:
+    assert ready_pieces("Tap the <speaker> icon. Then") == (["Tap the <speaker> icon. "], "Then")
+    assert ready_pieces("<SPEAK>One.") == ([], "<SPEAK>One.")  # a real opening, in capitals
+
+
 def test_eager_mode_speaks_a_finished_sentence_at_once_but_never_half_a_document() -> None:
     assert ready_pieces("Hello there.", eager=True) == (["Hello there."], "")
     assert ready_pieces("<speak>First sentence.", eager=True) == ([], "<speak>First sentence.")
