@@ -11,6 +11,20 @@ two rules that keep it from being more generous than the shared limit: each proc
 takes only its share of a limit (limit / SERVER_PROCESSES), and it starts from the
 budget Redis last reported for the tenant, not from a full one. A log line and the
 health counter say when it is in use. A limit of 0 means "no limit" for that window.
+
+After a Redis fault (an empty restart, or a pause that sent requests to the fallback)
+the limits stay tight, by two seeds sent with every script call:
+- a floor: the latest window state this process saw in Redis, so a Redis that came back
+  empty resumes from it (state only grows, so the floor never changes a healthy Redis);
+- a debt: what the fallback spent while Redis was away, counted as full-limit requests,
+  added once to Redis's state on recovery (written even if that request is refused).
+A window's sum of Redis and fallback spend then never passes its limit.
+
+Stream leases follow the same idea: a renewal re-adds a lease Redis lost, a lease taken
+in the fallback is registered in Redis as soon as it answers again, and an acquisition
+first re-adds every lease this process holds, so its own streams always count. During an
+outage the fallback counts every stream this process holds, Redis leases included.
+Another process's leases come back at its next renewal (within STREAM_LEASE_SECONDS / 3).
 """
 
 from __future__ import annotations
@@ -36,7 +50,8 @@ from tenants.models import Tenant
 
 WINDOWS = (("minute", 60_000), ("hour", 3_600_000))
 
-# KEYS: one per window. ARGV: limit_1, period_ms_1, limit_2, period_ms_2, ...
+# KEYS: one per window. ARGV per window: limit, period_ms, floor_ms (the state to resume
+# from if Redis lost it), debt_ms (the fallback's spend, added once).
 # Returns {allowed (0/1), retry_after_ms, remaining_1, reset_ms_1, remaining_2, reset_ms_2, ...}
 _GCRA_LUA = """
 local time = redis.call('TIME')
@@ -45,12 +60,16 @@ local allowed = 1
 local retry_after = 0
 local new_tats = {}
 local out = {}
+local seeded = {}
 for i = 1, #KEYS do
-  local limit = tonumber(ARGV[2 * i - 1])
-  local period = tonumber(ARGV[2 * i])
+  local limit = tonumber(ARGV[4 * i - 3])
+  local period = tonumber(ARGV[4 * i - 2])
+  local floor = tonumber(ARGV[4 * i - 1])
+  local debt = tonumber(ARGV[4 * i])
   local interval = period / limit
-  local tat = tonumber(redis.call('GET', KEYS[i])) or now
-  if tat < now then tat = now end
+  local stored = tonumber(redis.call('GET', KEYS[i])) or now
+  local tat = math.max(stored, floor, now) + debt
+  seeded[i] = tat > math.max(stored, now)
   local new_tat = tat + interval
   local allow_at = new_tat - period
   if now < allow_at then
@@ -61,9 +80,11 @@ for i = 1, #KEYS do
   out[2 * i - 1] = tat
   out[2 * i] = new_tat
 end
-if allowed == 1 then
-  for i = 1, #KEYS do
-    redis.call('SET', KEYS[i], new_tats[i], 'PX', math.ceil(new_tats[i] - now) + 1000)
+for i = 1, #KEYS do
+  local tat = tonumber(out[2 * i - 1])
+  if allowed == 1 then tat = new_tats[i] end
+  if allowed == 1 or seeded[i] then
+    redis.call('SET', KEYS[i], tostring(tat), 'PX', math.ceil(tat - now) + 1000)
   end
 end
 local result = {allowed, math.ceil(retry_after), now}
@@ -146,8 +167,31 @@ class LocalGcra:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._tats: dict[str, float] = {}
+        # Redis's own state as last seen (the floor), apart from the fallback's spend in _tats.
+        self._observed: dict[str, float] = {}
+        # What the fallback spent, as a GCRA state at the full limit's interval: its
+        # remaining part is the debt the next script call adds to Redis.
+        self._spent: dict[str, float] = {}
         self._lock = threading.Lock()
         self._clock = clock
+
+    def seeds(self, keys: list[str], windows: list[tuple[str, int, int]]) -> list[int]:
+        """The script's floor and debt per window; the debt is taken (see `repay`)."""
+        now = self._clock() * 1000
+        out: list[int] = []
+        with self._lock:
+            for key in keys:
+                debt = max(0.0, self._spent.pop(key, 0.0) - now)
+                out += [math.floor(self._observed.get(key, 0.0)), math.ceil(debt)]
+        return out
+
+    def repay(self, keys: list[str], debts: list[int]) -> None:
+        """A script call that failed did not add its debts: keep them for the next one."""
+        now = self._clock() * 1000
+        with self._lock:
+            for key, debt in zip(keys, debts, strict=True):
+                if debt > 0:
+                    self._spent[key] = max(self._spent.get(key, now), now) + debt
 
     def observe(self, keys: list[str], tats: list[float]) -> None:
         """What Redis last said of these keys: a later fallback starts from it."""
@@ -155,8 +199,17 @@ class LocalGcra:
             for key, tat in zip(keys, tats, strict=True):
                 if tat > self._tats.get(key, 0.0):
                     self._tats[key] = tat
+                if tat > self._observed.get(key, 0.0):
+                    self._observed[key] = tat
 
-    def check(self, keys: list[str], windows: list[tuple[str, int, int]]) -> RateDecision:
+    def check(
+        self,
+        keys: list[str],
+        windows: list[tuple[str, int, int]],
+        full_windows: list[tuple[str, int, int]] | None = None,
+    ) -> RateDecision:
+        """Spend one request against `windows` (this process's share); the spend is kept
+        as debt at `full_windows`' rate (the shared limits), for Redis on recovery."""
         now = self._clock() * 1000
         with self._lock:
             allowed, retry_ms, tats = True, 0.0, []
@@ -171,6 +224,8 @@ class LocalGcra:
             if allowed:
                 for key, (_tat, new_tat) in zip(keys, tats, strict=True):
                     self._tats[key] = new_tat
+                for key, (_name, limit, period) in zip(keys, full_windows or windows, strict=True):
+                    self._spent[key] = max(self._spent.get(key, now), now) + period / limit
         return _decide(windows, allowed, math.ceil(retry_ms), now, tats)
 
 
@@ -183,7 +238,6 @@ class _Check:
 
     windows: list[tuple[str, int, int]]
     keys: list[str]
-    args: list[int]
 
     @classmethod
     def for_tenant(cls, tenant: Tenant) -> _Check | None:
@@ -192,8 +246,7 @@ class _Check:
             return None
         prefix = f"{settings.REDIS_KEY_PREFIX}:ratelimit:{tenant.id}"
         keys = [f"{prefix}:{name}" for name, _limit, _period in windows]
-        args = [value for _name, limit, period in windows for value in (limit, period)]
-        return cls(windows, keys, args)
+        return cls(windows, keys)
 
     def from_script(self, raw: list[bytes | int]) -> RateDecision:
         allowed, retry_ms, now = int(raw[0]), int(raw[1]), float(raw[2])
@@ -205,7 +258,15 @@ class _Check:
     def locally(self, exc: Exception) -> RateDecision:
         if not isinstance(exc, RedisUnavailable):
             breaker.trip(exc)
-        return local_limiter.check(self.keys, _process_share(self.windows))
+        return local_limiter.check(self.keys, _process_share(self.windows), self.windows)
+
+    def script_args(self) -> list[int]:
+        seeds = local_limiter.seeds(self.keys, self.windows)
+        return [
+            value
+            for i, (_name, limit, period) in enumerate(self.windows)
+            for value in (limit, period, seeds[2 * i], seeds[2 * i + 1])
+        ]
 
 
 def _process_share(windows: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
@@ -224,13 +285,15 @@ def rate_limit_check(tenant: Tenant) -> RateDecision | None:
     check = _Check.for_tenant(tenant)
     if check is None:
         return None
+    args = check.script_args()
     try:
         client = sync_redis()
         try:
-            raw = client.evalsha(_GCRA_SHA, len(check.keys), *check.keys, *check.args)
+            raw = client.evalsha(_GCRA_SHA, len(check.keys), *check.keys, *args)
         except NoScriptError:
-            raw = client.eval(_GCRA_LUA, len(check.keys), *check.keys, *check.args)
+            raw = client.eval(_GCRA_LUA, len(check.keys), *check.keys, *args)
     except (RedisUnavailable, *REDIS_ERRORS) as exc:
+        local_limiter.repay(check.keys, args[3::4])
         return check.locally(exc)
     return check.from_script(raw)
 
@@ -240,13 +303,15 @@ async def arate_limit_check(tenant: Tenant) -> RateDecision | None:
     check = _Check.for_tenant(tenant)
     if check is None:
         return None
+    args = check.script_args()
     try:
         client = async_redis()
         try:
-            raw = await client.evalsha(_GCRA_SHA, len(check.keys), *check.keys, *check.args)
+            raw = await client.evalsha(_GCRA_SHA, len(check.keys), *check.keys, *args)
         except NoScriptError:
-            raw = await client.eval(_GCRA_LUA, len(check.keys), *check.keys, *check.args)
+            raw = await client.eval(_GCRA_LUA, len(check.keys), *check.keys, *args)
     except (RedisUnavailable, *REDIS_ERRORS) as exc:
+        local_limiter.repay(check.keys, args[3::4])
         return check.locally(exc)
     return check.from_script(raw)
 
@@ -257,25 +322,35 @@ async def arate_limit_check(tenant: Tenant) -> RateDecision | None:
 # its expiry. A live stream renews its lease; a stream whose process died simply
 # stops renewing, and its lease drops out after STREAM_LEASE_SECONDS.
 
+# ARGV: cap, ttl_ms, the new lease, then the leases this process already holds (re-added
+# first, so a Redis that lost them still counts them).
 _LEASE_ACQUIRE_LUA = """
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local ttl = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+for i = 4, #ARGV do
+  redis.call('ZADD', KEYS[1], 'GT', now + ttl, ARGV[i])
+end
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  if #ARGV >= 4 then redis.call('PEXPIRE', KEYS[1], ttl + 1000) end
   return 0
 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + 1000)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ttl + 1000)
 return 1
 """
+# Not `XX`: a renewal re-adds a lease Redis lost (an empty restart), and registers one
+# taken in the fallback, so the count is right again.
 _LEASE_RENEW_LUA = """
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[2])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) + 1000)
 return 1
 """
-_local_streams: dict[uuid.UUID, set[str]] = {}
+# Every capped lease this process holds, in Redis or not, per tenant.
+_held_streams: dict[uuid.UUID, set[str]] = {}
 
 
 def _streams_key(tenant: Tenant) -> str:
@@ -285,10 +360,11 @@ def _streams_key(tenant: Tenant) -> str:
 class StreamLease:
     """One open stream of a tenant; `release` it however the stream ends."""
 
-    def __init__(self, tenant: Tenant, lease_id: str, *, in_redis: bool) -> None:
+    def __init__(self, tenant: Tenant, lease_id: str, *, in_redis: bool, capped: bool = True) -> None:
         self.tenant = tenant
         self.lease_id = lease_id
         self.in_redis = in_redis
+        self.capped = capped
         self._renewer: asyncio.Task[None] | None = None
         self._released = False
 
@@ -297,7 +373,9 @@ class StreamLease:
         return _streams_key(self.tenant)
 
     def keep_alive(self) -> None:
-        if self.in_redis and self._renewer is None:
+        """Renew the lease while the stream lives; a fallback lease is registered in Redis
+        at the first renewal Redis answers."""
+        if self.capped and self._renewer is None and not self._released:
             self._renewer = asyncio.create_task(self._renew_forever())
 
     async def _renew_forever(self) -> None:
@@ -310,15 +388,19 @@ class StreamLease:
                 continue
             except REDIS_ERRORS as exc:
                 breaker.trip(exc)
+                continue
+            self.in_redis = True
 
     async def release(self) -> None:
         if self._released:
             return
         self._released = True
         if self._renewer is not None:
+            # Wait the renewer out: a renewal landing after the ZREM would re-add the lease.
             self._renewer.cancel()
+            await asyncio.wait([self._renewer], timeout=1.0)
+        _held_streams.get(self.tenant.id, set()).discard(self.lease_id)
         if not self.in_redis:
-            _local_streams.get(self.tenant.id, set()).discard(self.lease_id)
             return
         try:
             await async_redis().zrem(self.key, self.lease_id)
@@ -339,7 +421,8 @@ async def stream_lease_acquire(tenant: Tenant) -> StreamLease:
         headers={"Retry-After": "1"},
     )
     if cap == 0:
-        return StreamLease(tenant, lease_id, in_redis=False)
+        return StreamLease(tenant, lease_id, in_redis=False, capped=False)
+    held = _held_streams.setdefault(tenant.id, set())
     try:
         client = async_redis()
         acquired = await client.eval(
@@ -349,17 +432,19 @@ async def stream_lease_acquire(tenant: Tenant) -> StreamLease:
             cap,
             int(settings.STREAM_LEASE_SECONDS * 1000),
             lease_id,
+            *sorted(held),
         )
     except (RedisUnavailable, *REDIS_ERRORS) as exc:
         if not isinstance(exc, RedisUnavailable):
             breaker.trip(exc)
-        open_here = _local_streams.setdefault(tenant.id, set())
-        if len(open_here) >= max(1, cap // settings.SERVER_PROCESSES):  # this process's share
+        # This process's share, counting every stream it holds, in Redis or not.
+        if len(held) >= max(1, cap // settings.SERVER_PROCESSES):
             raise refused from None
-        open_here.add(lease_id)
+        held.add(lease_id)
         return StreamLease(tenant, lease_id, in_redis=False)
     if not acquired:
         raise refused
+    held.add(lease_id)
     return StreamLease(tenant, lease_id, in_redis=True)
 
 

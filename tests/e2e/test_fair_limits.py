@@ -238,3 +238,67 @@ def test_redis_error_replies_degrade_to_the_fallbacks_and_usage_keeps_flowing(
 def _row_count(django_db_blocker: Any, tenant_id: Any) -> int:
     with django_db_blocker.unblock():
         return UsageLog.objects.filter(tenant_id=tenant_id).count()
+
+
+@pytest.mark.timeout(300)
+def test_a_stream_cap_holds_across_a_redis_outage_and_an_empty_restart(
+    service_env: ServiceEnv, django_db_blocker: Any, redis_server: RedisServer
+) -> None:
+    """Cap 3: two streams opened with Redis up, one in the fallback while it is down; after
+    Redis comes back empty a 4th is still refused, and Redis counts all three again."""
+    env = service_env(REDIS_URL=redis_server.url, STREAM_LEASE_SECONDS="3")
+    capped = {**UNLIMITED, "max_concurrent_streams": 3}
+    with (
+        committed_tenant(django_db_blocker, "capped-outage", **capped) as (tenant, issued),
+        daphne_server(env) as base_url,
+    ):
+        headers = bearer(issued.plaintext)
+        leases_key = f"{settings.REDIS_KEY_PREFIX}:streams:{tenant.id}"
+
+        def leases() -> int:
+            return int(redis_server.cli("zcard", leases_key))
+
+        async def refused_socket() -> None:
+            async with connect(_ws_url(base_url), additional_headers=headers) as extra:
+                error = await _until(extra, "error", wait_s=60)
+                assert error["code"] == "stream_limit"
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(extra.recv(), 30)
+                assert extra.close_code == 4029
+
+        def refused_http() -> None:
+            response = httpx.post(
+                f"{base_url}/v1/synthesize",
+                json={"text": "Short.", "streaming": True},
+                headers=headers,
+                timeout=30,
+            )
+            assert response.status_code == 429
+            assert response.json()["error"]["code"] == "stream_limit"
+
+        async def main() -> None:
+            async with (
+                connect(_ws_url(base_url), additional_headers=headers) as first,
+                connect(_ws_url(base_url), additional_headers=headers) as second,
+            ):
+                for ws in (first, second):
+                    await _until(ws, "ready")
+                assert leases() == 2
+                redis_server.stop()
+                async with connect(_ws_url(base_url), additional_headers=headers) as third:
+                    await _until(third, "ready")  # in the fallback: this process holds 2 of 3
+                    await refused_socket()  # the fallback counts the two Redis leases too
+                    redis_server.start()  # empty
+                    await refused_socket()
+                    await asyncio.to_thread(refused_http)
+                    # Renewals put back the two lost leases and register the fallback's one.
+                    await asyncio.to_thread(
+                        wait_until, lambda: leases() == 3, what="three leases in Redis", timeout_s=60
+                    )
+                    await refused_socket()
+                    await asyncio.to_thread(refused_http)
+            async with connect(_ws_url(base_url), additional_headers=headers) as after:
+                await _until(after, "ready")  # the closed streams gave their leases back
+
+        asyncio.run(main())
+        wait_until(lambda: leases() == 0, what="every lease released", timeout_s=60)

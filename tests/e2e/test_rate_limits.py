@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from rest_framework.test import APIClient
 from core.errors import ServiceError
 from tenants import keys
 from tenants.models import Tenant
-from tests.support.servers import ServiceEnv, daphne_process, daphne_server, free_port
+from tests.support.servers import RedisServer, ServiceEnv, daphne_process, daphne_server, free_port
 from tests.support.tenants import TenantFactory, bearer, committed_tenant
 from tests.support.waiting import wait_until
 
@@ -442,3 +443,52 @@ def test_quota_reservations_count_while_requests_run_and_settle_to_the_audio_sen
         fifth.settle(0.0)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.django_db(transaction=True)  # the server must see the committed tenant
+@pytest.mark.parametrize("fault", ["restart", "pause"])
+def test_requests_across_a_redis_fault_never_pass_the_limit_in_the_window(
+    service_env: ServiceEnv, django_db_blocker: Any, redis_server: RedisServer, fault: str
+) -> None:
+    """An hour limit of 20 (so the window refills by well under one request in the test):
+    requests before, during and after an empty restart or a pause of Redis pass at most 20
+    (plus what the window refilled meanwhile)."""
+    limit = 20
+    limits = {"rate_limit_minute": 0, "rate_limit_hour": limit, "max_concurrent_streams": 0}
+    env = service_env(REDIS_URL=redis_server.url, QUOTA_CACHE_SECONDS="0")
+    with (
+        committed_tenant(django_db_blocker, f"rate-{fault}", **limits) as (_tenant, issued),
+        daphne_server(env) as base_url,
+        httpx.Client(base_url=base_url, headers=bearer(issued.plaintext), timeout=30) as client,
+    ):
+        started = time.monotonic()
+
+        def spend(count: int) -> list[int]:
+            return [client.get("/v1/voices").status_code for _ in range(count)]
+
+        statuses = spend(8)  # in Redis
+        process = redis_server.process
+        assert process is not None
+        if fault == "restart":
+            redis_server.stop()
+        else:
+            process.send_signal(signal.SIGSTOP)
+        try:
+            statuses += spend(8)  # in the fallback
+        finally:
+            if fault == "restart":
+                redis_server.start()  # empty
+            else:
+                process.send_signal(signal.SIGCONT)
+        wait_until(
+            lambda: client.get("/v1/health").json()["redis"]["fallback_active"] is False,
+            what="the limiter back on Redis",
+            timeout_s=60,
+        )
+        statuses += spend(30)  # in Redis again
+        refilled = (time.monotonic() - started) * limit / 3600
+    assert statuses[:16] == [200] * 16
+    assert statuses.count(200) <= limit + 1 + int(refilled)
+    assert statuses.count(429) >= len(statuses) - limit - 1 - int(refilled)
