@@ -123,7 +123,12 @@ class UsageSpool:
                 except OSError as exc:
                     self._failed(exc)
             # While the journal fails no write is tried here: the probe finds when it works.
-            if len(self._held) >= self.held_limit:
+            # The last tenth is kept for records that bill audio: refusals made while the
+            # journal fails (each one a record of nothing) must not crowd out a stream's row.
+            limit = self.held_limit
+            if not record.get("audio_seconds"):
+                limit -= self.held_limit // 10
+            if len(self._held) >= limit:
                 self.lost += 1
                 return Appended.LOST
             self._held.append(record)

@@ -160,3 +160,17 @@ def test_the_held_store_is_bounded_and_what_it_cannot_take_is_logged_and_counted
         assert _counter("cwt_usage_journal_failures_total") == failures + 3
         assert _counter("cwt_usage_records_lost_total") == lost + 1
         assert records[2]["id"] in caplog.text  # its last trace: the whole record, in the log
+
+
+def test_records_of_nothing_cannot_take_the_last_tenth_of_the_held_store_from_billed_audio(
+    tmp_path: Path, settings: Any
+) -> None:
+    with tmpfs(tmp_path / "disk", read_only=True) as disk:
+        settings.USAGE_SPOOL_DIR = disk / "spool"
+        settings.USAGE_HELD_RECORDS = 10
+        refusals = [usage_record_spool(_record(n)) for n in range(10)]  # 503s: no audio
+        assert refusals == [Appended.HELD] * 9 + [Appended.LOST]
+        billed = UsageMeter(endpoint="synthesize", request_id="spoken", tenant_id=uuid.uuid4())
+        billed.audio_sent(48_000, 1.0)
+        assert usage_record_spool(billed.record(200)) is Appended.HELD
+        assert usage_spool().held() == 10
