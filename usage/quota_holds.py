@@ -73,29 +73,10 @@ redis.call('PEXPIRE', KEYS[1], {KEY_TTL_MS})
 return 1
 """
 )
-# KEYS: the hash. ARGV: limit, used, read_at_ms, record id, seconds it then holds in all.
-# Returns 1 (extended) or 0 (the quota is reached: the entry is left as it was).
-_EXTEND_LUA = (
-    _NOW
-    + f"""
-local held = 0
-local entries = redis.call('HGETALL', KEYS[1])
-for i = 1, #entries, 2 do
-  local seconds, written, expires = parse(entries[i + 1])
-  if expires == nil or expires < now then
-    redis.call('HDEL', KEYS[1], entries[i])
-  elseif written == 0 or written >= tonumber(ARGV[3]) then
-    held = held + seconds
-  end
-end
-if tonumber(ARGV[2]) + held >= tonumber(ARGV[1]) then
-  return 0
-end
-redis.call('HSET', KEYS[1], ARGV[4], ARGV[5] .. ';0;' .. (now + {RUNNING_TTL_MS}))
-redis.call('PEXPIRE', KEYS[1], {KEY_TTL_MS})
-return 1
-"""
-)
+# Extending is reserving again under the same record id, with the total it then holds: the
+# entry's own old seconds count among those held, so the check is "everything held, this
+# entry as it was, plus the new piece". Returns 1 (extended) or 0 (the entry is left as it was).
+_EXTEND_LUA = _RESERVE_LUA
 # KEYS: the hash. ARGV: record id, the seconds it settles to.
 _SETTLE_LUA = (
     _NOW

@@ -47,7 +47,25 @@ def http_abort(request: Any) -> None:
         transport.abortConnection()
 
 
-class TransportFlow:
+class _PushProducer:
+    """Twisted's IPushProducer as an event: set while the transport takes more, cleared while
+    it asks us to pause. Twisted calls these on the event loop's thread."""
+
+    def __init__(self) -> None:
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    def pauseProducing(self) -> None:
+        self._writable.clear()
+
+    def resumeProducing(self) -> None:
+        self._writable.set()
+
+    def stopProducing(self) -> None:
+        self._writable.set()  # the connection is gone: let senders run into the closed socket
+
+
+class TransportFlow(_PushProducer):
     """Backpressure from the socket: Daphne writes through Twisted, which asks a
     registered push producer to pause when the connection's write buffer is full
     and to resume when it drains. Senders wait for `writable` before each frame,
@@ -58,8 +76,7 @@ class TransportFlow:
     """
 
     def __init__(self) -> None:
-        self._writable = asyncio.Event()
-        self._writable.set()
+        super().__init__()
         self._protocol: Any = None
 
     def attach(self, send: Any) -> bool:
@@ -95,25 +112,14 @@ class TransportFlow:
         finally:
             stream_stats.paused_for_slow_reader -= 1
 
-    # IPushProducer, called by Twisted on the event loop's thread.
-    def pauseProducing(self) -> None:
-        self._writable.clear()
 
-    def resumeProducing(self) -> None:
-        self._writable.set()
-
-    def stopProducing(self) -> None:
-        self._writable.set()  # the connection is gone: let senders run into the closed socket
-
-
-class ResponseFlow:
+class ResponseFlow(_PushProducer):
     """A streamed HTTP response's producer on Twisted's request (Request.registerProducer):
     the HTTP channel passes on the transport's pause when its write buffer is full and its
     resume when it drains."""
 
     def __init__(self, request: Any) -> None:
-        self._writable = asyncio.Event()
-        self._writable.set()
+        super().__init__()
         self.request: Any = request
         request.registerProducer(self, True)
         if http_transport_paused(request):
@@ -137,15 +143,6 @@ class ResponseFlow:
             return False
         finally:
             stream_stats.paused_for_slow_reader -= 1
-
-    def pauseProducing(self) -> None:
-        self._writable.clear()
-
-    def resumeProducing(self) -> None:
-        self._writable.set()
-
-    def stopProducing(self) -> None:
-        self._writable.set()
 
 
 def backpressured_send(send: Send) -> Send:
