@@ -262,6 +262,12 @@ ENGINE_MAX_ACTIVE_JOBS = env_int("ENGINE_MAX_ACTIVE_JOBS", 32, minimum=1)
 ENGINE_MAX_JOBS_PER_TENANT = env_int(
     "ENGINE_MAX_JOBS_PER_TENANT", max(1, ENGINE_MAX_ACTIVE_JOBS // 2), minimum=1
 )
+# A tenant's share of all the fleet's engines together, counted through Redis (0: none
+# beyond each engine's own ENGINE_MAX_JOBS_PER_TENANT). Set it below that times the number
+# of processes and a tenant cannot hold its share of every engine at once. Whether set or
+# not, an engine's queue puts a tenant holding few slots anywhere in the fleet ahead of one
+# holding many. During a Redis outage each engine counts only its own.
+ENGINE_FLEET_JOBS_PER_TENANT = env_int("ENGINE_FLEET_JOBS_PER_TENANT", 0, minimum=0)
 # Admission by real-time capacity (engines/capacity.py): streams are admitted up to this
 # share of the audio seconds per second the engine is measured to make (the engine's own
 # steps; the server's encoding and sockets share the machine: 0.65 keeps every admitted

@@ -6,6 +6,7 @@ import threading
 
 from django.conf import settings
 
+from core.redis import redis_configured
 from engines.base import BuiltinVoice, SpeechEngine, SpeechJob
 from engines.capacity import EngineSlot, QueuePolicy
 from engines.errors import (
@@ -15,6 +16,7 @@ from engines.errors import (
     EngineOverloaded,
     EngineShareExceeded,
 )
+from engines.fleet import RedisFleetShare
 
 __all__ = [
     "BuiltinVoice",
@@ -45,6 +47,15 @@ def queue_policy() -> QueuePolicy:
 
 
 def build_engine() -> SpeechEngine:
+    engine = _build_configured_engine()
+    if redis_configured():  # every process's slots count toward a tenant's share
+        engine.admission.share_across(
+            RedisFleetShare(settings.REDIS_KEY_PREFIX), max_per_owner=settings.ENGINE_FLEET_JOBS_PER_TENANT
+        )
+    return engine
+
+
+def _build_configured_engine() -> SpeechEngine:
     choice = settings.TTS_ENGINE
     if choice == "auto":
         choice = "xtts" if settings.XTTS_MODEL_PATH else "piper"

@@ -143,6 +143,7 @@ class SpeechEngine(abc.ABC):
             "jobs_refused": state.refused_total,
             "max_active_jobs": self.max_active_jobs,
             "max_jobs_per_tenant": self.max_jobs_per_owner,
+            "fleet_jobs_per_tenant": self.admission.fleet_max_per_owner or None,
             # Audio seconds per second it makes now (None until measured): the real-time
             # streams it can hold; `realtime_limit` is what admission lets in.
             "capacity_audio_seconds_per_second": (

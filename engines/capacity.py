@@ -22,7 +22,9 @@ number of audio seconds per second of its workers' time. So:
   takes turns between owners (`_ranks`: the owner holding fewer slots first, each owner's
   waiters in their order), and a request that finds it full takes the place of the last
   waiter of an owner holding more (`_displace`), so one owner's burst can neither keep
-  another's request behind all of it nor have it refused.
+  another's request behind all of it nor have it refused. With a `FleetShare` (Redis), an
+  owner's slots on the other processes count too, in its rank and against its fleet-wide
+  share.
   A request whose expected wait is past the queue's time bound is refused at once
   (`EngineOverloaded`, 503) with a Retry-After from that expected wait, as is one that
   waited the whole bound, and one from an owner already at its share (a full engine
@@ -47,6 +49,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import Protocol
 
 from engines.errors import EngineOverloaded, EngineShareExceeded
 
@@ -122,6 +125,20 @@ class _Waiter:
     displaced: bool = False
 
 
+class FleetShare(Protocol):
+    """What the other processes of the fleet hold, per owner (engines/fleet.py keeps it in
+    Redis): so that an owner's share binds across every engine, not each one alone."""
+
+    async def held_elsewhere(self, owner: str) -> int:
+        """Slots (held or awaited) `owner` has on the other processes; 0 when unknown."""
+        ...
+
+    def held_here(self, owner: str, count: int) -> None:
+        """This process's count for `owner` changed (called with the admission's lock held,
+        from any thread: it must not block)."""
+        ...
+
+
 @dataclass(frozen=True)
 class AdmissionState:
     """What an autoscaler reads: capacity and demand in real-time streams, the queue."""
@@ -157,6 +174,12 @@ class RealtimeAdmission:
         self._lock = threading.Lock()
         self._slots: list[EngineSlot] = []
         self._by_owner: Counter[str] = Counter()  # slots held and queued, per owner
+        # Across the fleet (`share_across`): what each owner with slots here holds on the
+        # other processes, as last read, and the most one owner may hold on all of them
+        # (0: no bound beyond this engine's).
+        self.fleet: FleetShare | None = None
+        self.fleet_max_per_owner = 0
+        self._elsewhere: dict[str, int] = {}
         self._queue: deque[_Waiter] = deque()
         self._mean_slot_seconds: float | None = None
         self.admitted_total = 0
@@ -165,6 +188,12 @@ class RealtimeAdmission:
         # Busy time: seconds with at least one slot held (utilisation is its rate).
         self._busy_seconds = 0.0
         self._busy_since = 0.0
+
+    def share_across(self, fleet: FleetShare, *, max_per_owner: int) -> None:
+        """Count each owner's slots on every process (`fleet`), and hold it to
+        `max_per_owner` of them in all (0: no bound beyond each engine's own share)."""
+        self.fleet = fleet
+        self.fleet_max_per_owner = max_per_owner
 
     # --- reading ---
 
@@ -199,7 +228,14 @@ class RealtimeAdmission:
         engine cannot keep one more stream real-time soon enough) or EngineShareExceeded
         (the owner already holds or awaits its share)."""
         loop = asyncio.get_running_loop()
+        # Read before the lock (a round trip to Redis); a moment stale at worst, as any
+        # count another process keeps. The service's own jobs (owner "") are nobody's share.
+        elsewhere = await self.fleet.held_elsewhere(owner) if self.fleet is not None and owner else 0
         with self._lock:
+            if elsewhere:
+                self._elsewhere[owner] = elsewhere
+            else:
+                self._elsewhere.pop(owner, None)
             capacity_room = self._capacity_room()
             # Those in the queue this request would wait behind (`_rank`: fewer slots held first).
             ahead = self._ahead_of(owner)
@@ -217,14 +253,14 @@ class RealtimeAdmission:
             # Displacing comes last: only once this request is sure to be queued.
             if (
                 wait > self.queue_seconds
-                or (owner and self._by_owner[owner] >= self.max_per_owner)
+                or self._share_reached(owner) is not None
                 or (len(self._queue) >= self.queue_max and not self._displace(owner))
             ):
                 self.refused_total += 1
                 raise EngineOverloaded(retry_after_s=_retry_after(wait))
             waiter = _Waiter(owner=owner, loop=loop, granted=loop.create_future())
             self._queue.append(waiter)
-            self._by_owner[owner] += 1
+            self._count_owner(owner, +1)
             self.queued_total += 1
         try:
             # Not wait_for: on Python 3.11 it returns the result to a task cancelled just as
@@ -289,10 +325,22 @@ class RealtimeAdmission:
     def _room_now(self) -> bool:
         return self._capacity_room() and not self._streams_at_risk()
 
+    def _share_reached(self, owner: str) -> int | None:
+        """The share `owner` has reached (this engine's, or the fleet's counting the other
+        processes), or None while it may take one more."""
+        if not owner:
+            return None
+        mine = self._by_owner[owner]
+        if mine >= self.max_per_owner:
+            return self.max_per_owner
+        if self.fleet_max_per_owner and mine + self._elsewhere.get(owner, 0) >= self.fleet_max_per_owner:
+            return self.fleet_max_per_owner
+        return None
+
     def _check_share(self, owner: str) -> None:
-        if owner and self._by_owner[owner] >= self.max_per_owner:
+        if (share := self._share_reached(owner)) is not None:
             self.refused_total += 1
-            raise EngineShareExceeded(self.max_per_owner)
+            raise EngineShareExceeded(share)
 
     def _grant(self, owner: str, *, counted: bool = False) -> EngineSlot:
         now = time.monotonic()
@@ -301,12 +349,13 @@ class RealtimeAdmission:
         slot = EngineSlot(admission=self, owner=owner, granted_at=now)
         self._slots.append(slot)
         if not counted:
-            self._by_owner[owner] += 1
+            self._count_owner(owner, +1)
         self.admitted_total += 1
         return slot
 
     def _held(self, owner: str) -> int:
-        return sum(1 for slot in self._slots if slot.owner == owner)
+        """The slots `owner` holds: here, and on the other processes as last read."""
+        return sum(1 for slot in self._slots if slot.owner == owner) + self._elsewhere.get(owner, 0)
 
     def _ranks(self) -> list[tuple[int, int]]:
         """Each waiter's place, in queue order: (slots its owner holds plus its owner's
@@ -361,10 +410,17 @@ class RealtimeAdmission:
                 # and submits it; the next step's `poke` considers the next waiter.
                 return
 
-    def _drop_owner(self, owner: str) -> None:
-        self._by_owner[owner] -= 1
-        if self._by_owner[owner] <= 0:
+    def _count_owner(self, owner: str, change: int) -> None:
+        self._by_owner[owner] += change
+        count = self._by_owner[owner]
+        if count <= 0:
             del self._by_owner[owner]
+            self._elsewhere.pop(owner, None)  # read again at its next request
+        if owner and self.fleet is not None:
+            self.fleet.held_here(owner, max(count, 0))
+
+    def _drop_owner(self, owner: str) -> None:
+        self._count_owner(owner, -1)
 
     def _expected_wait(self, position: int) -> float:
         """Seconds until the `position`-th in the queue would be granted: when that many

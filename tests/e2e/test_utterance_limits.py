@@ -21,6 +21,7 @@ from django.conf import settings
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.sync.client import connect as sync_connect
 
+from core.redis import sync_redis
 from engines.text import Segment
 from synthesis.services import text_segments
 from tests.support.servers import ServiceEnv, daphne_server
@@ -268,3 +269,77 @@ def test_a_tenant_holding_the_engine_with_utterances_cannot_have_another_tenants
         assert (theirs.status_code, a3.status_code) == (200, 200)
         # Granted before the busy tenant's utterance that had queued before it.
         assert _first_audio_at(theirs) < _first_audio_at(a3)
+
+
+@pytest.mark.timeout(300)
+def test_a_tenant_holding_its_fleet_share_on_one_process_cannot_take_another_processs_engine(
+    service_env: ServiceEnv, django_db_blocker: Any
+) -> None:
+    # Decided by counts alone. Each process's engine holds two streams, and a tenant may hold
+    # two on each engine but two in the whole fleet. Counted per process only, the busy
+    # tenant's utterances would fill the second engine too, and the other tenant's request
+    # would wait in its queue behind them.
+    env = service_env(
+        REDIS_URL=settings.REDIS_URL,
+        ENGINE_MAX_ACTIVE_JOBS="2",
+        ENGINE_MAX_JOBS_PER_TENANT="2",
+        ENGINE_FLEET_JOBS_PER_TENANT="2",
+        ENGINE_QUEUE_SECONDS="300",
+        WS_UTTERANCE_IDLE_SLOT_SECONDS="300",
+    )
+    with (
+        committed_tenant(django_db_blocker, "busy", **UNLIMITED) as (busy, busy_key),
+        committed_tenant(django_db_blocker, "other", **UNLIMITED) as (_other, other_key),
+        daphne_server(env) as first,
+        daphne_server(env) as second,
+        sync_connect(_ws_url(first), additional_headers=bearer(busy_key.plaintext)) as on_first,
+        sync_connect(_ws_url(second), additional_headers=bearer(busy_key.plaintext)) as on_second,
+    ):
+
+        def until(ws: Any, context: str, kinds: set[str]) -> dict[str, Any]:
+            for _ in range(100_000):
+                message = ws.recv(timeout=120)
+                if isinstance(message, str):
+                    event = dict(json.loads(message))
+                    if event.get("context_id") == context and event["type"] in kinds:
+                        return event
+            raise AssertionError(f"no {kinds} for {context}")
+
+        # Two utterances speaking and waiting for more text hold the first engine.
+        for context in ("a1", "a2"):
+            on_first.send(json.dumps({"type": "start", "context_id": context, "format": "pcm"}))
+            on_first.send(
+                json.dumps({"type": "text", "context_id": context, "text": "The first part of a reply. "})
+            )
+            until(on_first, context, {"audio_start"})
+        share_key = f"{settings.REDIS_KEY_PREFIX}:engine_share:{busy.id.hex}"
+
+        def published() -> int:
+            fields: dict[bytes, bytes] = sync_redis().hgetall(share_key)  # type: ignore[assignment]
+            return sum(int(value.split(b";")[0]) for value in fields.values())
+
+        wait_until(lambda: published() == 2, what="the first process to publish the busy tenant's two slots")
+        # On the second process the same tenant is at its fleet share already.
+        for context in ("b1", "b2"):
+            on_second.send(
+                json.dumps({"type": "synthesize", "context_id": context, "text": "More, elsewhere."})
+            )
+            refused = until(on_second, context, {"error", "audio_start"})
+            assert (refused["type"], refused.get("code")) == ("error", "engine_share_exceeded"), refused
+        engine = _engine(second)
+        assert (engine["active_jobs"], engine["fleet_jobs_per_tenant"]) == (0, 2)
+        answer = httpx.post(
+            f"{second}/v1/synthesize",
+            json={"text": "The other tenant asks a question of its own.", "format": "pcm"},
+            headers=bearer(other_key.plaintext),
+            timeout=240,
+        )
+        assert answer.status_code == 200, answer.text
+        assert _engine(second)["jobs_queued"] == 0  # granted at once: never behind the busy tenant
+        for context in ("a1", "a2"):
+            on_first.send(json.dumps({"type": "cancel", "context_id": context}))
+            until(on_first, context, {"audio_end"})
+        # Given back: the fleet forgets the slots, and the second process grants the tenant again.
+        wait_until(lambda: published() == 0, what="the first process to publish its slots given back")
+        on_second.send(json.dumps({"type": "synthesize", "context_id": "b3", "text": "Now it fits."}))
+        assert not until(on_second, "b3", {"audio_end"})["cancelled"]

@@ -256,3 +256,58 @@ async def test_a_queue_full_of_one_owners_burst_makes_room_for_another_owner() -
     await asyncio.gather(burst[0], return_exceptions=True)
     state = gate.state()
     assert (state.queued, state.refused_total) == (0, 2)
+
+
+class _Fleet:
+    """engines.capacity.FleetShare over a dict: what the other processes hold, set by the test."""
+
+    def __init__(self) -> None:
+        self.elsewhere: dict[str, int] = {}
+        self.here: dict[str, int] = {}
+
+    async def held_elsewhere(self, owner: str) -> int:
+        return self.elsewhere.get(owner, 0)
+
+    def held_here(self, owner: str, count: int) -> None:
+        self.here[owner] = count
+
+
+async def test_an_owners_slots_on_other_processes_count_against_its_fleet_share() -> None:
+    gate = admission(capacity=None, max_active=8, max_per_owner=4)
+    fleet = _Fleet()
+    gate.share_across(fleet, max_per_owner=3)
+    fleet.elsewhere["a"] = 2
+    held = await gate.acquire("a")  # 2 elsewhere + 1 here: its fleet share of 3
+    with pytest.raises(EngineShareExceeded) as refused:
+        await gate.acquire("a")  # this engine's own share (4) is far off
+    assert refused.value.share == 3
+    other = await gate.acquire("b")
+    assert fleet.here == {"a": 1, "b": 1}  # what this process publishes for the others
+    held.release()
+    other.release()
+    assert fleet.here == {"a": 0, "b": 0}
+    fleet.elsewhere["a"] = 0  # the other processes gave theirs back
+    slots = [await gate.acquire("a") for _ in range(3)]
+    for slot in slots:
+        slot.release()
+
+
+async def test_the_queue_grants_first_the_owner_holding_fewer_slots_across_the_fleet() -> None:
+    gate = admission(capacity=None, max_active=1, queue_seconds=30.0)
+    fleet = _Fleet()
+    gate.share_across(fleet, max_per_owner=0)  # no fleet bound: the count only orders the queue
+    fleet.elsewhere["a"] = 5  # "a" holds five slots on the other processes, "b" none
+    running = await gate.acquire("c")
+    first = asyncio.create_task(gate.acquire("a"))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(gate.acquire("b"))
+    await asyncio.sleep(0)
+    assert gate.state().queued == 2
+    running.release()
+    # Both hold nothing here; counted across the fleet "b" holds fewer, and goes ahead of "a"
+    # although "a" came first.
+    granted = await asyncio.wait_for(second, 30)
+    assert not first.done()
+    granted.release()
+    (await asyncio.wait_for(first, 30)).release()
+    assert gate.state().demand == 0
