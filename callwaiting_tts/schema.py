@@ -88,8 +88,8 @@ def _common_responses(method: str, operation: dict[str, Any], openai: bool) -> d
         }
         responses["400"] = shape(
             responses["400"]["description"] + "; conflicting_credentials: two credentials that differ "
-            "(Authorization, xi-api-key, X-API-Key, a key in the query); api_key_in_url: a key in the "
-            "query beside one in a header"
+            "(Authorization, xi-api-key, X-API-Key, a key in the query); api_key_in_url: a key or token in "
+            "the query"
         )
         # A client token outside its scope, or a browser origin the tenant does not allow.
         responses["403"] = shape("token_scope, origin_not_allowed")

@@ -55,7 +55,6 @@ def elevenlabs_error_response(request: HttpRequest, error: ServiceError) -> Http
 
 
 def _parse(request: HttpRequest, voice_id: str, *, streaming: bool) -> SynthesisRequest:
-    _check_key_not_in_url(request)
     body = json_object_body(request)
     text = body.get("text")
     if not isinstance(text, str) or not text:
@@ -86,15 +85,6 @@ def _with_xi_api_key(request: HttpRequest) -> None:
     if key and "HTTP_AUTHORIZATION" not in request.META:
         request.META["HTTP_AUTHORIZATION"] = f"Bearer {key}"
         request.__dict__.pop("headers", None)  # a cached view of META (middleware may have read it)
-
-
-def _check_key_not_in_url(request: HttpRequest) -> None:
-    if any(name.lower() in ("xi-api-key", "xi_api_key", "api_key") for name in request.GET):
-        raise ServiceError(
-            400,
-            "api_key_in_url",
-            "Never put the API key in the URL (URLs end up in logs): send `xi-api-key`.",
-        )
 
 
 # Django's URL typing knows only sync views; it calls coroutine views correctly (api.views).

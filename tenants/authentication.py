@@ -26,9 +26,10 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from urllib.parse import parse_qs
 
 import sentry_sdk
 from cachetools import LRUCache
@@ -87,12 +88,32 @@ def bearer_token(authorization: str | None) -> str:
 
 
 # Every place a credential may come in, whichever door reads which: Bearer, ElevenLabs'
-# `xi-api-key`, Cartesia's `X-API-Key`; and the query names a client puts keys under (never
-# accepted there: URLs are logged).
+# `xi-api-key`, Cartesia's `X-API-Key`.
 CREDENTIAL_HEADERS = ("authorization", "xi-api-key", "x-api-key")
-CREDENTIAL_QUERY_NAMES = frozenset(
-    {"token", "access_token", "api_key", "apikey", "api-key", "xi-api-key", "xi_api_key"}
-)
+# A credential in a URL is never accepted (URLs end up in logs): a query parameter is one if
+# its name reads like a credential's (`token`, `api_key`, `xi-api-key`, `auth`...) or its
+# value holds one of ours, whatever the name (`?k=cwt_...`).
+_CREDENTIAL_NAME_PARTS = ("token", "key", "auth", "secret", "password")
+CREDENTIAL_VALUE_MARKERS = ("cwt_", "cwtc_")
+
+
+def query_credentials(query: Mapping[str, Sequence[str]]) -> set[str]:
+    """The credentials in a parsed query string (empty values are no credential)."""
+    return {
+        value.strip()
+        for name, values in query.items()
+        for value in values
+        if value.strip()
+        and (
+            any(part in name.lower() for part in _CREDENTIAL_NAME_PARTS)
+            or any(marker in value for marker in CREDENTIAL_VALUE_MARKERS)
+        )
+    }
+
+
+def credential_in_query_string(raw: bytes) -> bool:
+    """Whether a raw query string (an ASGI scope's) carries a credential."""
+    return bool(query_credentials(parse_qs(raw.decode("latin-1"))))
 
 
 def conflicting_credentials() -> ServiceError:
@@ -116,28 +137,21 @@ def credentials_presented(
     """The distinct credentials in a request's headers (lower-case names) and query, and
     whether any came in the query."""
     found = {credential_value(headers[name]) for name in CREDENTIAL_HEADERS if headers.get(name, "").strip()}
-    in_query = {
-        value.strip()
-        for name, values in query.items()
-        if name.lower() in CREDENTIAL_QUERY_NAMES
-        for value in values
-        if value.strip()
-    }
+    in_query = query_credentials(query)
     return found | in_query, bool(in_query)
 
 
 def require_one_credential(headers: Mapping[str, str], query: Mapping[str, list[str]]) -> None:
-    """400 conflicting_credentials when a request carries two credentials that differ; a
-    credential in the query beside a header one is refused whatever it is, never ignored."""
+    """400 conflicting_credentials when a request carries two credentials that differ; 400
+    api_key_in_url for a credential in the query, alone or beside a header (never ignored)."""
     found, in_query = credentials_presented(headers, query)
     if len(found) > 1:
         raise conflicting_credentials()
-    header_present = any(headers.get(name, "").strip() for name in CREDENTIAL_HEADERS)
-    if in_query and header_present:
+    if in_query:
         raise ServiceError(
             400,
             "api_key_in_url",
-            "Never put the API key in the URL (URLs end up in logs): send it only in the header.",
+            "Never put the API key in the URL (URLs end up in logs): send it in a header.",
         )
 
 

@@ -182,27 +182,36 @@ class UsageSpool:
 
     def probe(self) -> bool:
         """Try the journal again (the flusher thread): the held records, in order, or a
-        blank line when none is held. Returns whether it took them."""
-        with self._lock:
-            try:
-                if not self._held:
-                    self._write(b"\n")
-                while self._held:
-                    batch = list(islice(self._held, _PROBE_BATCH))
-                    self._write(b"".join(_line(record) for record in batch))
-                    for _ in batch:
-                        self._held.popleft()
-            except OSError as exc:
-                self._failed(exc)
-                return False
-            if self.failure is not None:
-                logger.warning(
-                    "The usage journal can be written again after %.1f s: synthesis is admitted again.",
-                    time.monotonic() - (self.failing_since or time.monotonic()),
-                )
-            self.failure = None
-            self.failing_since = None
-            return True
+        blank line when none is held. Returns whether it took them all.
+
+        One batch per hold of the lock: the event loop's appends (which take it) wait for
+        one batch's write at most, never for the whole held store. Appends made meanwhile
+        are held behind the rest (the journal still counts as failing), so order is kept."""
+        wrote_held = False
+        while True:
+            with self._lock:
+                try:
+                    if self._held:
+                        batch = list(islice(self._held, _PROBE_BATCH))
+                        self._write(b"".join(_line(record) for record in batch))
+                        for _ in batch:
+                            self._held.popleft()
+                        wrote_held = True
+                    elif not wrote_held:
+                        self._write(b"\n")
+                except OSError as exc:
+                    self._failed(exc)
+                    return False
+                if self._held:
+                    continue  # the lock is let go between batches
+                if self.failure is not None:
+                    logger.warning(
+                        "The usage journal can be written again after %.1f s: synthesis is admitted again.",
+                        time.monotonic() - (self.failing_since or time.monotonic()),
+                    )
+                self.failure = None
+                self.failing_since = None
+                return True
 
     def check(self) -> bool:
         """Between writes: a journal that became read-only or full is found now (by a real

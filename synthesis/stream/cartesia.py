@@ -40,10 +40,9 @@ from synthesis.stream.protocol import (
     context_id_of,
     frame_pieces,
     header,
-    key_in_query_string,
 )
 from synthesis.stream.utterance import Utterance
-from tenants.authentication import ApiKeyError, bearer_token
+from tenants.authentication import ApiKeyError, bearer_token, credential_in_query_string
 from usage.recorder import CARTESIA_STREAM
 
 ENCODINGS = {"pcm_s16le": "pcm", "pcm_mulaw": "mulaw"}
@@ -91,7 +90,7 @@ class CartesiaStreamConsumer(StreamConnection):
 
     async def connected(self) -> None:
         self.words: dict[str, _Words] = {}
-        if key_in_query_string(self.scope.get("query_string", b"")):
+        if credential_in_query_string(self.scope.get("query_string", b"")):
             await self.refuse(
                 CLOSE_UNAUTHORIZED,
                 "api_key_in_url",

@@ -29,13 +29,18 @@ from synthesis.stream.protocol import (
     context_id_of,
     frame_pieces,
     header,
-    key_in_query_string,
     labelled_frame,
     text_of,
 )
 from synthesis.stream.twilio import TWILIO, TwilioFramer
 from synthesis.stream.utterance import Utterance
-from tenants.authentication import ApiKeyError, bearer_token
+from tenants.authentication import (
+    ApiKeyError,
+    bearer_token,
+    conflicting_credentials,
+    credential_in_query_string,
+    credential_value,
+)
 from usage.recorder import STREAM
 
 
@@ -43,7 +48,7 @@ class StreamConsumer(StreamConnection):
     usage_endpoint = STREAM
 
     async def connected(self) -> None:
-        if key_in_query_string(self.scope.get("query_string", b"")):
+        if credential_in_query_string(self.scope.get("query_string", b"")):
             await self.refuse(
                 CLOSE_UNAUTHORIZED,
                 "api_key_in_url",
@@ -72,6 +77,9 @@ class StreamConsumer(StreamConnection):
                 raise ProtocolError("auth_required", 'Authenticate first: {"type": "auth", "api_key": ...}.')
             await self._on_auth(message)
             return
+        if kind == "auth":
+            await self._on_auth_again(message)
+            return
         handler = self._handlers.get(kind) if isinstance(kind, str) else None
         if handler is None:
             raise ProtocolError(
@@ -85,6 +93,16 @@ class StreamConsumer(StreamConnection):
         if not isinstance(key, str) or not key:
             raise ProtocolError("missing_api_key", "`api_key` must be your API key.")
         await self.authenticate(key)
+
+    async def _on_auth_again(self, message: dict[str, Any]) -> None:
+        """A second `auth` on an authenticated socket: another credential is refused (which
+        would bill is nobody's guess), the same one is only pointless."""
+        key = message.get("api_key")
+        if isinstance(key, str) and key and credential_value(key) != self.key_used:
+            error = conflicting_credentials()
+            await self.refuse(CLOSE_UNAUTHORIZED, error.code, error.message, status=error.status_code)
+            return
+        raise ProtocolError("already_authenticated", "This socket is authenticated already.")
 
     def _utterance(self, message: dict[str, Any]) -> Utterance:
         context_id = context_id_of(message)

@@ -57,10 +57,15 @@ from synthesis.stream.protocol import (
     ProtocolError,
     frame_pieces,
     header,
-    key_in_query_string,
 )
 from synthesis.stream.utterance import Utterance
-from tenants.authentication import ApiKeyError, bearer_token, conflicting_credentials
+from tenants.authentication import (
+    ApiKeyError,
+    bearer_token,
+    conflicting_credentials,
+    credential_in_query_string,
+    credential_value,
+)
 from usage.recorder import ELEVENLABS_MULTI_STREAM, ELEVENLABS_STREAM
 
 # ElevenLabs closes a refused connection with 1008 (policy violation); Daphne's WebSocket
@@ -112,7 +117,7 @@ class ElevenLabsStreamConsumer(StreamConnection):
 
     def _parse_query(self) -> None:
         raw = self.scope.get("query_string", b"")
-        if key_in_query_string(raw) or b"api-key" in raw.lower():
+        if credential_in_query_string(raw):
             raise ServiceError(
                 401,
                 "api_key_in_url",
@@ -187,7 +192,11 @@ class ElevenLabsStreamConsumer(StreamConnection):
             await self.authenticate(key)
             if self.principal is None or self._closing:
                 return
-        elif (again := message.get("xi-api-key") or message.get("xi_api_key")) and again != self.key_used:
+        elif (
+            isinstance(again := message.get("xi-api-key") or message.get("xi_api_key"), str)
+            and again.strip()
+            and credential_value(again) != self.key_used
+        ):
             # A second credential on an authenticated socket: refused, never ignored.
             error = conflicting_credentials()
             await self.refuse(CLOSE_UNAUTHORIZED, error.code, error.message, status=error.status_code)

@@ -173,10 +173,3 @@ def header(scope: dict[str, Any], name: bytes) -> str | None:
         if key.lower() == name:
             return bytes(value).decode("latin-1")
     return None
-
-
-def key_in_query_string(query_string: bytes) -> bool:
-    lowered = query_string.lower()
-    return any(
-        marker in lowered for marker in (b"api_key", b"apikey", b"token", b"authorization", b"cwt_", b"cwtc_")
-    )

@@ -71,6 +71,56 @@ def test_a_key_in_the_query_beside_the_same_key_in_a_header_is_refused_not_ignor
     assert response.json()["error"]["code"] == "api_key_in_url"
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "api_key={a}",  # alone, no header beside it
+        "auth={a}",
+        "xi-api-key={a}",
+        "session_token={a}",
+        "k={a}",  # any name: the value is one of ours
+        "voice=x&foo=prefix%20{a}",
+    ],
+)
+def test_a_credential_anywhere_in_the_query_is_400_api_key_in_url(
+    two_keys: tuple[str, str], query: str
+) -> None:
+    a, _b = two_keys
+    for method, path in HTTP_DOORS:
+        response = _http(method, path, {}, query.format(a=a))
+        assert response.status_code == 400, (path, query, response.content)
+        assert response.json()["error"]["code"] == "api_key_in_url"
+    for path in ("/v1/stream", "/v1/text-to-speech/joe/stream-input", "/tts/websocket"):
+        text, close_code = _socket(f"{path}?{query.format(a=a)}", {}, [])
+        assert "api_key_in_url" in text, (path, query, text)
+        assert close_code in (4001, 4400), (path, close_code)
+
+
+def test_the_same_credential_twice_on_a_socket_is_no_conflict(two_keys: tuple[str, str]) -> None:
+    a, _b = two_keys
+
+    async def main() -> list[str]:
+        from callwaiting_tts.asgi import application
+
+        communicator = WebsocketCommunicator(
+            application, "/v1/stream", headers=[(b"authorization", f"Bearer {a}".encode())]
+        )
+        connected, _ = await communicator.connect(timeout=30)
+        assert connected
+        try:
+            await communicator.send_to(text_data=json.dumps({"type": "auth", "api_key": f" {a} "}))
+            codes: list[str] = []
+            while "already_authenticated" not in codes and len(codes) < 10:
+                event = json.loads(await communicator.receive_from(30))
+                codes.append(event.get("code") or event["type"])
+            return codes
+        finally:
+            await communicator.disconnect()
+
+    codes = asyncio.run(main())
+    assert codes == ["ready", "already_authenticated"], codes
+
+
 def test_the_same_key_in_two_headers_is_one_credential(two_keys: tuple[str, str]) -> None:
     a, _b = two_keys
     assert _http("get", "/v1/tenant", {"Authorization": f"Bearer {a}", "xi-api-key": a}).status_code == 200
@@ -111,6 +161,13 @@ def test_two_different_credentials_on_a_socket_are_refused_at_the_handshake_on_e
         ("/v1/stream", {"xi-api-key": b}, [{"type": "auth", "api_key": a}]),
         ("/v1/text-to-speech/joe/stream-input", {"xi-api-key": a, "Authorization": f"Bearer {b}"}, []),
         ("/v1/text-to-speech/joe/stream-input", {"xi-api-key": a}, [{"text": " ", "xi_api_key": b}]),
+        # A second credential after the socket authenticated: refused too, not ignored.
+        ("/v1/stream", {"Authorization": f"Bearer {a}"}, [{"type": "auth", "api_key": b}]),
+        (
+            "/v1/text-to-speech/joe/stream-input",
+            {},
+            [{"text": " ", "xi_api_key": a}, {"text": "Hi ", "xi-api-key": b}],
+        ),
         ("/v1/text-to-speech/joe/multi-stream-input", {"Authorization": f"Bearer {a}", "xi-api-key": b}, []),
         ("/tts/websocket", {"X-API-Key": a, "Authorization": f"Bearer {b}"}, []),
         ("/v1/tts/websocket", {"X-API-Key": b, "xi-api-key": a}, []),

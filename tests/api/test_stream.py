@@ -361,7 +361,6 @@ MALFORMED: list[tuple[str, Any, str]] = [
     ("a list", "[1, 2]", "malformed_message"),
     ("no type", {"context_id": "a"}, "unknown_type"),
     ("unknown type", {"type": "speak", "context_id": "a"}, "unknown_type"),
-    ("second auth", {"type": "auth", "api_key": "x"}, "unknown_type"),
     ("no context id", {"type": "start"}, "invalid_context_id"),
     ("bad context id", {"type": "start", "context_id": "a b/c"}, "invalid_context_id"),
     ("long context id", {"type": "start", "context_id": "x" * 65}, "invalid_context_id"),

@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -174,3 +175,33 @@ def test_records_of_nothing_cannot_take_the_last_tenth_of_the_held_store_from_bi
         billed.audio_sent(48_000, 1.0)
         assert usage_record_spool(billed.record(200)) is Appended.HELD
         assert usage_spool().held() == 10
+
+
+def test_a_probe_hands_a_large_held_store_back_in_batches_in_order_while_requests_append(
+    tmp_path: Path,
+) -> None:
+    with tmpfs(tmp_path / "disk", size_kb=4096) as disk:
+        spool = UsageSpool(disk / "spool", held_limit=5000)
+        assert spool.append(_record(0)) is Appended.JOURNALED
+        spool.seal()
+        filler = fill(disk)
+        held = [_record(n) for n in range(1, 1301)]  # over two probe batches
+        for record in held:
+            assert spool.append(record) is Appended.HELD
+        filler.unlink()
+        appended = [_record(n) for n in range(2000, 2400)]
+        appender = threading.Thread(target=lambda: [spool.append(record) for record in appended])
+        appender.start()  # the event loop keeps appending while the flusher probes
+        assert spool.probe() is True
+        appender.join(timeout=60)
+        assert not appender.is_alive()
+        assert spool.held() == 0
+        ids = [record["id"] for record in _drained(spool)]
+        assert len(ids) == 1 + len(held) + len(appended)  # nothing lost, nothing twice
+        # Held records keep their order, ahead of everything appended after them.
+        order = {record_id: index for index, record_id in enumerate(ids)}
+        assert [order[record["id"]] for record in held] == sorted(order[record["id"]] for record in held)
+        assert [order[record["id"]] for record in appended] == sorted(
+            order[record["id"]] for record in appended
+        )
+        assert max(order[record["id"]] for record in held) < min(order[record["id"]] for record in appended)
