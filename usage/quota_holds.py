@@ -11,7 +11,10 @@ hosts' clocks never disagree about them. Entries of a process that died expire o
 own (RUNNING_TTL_MS, UNWRITTEN_TTL_MS).
 
 While Redis is away the same bookkeeping runs in process memory (`_LocalHolds`): quotas
-then hold per process, as rate limits do.
+then hold per process, as rate limits do. That count takes in every reservation this
+process holds, those held in Redis too (at their size now, growth during the outage
+included), as stream leases do (tenants/limits.py); while Redis answers, only what it does
+not hold is added to what it counts.
 """
 
 from __future__ import annotations
@@ -158,15 +161,31 @@ class _Entry:
 
 
 @dataclass
+class _InRedis:
+    """One of this process's reservations held in Redis, as this process knows it."""
+
+    seconds: float  # its size now
+    expires_at_ms: float
+    # What it grew by while Redis was away: Redis still holds it at its old size, until its
+    # next extension sends the whole size.
+    unseen_growth: float = 0.0
+
+
+@dataclass
 class _LocalHolds:
     """The same bookkeeping as the Redis hash, with the same expiry rules."""
 
+    # Reserved and settled here while Redis was away: only this process knows them.
     reserved: dict[uuid.UUID, _Entry] = field(default_factory=dict)
     settled: dict[uuid.UUID, _Entry] = field(default_factory=dict)
+    # This process's running reservations held in Redis. Redis counts them while it answers;
+    # while it is away only this process can, or each of them (every utterance on a socket)
+    # could grow to the limit on its own. Each leaves when it settles.
+    in_redis: dict[uuid.UUID, _InRedis] = field(default_factory=dict)
 
-    def seconds(self, read_at_ms: float) -> float:
+    def _drop_stale(self, read_at_ms: float) -> None:
         now = _now_ms()
-        for entries in (self.reserved, self.settled):
+        for entries in (self.reserved, self.settled, self.in_redis):
             for record_id in [record_id for record_id, entry in entries.items() if entry.expires_at_ms < now]:
                 del entries[record_id]  # its process lost track of it: it expires, as in Redis
         for record_id in [
@@ -175,7 +194,23 @@ class _LocalHolds:
             if entry.written_at_ms and entry.written_at_ms < read_at_ms
         ]:
             del self.settled[record_id]  # the reading includes it
+
+    def seconds(self, read_at_ms: float) -> float:
+        """Everything this process holds: what decides while Redis is away."""
+        self._drop_stale(read_at_ms)
+        return self._made_here() + sum(entry.seconds for entry in self.in_redis.values())
+
+    def unseen_by_redis(self, read_at_ms: float) -> float:
+        """What this process holds that Redis does not: added to what Redis counts, never
+        counting twice what Redis holds already."""
+        self._drop_stale(read_at_ms)
+        return self._made_here() + sum(entry.unseen_growth for entry in self.in_redis.values())
+
+    def _made_here(self) -> float:
         return sum(entry.seconds for entry in (*self.reserved.values(), *self.settled.values()))
+
+    def empty(self) -> bool:
+        return not (self.reserved or self.settled or self.in_redis)
 
 
 _local: dict[HoldKey, _LocalHolds] = defaultdict(_LocalHolds)
@@ -186,9 +221,20 @@ _local_lock = threading.Lock()
 _pending: set[asyncio.Task[Any]] = set()
 
 
-def _local_held(key: HoldKey, read_at_ms: float) -> float:
+def _forget_if_empty(key: HoldKey) -> None:
+    """Drop a tenant's month that holds nothing any more, so that settled reservations
+    leave nothing behind. Call it holding `_local_lock`."""
+    if key in _local and _local[key].empty():
+        del _local[key]
+
+
+def _unseen_by_redis(key: HoldKey, read_at_ms: float) -> float:
     with _local_lock:
-        return _local[key].seconds(read_at_ms) if key in _local else 0.0
+        if key not in _local:
+            return 0.0
+        unseen = _local[key].unseen_by_redis(read_at_ms)
+        _forget_if_empty(key)  # all of it may have expired
+        return unseen
 
 
 # --- reservations ------------------------------------------------------------------------------
@@ -222,13 +268,15 @@ class QuotaReservation:
             return True
         limit = self.limit
         if self.in_redis:
-            # What this process held while Redis was away counts too, as in `holds_reserve`.
-            local = _local_held(self.key, read_at_ms)
+            # What this process holds that Redis does not counts too, as in `holds_reserve`:
+            # this reservation's own growth during an outage among it, since Redis still
+            # holds it at its old size.
+            unseen = _unseen_by_redis(self.key, read_at_ms)
             loop = asyncio.get_running_loop()
             # A change of its own, in this reservation's order: a `settle` sent while this
             # waits (the utterance stopped) lands after it, never before.
             task = loop.create_task(
-                self._extend_in_redis(seconds, limit, used + local, read_at_ms, self._last_change)
+                self._extend_in_redis(seconds, limit, used + unseen, read_at_ms, self._last_change)
             )
             self._last_change = task
             _pending.add(task)
@@ -237,11 +285,21 @@ class QuotaReservation:
             if extended is not None:
                 if extended:
                     self.seconds += seconds
+                    self._track_in_redis()
                 return extended
-            # Redis is away: this process's own count decides, with this reservation in it.
-            if used + local + self.seconds >= limit:
-                return False
-            self.seconds += seconds
+            # Redis is away: this process's own count decides, with every reservation it
+            # holds in it (this one and its other in-Redis ones at their size now).
+            with _local_lock:
+                if self.settled:  # settled while Redis was asked: nothing more to hold
+                    return False
+                holds = _local[self.key]
+                tracked = self._tracked_in_redis(holds)
+                if used + holds.seconds(read_at_ms) >= limit:
+                    return False
+                self.seconds += seconds
+                tracked.seconds = self.seconds
+                # Redis learns it when an extension next reaches it (the whole size is sent).
+                tracked.unseen_growth += seconds
             return True
         with _local_lock:
             holds = _local[self.key]
@@ -255,6 +313,24 @@ class QuotaReservation:
                 entry.seconds = self.seconds
                 entry.expires_at_ms = max(entry.expires_at_ms, _now_ms() + RUNNING_TTL_MS)
         return True
+
+    def _track_in_redis(self) -> None:
+        """Redis has just taken this reservation's whole size: record it, for this
+        process's own count should Redis go away."""
+        with _local_lock:
+            if not self.settled:  # a settled one has left the count: never add it back
+                self._tracked_in_redis(_local[self.key]).unseen_growth = 0.0
+
+    def _tracked_in_redis(self, holds: _LocalHolds) -> _InRedis:
+        """Its entry in `holds` (made anew if it expired there), at its size now and
+        expiring as its Redis entry does. Call it holding `_local_lock`."""
+        expires_at_ms = _now_ms() + RUNNING_TTL_MS
+        tracked = holds.in_redis.get(self.record_id)
+        if tracked is None:
+            tracked = holds.in_redis[self.record_id] = _InRedis(self.seconds, expires_at_ms)
+        tracked.seconds = self.seconds
+        tracked.expires_at_ms = max(tracked.expires_at_ms, expires_at_ms)
+        return tracked
 
     async def _extend_in_redis(
         self, seconds: float, limit: float, used: float, read_at_ms: float, after: asyncio.Task[Any] | None
@@ -289,6 +365,11 @@ class QuotaReservation:
         self.settled = True
         kept = actual_seconds if actual_seconds > 0 and settings.USAGE_RECORDS else 0.0
         if self.in_redis:
+            # Redis holds it from here on (or it expires there): it leaves this process's count.
+            with _local_lock:
+                if (holds := _local.get(self.key)) is not None:
+                    holds.in_redis.pop(self.record_id, None)
+                    _forget_if_empty(self.key)
             self._send(kept)
             return
         if self.clear_in_redis:
@@ -298,6 +379,7 @@ class QuotaReservation:
             holds.reserved.pop(self.record_id, None)
             if kept:
                 holds.settled[self.record_id] = _Entry(kept, _now_ms() + UNWRITTEN_TTL_MS)
+            _forget_if_empty(self.key)
 
     def _send(self, seconds: float) -> None:
         """Send a change to Redis without making the caller wait: on the event loop as a
@@ -337,7 +419,7 @@ async def holds_reserve(
     loop = asyncio.get_running_loop()
     if ours := [task for task in _pending if task.get_loop() is loop]:
         await asyncio.wait(ours, timeout=settings.REDIS_TIMEOUT_SECONDS)
-    local = _local_held(key, read_at_ms)
+    unseen = _unseen_by_redis(key, read_at_ms)
     maybe_in_redis = False
     try:
         reserved = await async_redis().eval(
@@ -345,7 +427,7 @@ async def holds_reserve(
             1,
             _redis_key(key),
             limit,
-            used + local,
+            used + unseen,
             int(read_at_ms),
             record_id.hex,
             estimate,
@@ -356,7 +438,12 @@ async def holds_reserve(
         # A timeout may come after the script ran: its entry is cleared when this settles.
         maybe_in_redis = isinstance(exc, TimeoutError | redis.TimeoutError)
     else:
-        return QuotaReservation(key, record_id, estimate, in_redis=True, limit=limit) if reserved else None
+        if not reserved:
+            return None
+        reservation = QuotaReservation(key, record_id, estimate, in_redis=True, limit=limit)
+        reservation._track_in_redis()
+        return reservation
+    # Redis is away: this process's own count decides, its in-Redis reservations in it.
     with _local_lock:
         holds = _local[key]
         if used + holds.seconds(read_at_ms) >= limit:
