@@ -10,8 +10,11 @@ from rest_framework.test import APIClient
 
 from tenants.models import Tenant
 from tenants.services import IssuedKey, tenant_create
+from tests.support.database import retry_flush_on_deadlock
 from tests.support.servers import RedisServer, ServiceEnv, base_env
 from tests.support.tenants import TenantFactory, committed_tenant
+
+retry_flush_on_deadlock()
 
 
 @pytest.fixture
