@@ -387,7 +387,7 @@ async def engine_throughput(texts: list[str]) -> float:
     jobs = [SpeechJob(segments=prepare_text(text, max_chars=5000)) for text in texts]
 
     async def samples(job: SpeechJob) -> int:
-        return sum([len(chunk) async for chunk in engine.stream(job)])
+        return sum([chunk.sample_count async for chunk in engine.stream(job)])
 
     await samples(SpeechJob(segments=prepare_text(SENTENCES[0], max_chars=5000)))  # warm-up
     started = time.perf_counter()

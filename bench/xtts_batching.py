@@ -113,7 +113,7 @@ async def one_stream(engine: Any, job: Any, started: float) -> StreamResult:
             first = now
         elif now > first + audio_before:
             underruns += 1
-        audio_before += len(chunk) / engine.sample_rate
+        audio_before += chunk.sample_count / engine.sample_rate
     end = time.perf_counter()
     return StreamResult((first or end) - started, end - started, audio_before, underruns)
 

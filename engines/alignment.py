@@ -10,9 +10,9 @@ share of it in proportion to its weight (a letter or digit counts 1, a space or 
   piece (`sentences`), so sentence boundaries are exact where our sentence ends are
   espeak's. (The WebSocket stream also sends each sentence to the engine as a piece of its
   own, so one piece is one chunk.) Within a sentence, Piper's own phoneme durations place
-  each word (`piper_word_spans`, reported through `report_word_spans` as the chunk is
-  yielded) when its words are the text's (a number read as two words is not: that sentence
-  falls back to proportions).
+  each word (`piper_word_spans`, carried by the chunk itself: engines.base.AudioChunk)
+  when its words are the text's (a number read as two words is not: that sentence falls
+  back to proportions).
 - XTTS streams a sentence in several chunks. Each chunk's audio takes the characters an
   estimated speaking rate says it holds; whatever the estimate left over when the piece
   ends takes the tail of its last chunk (0 ms long when the estimate was short).
@@ -23,15 +23,11 @@ Times are milliseconds from the start of the context's (utterance's) audio.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from engines.text import bounded_runs
-
-# Where each word of a chunk lies, as fractions (start, end) of the chunk's audio.
-WordSpans = list[tuple[float, float]]
+from engines.base import WordSpans
+from engines.text import Segment, Speech, bounded_runs, is_ssml_document
 
 # About 14 characters a second at speed 1 (English speech): the estimate XTTS's chunks use.
 SECONDS_PER_WEIGHT = 1 / 14
@@ -90,29 +86,6 @@ def spread(chars: str, start_s: float, end_s: float) -> CharTimings:
     return timings
 
 
-# The word spans an engine reported for the chunks it yielded, in order, to whoever listens
-# in this task (an utterance); None when nobody listens. A context variable keeps the
-# engine's interface (a stream of audio arrays) as it is.
-_word_spans: ContextVar[list[WordSpans | None] | None] = ContextVar("word_spans", default=None)
-
-
-def report_word_spans(spans: WordSpans | None) -> None:
-    """Called by an engine just before it yields the chunk these spans describe."""
-    if (listener := _word_spans.get()) is not None:
-        listener.append(spans)
-
-
-@contextmanager
-def word_spans_reported() -> Iterator[list[WordSpans | None]]:
-    """Listen, in this task, for the word spans of the chunks an engine yields."""
-    listener: list[WordSpans | None] = []
-    token = _word_spans.set(listener)
-    try:
-        yield listener
-    finally:
-        _word_spans.reset(token)
-
-
 def piper_word_spans(
     phonemes: Sequence[str], phoneme_id_samples: Sequence[int], id_map: Mapping[str, Sequence[int]]
 ) -> WordSpans | None:
@@ -142,6 +115,15 @@ def piper_word_spans(
     if index + len(id_map.get("$", ())) != len(phoneme_id_samples):
         return None
     return spans
+
+
+def spoken_text(text: str, segments: Sequence[Segment]) -> str:
+    """What a piece's timings spell: its text, or for an SSML document the words it speaks
+    (its markup is never heard, so no time of the audio belongs to a tag), each run of
+    speech followed by a space."""
+    if not is_ssml_document(text):
+        return text
+    return "".join(f"{segment.text} " for segment in segments if isinstance(segment, Speech))
 
 
 def chunks_are_sentences(engine_name: str) -> bool:
@@ -189,15 +171,31 @@ class CharTimeline:
         self._placed_until_s = audio_end_s
         self._placed_weight = 0.0
 
-    def advance(self, audio_end_s: float, words: WordSpans | None = None) -> CharTimings:
-        """`words`: the engine's word spans in this chunk, when it reported them."""
-        if not self._pending or audio_end_s <= self._placed_until_s:
+    def advance(
+        self, audio_end_s: float, words: WordSpans | None = None, text: str | None = None
+    ) -> CharTimings:
+        """`words`: the spans of the words this chunk speaks, when the engine knows them
+        (an empty list: a chunk of silence, such as an SSML break); `text`: what it speaks,
+        when the engine said (AudioChunk.text)."""
+        if not self._pending:
             return CharTimings()
         if self.whole_pieces:
-            count = self._next_chunk_chars(words)
-            if words and count and (timed := self._by_words(count, audio_end_s, words)):
+            if words is not None and not words:  # a pause: its time passes, no characters
+                self._placed_until_s = max(self._placed_until_s, audio_end_s)
+                return CharTimings()
+            # Every chunk takes its own characters, even one whose audio the encoder still
+            # holds (they are placed at the clock, 0 ms long), so later chunks keep theirs.
+            end_s = max(audio_end_s, self._placed_until_s)
+            count = self._spelled_by(text) if text else 0
+            if count:
+                self._sentences = sentences(self._pending[count:])
+            else:
+                count = self._next_chunk_chars(words)
+            if words and count and (timed := self._by_words(count, end_s, words)):
                 return timed
-            return self._place(count, audio_end_s)
+            return self._place(count, end_s)
+        if audio_end_s <= self._placed_until_s:
+            return CharTimings()
         # The weight of text this much audio holds at the estimated rate, less what is placed.
         heard = (audio_end_s - self._piece_start_s) * self.speed / SECONDS_PER_WEIGHT - self._placed_weight
         count, weight = 0, 0.0
@@ -215,6 +213,22 @@ class CharTimeline:
         if not self._pending:
             return CharTimings()
         return self._place(len(self._pending), max(audio_end_s, self._placed_until_s))
+
+    def _spelled_by(self, text: str) -> int:
+        """How many pending characters spell `text` (the chunk's own text, whose whitespace
+        the engine may have normalised), with the whitespace after them; 0 when the pending
+        text does not start with it."""
+        wanted = "".join(text.split())
+        matched = 0
+        for index, char in enumerate(self._pending):
+            if char.isspace():
+                continue
+            if matched == len(wanted):
+                return index
+            if char != wanted[matched]:
+                return 0
+            matched += 1
+        return len(self._pending) if matched == len(wanted) else 0
 
     def _next_chunk_chars(self, words: WordSpans | None) -> int:
         """How many pending characters a whole-sentence engine's chunk speaks: the next

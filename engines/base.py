@@ -14,6 +14,25 @@ from engines.capacity import EngineSlot, QueuePolicy, RealtimeAdmission, Through
 from engines.errors import CloningNotSupported
 from engines.text import Segment, Speech, effective_rate
 
+# Where each word of a chunk lies, as fractions (start, end) of the chunk's audio.
+WordSpans = list[tuple[float, float]]
+
+
+@dataclass(frozen=True, slots=True)
+class AudioChunk:
+    """A chunk of an engine's audio (float32 mono at the engine's rate) and, when the engine
+    knows them, the text it speaks and the spans of its words: the timings travel with
+    their audio, so no consumer has to match them up by position (engines/alignment.py
+    reads them). `words == []`: a chunk of silence (a break), which speaks nothing."""
+
+    samples: np.ndarray
+    words: WordSpans | None = None
+    text: str | None = None
+
+    @property
+    def sample_count(self) -> int:
+        return len(self.samples)
+
 
 @dataclass(frozen=True)
 class BuiltinVoice:
@@ -95,14 +114,14 @@ class SpeechEngine(abc.ABC):
         """Changes whenever the model's weights or config change (keys caches and conditioning)."""
 
     @abc.abstractmethod
-    def make_audio(self, job: SpeechJob) -> AsyncIterator[np.ndarray]:
+    def make_audio(self, job: SpeechJob) -> AsyncIterator[AudioChunk]:
         """The job's audio, chunk by chunk; called with the job's slot held."""
 
     async def reserve(self, owner: str = "") -> EngineSlot:
         """A slot to hold across several jobs (SpeechJob.slot); the caller releases it."""
         return await self.admission.acquire(owner)
 
-    async def stream(self, job: SpeechJob) -> AsyncIterator[np.ndarray]:
+    async def stream(self, job: SpeechJob) -> AsyncIterator[AudioChunk]:
         slot = job.slot or await self.admission.acquire(job.owner)
         try:
             async for chunk in self.make_audio(job):

@@ -23,15 +23,14 @@ import hashlib
 import json
 import os
 import threading
-from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engines.alignment import WordSpans, piper_word_spans, report_word_spans
-from engines.base import BuiltinVoice, SpeechEngine, SpeechJob, silence_chunk
+from engines.alignment import piper_word_spans
+from engines.base import AudioChunk, BuiltinVoice, SpeechEngine, SpeechJob, WordSpans, silence_chunk
 from engines.capacity import QueuePolicy
 from engines.errors import EngineConfigurationError
 from engines.scheduler import ChunkScheduler
@@ -183,9 +182,9 @@ class PiperEngine(SpeechEngine):
             "piper",
             max_jobs=2 * self.max_active_jobs,
             workers=self.workers,
-            duration_of=lambda chunk: len(chunk) / self.sample_rate,
+            duration_of=lambda chunk: chunk.sample_count / self.sample_rate,
             meter=self.throughput,
-            computed=lambda chunk: bool(chunk.any()),  # a break's silence is all zeros
+            computed=lambda chunk: bool(chunk.samples.any()),  # a break's silence is all zeros
             on_step=self.admission.poke,
         )
         self.admission.at_risk = self._scheduler.at_risk
@@ -235,15 +234,14 @@ class PiperEngine(SpeechEngine):
         audio = np.clip(audio, -1.0, 1.0).astype(np.float32)
         return stretched(audio, rate, self.sample_rate), words
 
-    def _job_audio(self, job: SpeechJob, spans: deque[WordSpans | None]) -> Iterator[np.ndarray]:
-        """The job's chunks, one per step of a scheduler worker: a sentence or clause each.
-        Each chunk's word spans go into `spans` just before it (for `make_audio`)."""
+    def _job_audio(self, job: SpeechJob) -> Iterator[AudioChunk]:
+        """The job's chunks, one per step of a scheduler worker: a sentence or clause each,
+        with the spans of its words (from Piper's phoneme durations)."""
         joined_to_previous = False
         for segment in job.segments:
             if isinstance(segment, Pause):
                 joined_to_previous = False
-                spans.append(None)
-                yield silence_chunk(segment.seconds, self.sample_rate)
+                yield AudioChunk(silence_chunk(segment.seconds, self.sample_rate), words=[])
                 continue
             rate = job.rate_of(segment)
             continues = isinstance(segment, Speech) and segment.continues
@@ -264,14 +262,11 @@ class PiperEngine(SpeechEngine):
                     if words is not None:
                         words = spans_within(words, len(audio), first, last)
                     audio = trimmed_at_join(audio, self.sample_rate, start=at_start, end=at_end)
-                spans.append(words)
-                yield audio
+                # A segment rendered whole is exactly this chunk's text.
+                yield AudioChunk(audio, words, segment.text if len(renders) == 1 else None)
             joined_to_previous = continues
 
-    async def make_audio(self, job: SpeechJob) -> AsyncIterator[np.ndarray]:
-        # Word spans made on the worker, reported here, in the listening task, chunk by chunk.
-        spans: deque[WordSpans | None] = deque()
-        scheduled = self.scheduler.submit(self._job_audio(job, spans))
+    async def make_audio(self, job: SpeechJob) -> AsyncIterator[AudioChunk]:
+        scheduled = self.scheduler.submit(self._job_audio(job))
         async for chunk in scheduled.chunks():
-            report_word_spans(spans.popleft() if spans else None)
             yield chunk

@@ -454,6 +454,14 @@ def with_quick_opening(segments: list[Segment], words: int) -> list[Segment]:
     return segments
 
 
+def is_ssml_document(text: str) -> bool:
+    """Whether a whole text is markup. One that opens like `<speaking>` is too (refused,
+    not read aloud); in a stream only a real opening starts a document ("the <speaker> icon"
+    is text)."""
+    stripped = text.strip()
+    return SSML_START.match(stripped) is not None or stripped[:6].lower() == "<speak"
+
+
 def prepare_text(
     raw: str,
     *,
@@ -474,10 +482,7 @@ def prepare_text(
     if not text.strip():
         raise ServiceError(400, "empty_text", "The text is empty.")
     stripped = text.strip()
-    # A whole text that opens like `<speaking>` is markup too (refused, not read aloud); in a
-    # stream only a real opening starts a document ("the <speaker> icon" is text).
-    is_ssml = SSML_START.match(stripped) is not None or stripped[:6].lower() == "<speak"
-    parsed = parse_ssml(stripped, ssml) if is_ssml else [Speech(normalise_whitespace(text))]
+    parsed = parse_ssml(stripped, ssml) if is_ssml_document(text) else [Speech(normalise_whitespace(text))]
     segments: list[Segment] = []
     for segment in parsed:
         if isinstance(segment, Speech):

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.base import BuiltinVoice, SpeechEngine, SpeechJob, voice_slug
+from engines.base import AudioChunk, BuiltinVoice, SpeechEngine, SpeechJob, voice_slug
 from engines.capacity import QueuePolicy
 from engines.errors import EngineConfigurationError, EngineFailure
 from engines.xtts_batch import XttsBatcher
@@ -227,11 +227,12 @@ class XttsEngine(SpeechEngine):
         voice = job.voice or self.default_voice()
         return self._speaker_latents[voice.voice_id]
 
-    async def make_audio(self, job: SpeechJob) -> AsyncIterator[np.ndarray]:
+    async def make_audio(self, job: SpeechJob) -> AsyncIterator[AudioChunk]:
         try:
             conditioning = self._latents_for(job)
         except Exception as exc:
             raise EngineFailure(f"The voice's conditioning cannot be used: {exc}") from exc
         scheduled = self.scheduler.submit(job, conditioning)
+        # XTTS does not say where its words fall: engines/alignment.py estimates them.
         async for chunk in scheduled.chunks():
-            yield chunk
+            yield AudioChunk(chunk)

@@ -33,11 +33,11 @@ from django.views.decorators.csrf import csrf_exempt
 from api.errors import service_error_response
 from api.views import async_api_view
 from core.errors import ServiceError
-from engines.alignment import CharTimeline, CharTimings, chunks_are_sentences
+from engines.alignment import CharTimeline, CharTimings, chunks_are_sentences, spoken_text
 from synthesis.admission import SynthesisRequest, synthesis_admit
 from synthesis.elevenlabs_wire import alignment_seconds, output_format, speed_of, voice_settings_checked
-from synthesis.services import SynthesisResult
-from synthesis.views import audio_response, json_object_body, stream_body_closing
+from synthesis.services import AudioPart, SynthesisResult
+from synthesis.views import audio_response, json_object_body, stream_parts_closing
 from tenants.authentication import Principal, principal_require_voice
 from tenants.limits import StreamLease
 from usage.recorder import ELEVENLABS_TTS, usage_meter_of
@@ -121,15 +121,17 @@ async def _text_to_speech(
     timeline = CharTimeline(
         whole_pieces=chunks_are_sentences(admission.setup.engine.name), speed=admission.setup.speed
     )
-    timeline.begin(wanted.text or "", 0.0)
+    assert admission.plan is not None  # HTTP requests carry their whole text
+    timeline.begin(spoken_text(wanted.text or "", admission.plan.job.segments), 0.0)
 
     async def lines(
-        first: bytes, rest: AsyncIterator[bytes], lease: StreamLease, result: SynthesisResult
+        first: AudioPart | None, rest: AsyncIterator[AudioPart], lease: StreamLease, result: SynthesisResult
     ) -> AsyncIterator[bytes]:
-        async for audio in stream_body_closing(first, rest, lease):
+        async for part in stream_parts_closing(first, rest, lease):
             if meter is not None:
-                meter.audio_sent(len(audio), result.audio_seconds)
-            yield _line(audio, timeline.advance(result.audio_seconds))
+                meter.audio_sent(len(part.data), result.audio_seconds)
+            # The characters this part's audio speaks, from the words its chunk carries.
+            yield _line(part.data, timeline.advance(part.end_s, part.words, part.text))
         if tail := timeline.finish(result.audio_seconds):
             yield _line(b"", tail)
 

@@ -28,7 +28,7 @@ from core.errors import ServiceError
 from core.request_ids import REQUEST_ID_HEADER, request_id_for
 from engines import get_engine
 from synthesis.admission import SynthesisRequest, synthesis_admit
-from synthesis.services import SynthesisResult
+from synthesis.services import AudioPart, SynthesisResult
 from synthesis.views import audio_response, json_object_body, stream_body_closing
 from tenants.authentication import Principal, principal_require_voice
 from tenants.limits import StreamLease
@@ -181,7 +181,7 @@ async def audio_speech(request: HttpRequest, principal: Principal) -> HttpRespon
     input_chars = len(text)
 
     async def events(
-        first: bytes, rest: AsyncIterator[bytes], lease: StreamLease, result: SynthesisResult
+        first: AudioPart | None, rest: AsyncIterator[AudioPart], lease: StreamLease, result: SynthesisResult
     ) -> AsyncIterator[bytes]:
         async for audio in stream_body_closing(first, rest, lease):
             if meter is not None:

@@ -15,6 +15,7 @@ from django.conf import settings
 
 from core.errors import ServiceError
 from engines import BuiltinVoice, EngineSlot, SpeechEngine, SpeechJob, get_engine
+from engines.base import WordSpans
 from engines.text import MAX_RATE, MIN_RATE, OutputBudget, Segment, SsmlLimits, prepare_text
 from synthesis.audio import AudioEncoder, OutputSpec
 from tenants.models import Tenant
@@ -34,6 +35,19 @@ class SynthesisResult:
     file_seconds: float = 0.0  # the finished file's length as decoded (X-Audio-Duration)
     # The code of a limit that ended a streamed answer early (its body ends cleanly there).
     cut_short: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AudioPart:
+    """What one engine chunk became: its encoded audio (empty when the encoder holds its
+    samples back, e.g. for a whole MP3 frame), the spans of the words the chunk speaks
+    (when the engine knows them), and the encoder's clock at the chunk's end, in seconds
+    of audio. Timings are read from here, so they stay with the audio they describe."""
+
+    data: bytes
+    words: WordSpans | None = None
+    end_s: float = 0.0
+    text: str | None = None  # what the chunk speaks, when the engine says (AudioChunk.text)
 
 
 @dataclass(frozen=True)
@@ -194,11 +208,12 @@ async def synthesis_setup(
     )
 
 
-async def encoded_audio(plan: SynthesisPlan, encoder: AudioEncoder) -> AsyncIterator[bytes]:
+async def encoded_audio(plan: SynthesisPlan, encoder: AudioEncoder) -> AsyncIterator[AudioPart]:
     """The plan's audio through `encoder`, as the engine makes it: the one engine -> encoder
-    loop, for HTTP and WebSocket alike. It does not finish the encoder (a WebSocket utterance
-    runs several plans through one). Closing this iterator (a client that went away) closes
-    the engine's stream, which stops its work for this request.
+    loop, for HTTP and WebSocket alike, one part per engine chunk (its data possibly empty).
+    It does not finish the encoder (a WebSocket utterance runs several plans through one).
+    Closing this iterator (a client that went away) closes the engine's stream, which stops
+    its work for this request.
 
     Once the encoder has taken MAX_AUDIO_SECONDS_PER_REQUEST of engine audio (counted over
     everything it has taken: a whole WebSocket utterance), the audio up to that point goes
@@ -208,20 +223,20 @@ async def encoded_audio(plan: SynthesisPlan, encoder: AudioEncoder) -> AsyncIter
     try:
         async for chunk in engine_stream:
             room = limit - encoder.samples_in
-            if len(chunk) > room:
-                if data := encoder.push(chunk[: max(room, 0)]):
-                    yield data
+            if chunk.sample_count > room:
+                # The words of a chunk cut short are no longer the chunk's: none are reported.
+                yield AudioPart(encoder.push(chunk.samples[: max(room, 0)]), None, encoder.duration_s)
                 raise audio_too_long()
-            if data := encoder.push(chunk):
-                yield data
+            yield AudioPart(encoder.push(chunk.samples), chunk.words, encoder.duration_s, chunk.text)
     finally:
         await engine_stream.aclose()  # type: ignore[attr-defined]
 
 
 async def synthesis_audio(
     plan: SynthesisPlan, result: SynthesisResult, *, streaming: bool
-) -> AsyncIterator[bytes]:
-    """Encoded audio as the engine makes it (streaming), or the whole file as one piece.
+) -> AsyncIterator[AudioPart]:
+    """Encoded audio as the engine makes it (streaming), or the whole file as one piece:
+    the parts that carry audio or word spans.
 
     Audio over the limit per request: the whole file is refused (400 audio_too_long, from
     the iterator); a stream, whose status has gone out, ends cleanly at the limit, as a
@@ -229,9 +244,10 @@ async def synthesis_audio(
     encoder = AudioEncoder(plan.spec, plan.engine.sample_rate, streaming=streaming)
     audio = encoded_audio(plan, encoder)
     try:
-        async for data in audio:
+        async for part in audio:
             result.audio_seconds = encoder.duration_s
-            yield data
+            if part.data or part.words:
+                yield part
     except ServiceError as exc:
         if not (streaming and exc.code == AUDIO_TOO_LONG):
             raise
@@ -242,4 +258,4 @@ async def synthesis_audio(
     result.audio_seconds = encoder.duration_s
     result.file_seconds = encoder.decoded_duration_s
     if data:
-        yield data
+        yield AudioPart(data, None, encoder.duration_s)

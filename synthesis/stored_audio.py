@@ -106,7 +106,7 @@ async def stored_audio_for(*, tenant: Tenant, plan: SynthesisPlan) -> StoredAudi
         return StoredAudio(phrase=existing, cached=True)
 
     result = SynthesisResult(spec=plan.spec)
-    body = b"".join([part async for part in synthesis_audio(plan, result, streaming=False)])
+    body = b"".join([part.data async for part in synthesis_audio(plan, result, streaming=False)])
     name = f"tenants/{tenant.id}/phrases/{cache_key}.{EXTENSIONS[plan.spec.format]}"
     if existing is not None:  # expired: replace it
         await sync_to_async(default_storage.delete, thread_sensitive=False)(existing.storage_name)

@@ -28,7 +28,7 @@ from core.errors import ServiceError, database_error
 from core.request_ids import request_id_for
 from synthesis.admission import Admission, native_request, service_error_for, synthesis_admit
 from synthesis.models import PhraseAudio
-from synthesis.services import SynthesisResult, synthesis_audio
+from synthesis.services import AudioPart, SynthesisResult, synthesis_audio
 from synthesis.stored_audio import (
     RangeNotSatisfiable,
     idempotency_record,
@@ -58,16 +58,17 @@ def json_object_body(request: HttpRequest) -> dict[str, Any]:
     return payload
 
 
-async def stream_body_closing(
-    first: bytes, rest: AsyncIterator[bytes], lease: StreamLease
-) -> AsyncIterator[bytes]:
-    """The streamed response body. However it ends, the engine stops and the
+async def stream_parts_closing(
+    first: AudioPart | None, rest: AsyncIterator[AudioPart], lease: StreamLease
+) -> AsyncIterator[AudioPart]:
+    """The parts of a streamed response. However it ends, the engine stops and the
     stream's lease is freed (the usage meter around it counts what was sent)."""
     stream_stats.http_streams += 1
     try:
-        yield first
-        async for data in rest:
-            yield data
+        if first is not None:
+            yield first
+        async for part in rest:
+            yield part
     finally:
         stream_stats.http_streams -= 1
         try:
@@ -86,7 +87,18 @@ async def synthesize(request: HttpRequest, principal: Principal) -> HttpResponse
     return await audio_response(request, admission)
 
 
-AudioBody = Callable[[bytes, AsyncIterator[bytes], StreamLease, SynthesisResult], AsyncIterator[bytes]]
+async def stream_body_closing(
+    first: AudioPart | None, rest: AsyncIterator[AudioPart], lease: StreamLease
+) -> AsyncIterator[bytes]:
+    """The streamed response body: the audio of stream_parts_closing."""
+    async for part in stream_parts_closing(first, rest, lease):
+        if part.data:
+            yield part.data
+
+
+AudioBody = Callable[
+    [AudioPart | None, AsyncIterator[AudioPart], StreamLease, SynthesisResult], AsyncIterator[bytes]
+]
 
 
 async def audio_response(
@@ -110,7 +122,7 @@ async def audio_response(
         # Wait for the first audio before answering: refusals (overload) and
         # early engine failures still get a real status code, and the first
         # bytes go out with the headers.
-        first = await anext(audio, b"")
+        first = await anext(audio, None)
     except BaseException as exc:
         if lease is not None:
             await lease.release()
@@ -136,10 +148,10 @@ async def audio_response(
         response["Cache-Control"] = "no-store"
         response["X-Accel-Buffering"] = "no"  # let proxies pass chunks through
     else:
-        parts = [first]
+        parts = [first.data] if first is not None else []
         try:
-            async for data in audio:
-                parts.append(data)
+            async for part in audio:
+                parts.append(part.data)
         except Exception as exc:
             raise service_error_for(exc, request_id=request_id_for(request)) from exc
         whole = b"".join(parts)

@@ -23,18 +23,11 @@ from django.conf import settings
 
 from core.errors import ServiceError
 from engines import EngineSlot
-from engines.alignment import (
-    CharTimeline,
-    CharTimings,
-    WordSpans,
-    chunks_are_sentences,
-    sentences,
-    word_spans_reported,
-)
+from engines.alignment import CharTimeline, CharTimings, chunks_are_sentences, sentences, spoken_text
 from engines.text import Segment
 from synthesis.admission import service_error_for
 from synthesis.audio import AudioEncoder
-from synthesis.services import SynthesisSetup, encoded_audio, output_budget, text_segments
+from synthesis.services import AudioPart, SynthesisSetup, encoded_audio, output_budget, text_segments
 from synthesis.stream.flow import TransportFlow
 from synthesis.stream.protocol import ProtocolError, SocketClosed, ready_pieces
 from synthesis.stream.twilio import TwilioFramer
@@ -101,7 +94,6 @@ class Utterance:
         # Seconds of audio sent so far (the encoder's clock at the end of the last chunk sent).
         self.sent_until_s = 0.0
         self.chunk_start_s = 0.0  # where the audio being sent starts on that clock
-        self.word_spans: list[WordSpans | None] = []  # the engine's reports, one per chunk
         self.task = asyncio.create_task(self._run(), name=f"utterance {context_id}")
 
     @property
@@ -155,11 +147,6 @@ class Utterance:
         self.pieces.put_nowait(None)
 
     async def _run(self) -> None:
-        # The engine's word spans for its chunks (Piper), heard in this task only.
-        with word_spans_reported() as self.word_spans:
-            await self._speak()
-
-    async def _speak(self) -> None:
         spoken = False
         try:
             while (piece := await self._next_piece()) is not None:
@@ -174,12 +161,12 @@ class Utterance:
                     self.slot = await self.setup.engine.reserve(self.setup.owner)
                 plan = self.setup.plan_segments(segments, slot=self.slot)
                 if self.timeline is not None:
-                    self.timeline.begin(text, self.sent_until_s)
+                    self.timeline.begin(spoken_text(text, segments), self.sent_until_s)
                 # The same engine -> encoder loop as HTTP; one encoder for the whole utterance.
                 audio = encoded_audio(plan, self.encoder)
                 try:
-                    async for data in audio:
-                        await self._send_audio(data)
+                    async for part in audio:
+                        await self._send_part(part)
                 finally:
                     await audio.aclose()  # type: ignore[attr-defined]
                 if self.timeline is not None and (rest := self.timeline.finish(self.sent_until_s)):
@@ -227,6 +214,14 @@ class Utterance:
             self.slot.release()
             self.slot = None
 
+    async def _send_part(self, part: AudioPart) -> None:
+        """One engine chunk's audio, with the characters it speaks (from the words the chunk
+        carries, even when the encoder held all of its audio back)."""
+        timings = None
+        if self.timeline is not None:
+            timings = self.timeline.advance(part.end_s, part.words, part.text)
+        await self._send_audio(part.data, timings)
+
     async def _send_audio(
         self, data: bytes, timings: CharTimings | None = None, *, final: bool = False
     ) -> None:
@@ -237,10 +232,6 @@ class Utterance:
         self.chunk_start_s = self.sent_until_s
         if data:
             self.sent_until_s = self.encoder.duration_s
-            # One engine chunk, one report (when the engine reports): pair them in order.
-            words = self.word_spans.pop(0) if self.word_spans else None
-            if self.timeline is not None and timings is None:
-                timings = self.timeline.advance(self.sent_until_s, words)
         await self.owner.send_audio(self, data, timings, final=final)
         self.meter.audio_sent(len(data), self.encoder.duration_s)
 

@@ -10,10 +10,8 @@ from engines.alignment import (
     CharTimeline,
     CharTimings,
     piper_word_spans,
-    report_word_spans,
     sentences,
     spread,
-    word_spans_reported,
 )
 from engines.piper import PiperEngine
 from engines.text import prepare_text
@@ -107,24 +105,18 @@ def test_engine_word_spans_place_each_word_of_a_sentence_where_the_engine_spoke_
     assert fallback.advance(1.0, [(0.1, 0.2), (0.3, 0.4), (0.5, 0.6), (0.7, 0.8)]).starts_ms[0] == 0
 
 
-def test_word_spans_reach_only_the_task_that_listens() -> None:
-    report_word_spans([(0.0, 1.0)])  # nobody listens: nothing happens
-    with word_spans_reported() as heard:
-        report_word_spans([(0.0, 0.5)])
-        report_word_spans(None)
-    assert heard == [[(0.0, 0.5)], None]
-
-
-async def test_piper_reports_each_sentences_words_as_it_yields_the_sentence() -> None:
+async def test_each_piper_chunk_carries_the_spans_of_its_own_words() -> None:
     engine = PiperEngine(workers=1)
     engine.load()
     try:
-        job = SpeechJob(segments=prepare_text("Thanks for calling. Your table is booked.", max_chars=5000))
-        with word_spans_reported() as heard:
-            chunks = [chunk async for chunk in engine.stream(job)]
+        text = 'Thanks for calling. <break time="1ms"/> Your table is booked.'
+        job = SpeechJob(segments=prepare_text(f"<speak>{text}</speak>", max_chars=5000))
+        chunks = [chunk async for chunk in engine.stream(job)]
     finally:
         engine.close()
-    assert len(heard) == len(chunks) == 2
+    # The break is a chunk of its own that speaks no words (a few samples of silence).
+    assert [chunk.words == [] for chunk in chunks] == [False, True, False]
+    heard = [chunk.words for chunk in chunks if chunk.words != []]
     assert [len(spans or []) for spans in heard] == [3, 4]
     for spans in heard:
         assert spans is not None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engines import SpeechJob
-from engines.alignment import WordSpans
+from engines.base import WordSpans
 from engines.piper import MAX_PHONEMES_PER_RENDER, SILENCE_LEVEL, PiperEngine, spans_within
 from engines.text import Segment, Speech, prepare_text
 
@@ -29,7 +29,7 @@ def piper() -> PiperEngine:
 
 
 async def chunks_of(engine: PiperEngine, segments: list[Segment]) -> list[np.ndarray]:
-    return [chunk async for chunk in engine.stream(SpeechJob(segments=segments))]
+    return [chunk.samples async for chunk in engine.stream(SpeechJob(segments=segments))]
 
 
 def silent_runs(audio: np.ndarray, sample_rate: int) -> list[tuple[int, int]]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engines import EngineFailure, SpeechJob
+from engines.base import AudioChunk
 from engines.text import Pause, Speech
 from engines.xtts import XttsEngine
 from engines.xtts_batch import BatchedStream, XttsBatcher
@@ -44,8 +45,8 @@ def job_for(engine: XttsEngine, index: int) -> SpeechJob:
     return SpeechJob(segments=SCRIPTS[index % len(SCRIPTS)], voice=voices[index % len(voices)], speed=speed)
 
 
-async def collect(stream: AsyncIterator[np.ndarray]) -> np.ndarray:
-    return np.concatenate([chunk async for chunk in stream])
+async def collect(stream: AsyncIterator[AudioChunk]) -> np.ndarray:
+    return np.concatenate([chunk.samples async for chunk in stream])
 
 
 async def alone(engine: XttsEngine, count: int) -> list[np.ndarray]:
@@ -77,7 +78,7 @@ async def test_requests_that_join_and_leave_mid_stream_keep_their_exact_audio(en
     async def run(index: int) -> None:
         chunks = []
         async for chunk in engine.stream(job_for(engine, index)):
-            chunks.append(chunk)
+            chunks.append(chunk.samples)
             first_chunks.add(index)
         results[index] = np.concatenate(chunks)
 
@@ -184,7 +185,7 @@ async def test_a_slow_consumer_sits_out_without_stalling_the_others(xtts_checkpo
         batcher = small.scheduler
         expected = await alone(small, 4)
         slow = small.stream(job_for(small, 0))
-        first = await anext(slow)
+        first = (await anext(slow)).samples
         others = await asyncio.gather(
             *(collect(small.stream(job_for(small, index))) for index in range(1, 4))
         )

@@ -26,7 +26,7 @@ def engine(xtts_checkpoint: Path) -> Iterator[XttsEngine]:
 
 
 async def collect(engine: XttsEngine, job: SpeechJob) -> list[np.ndarray]:
-    return [chunk async for chunk in engine.stream(job)]
+    return [chunk.samples async for chunk in engine.stream(job)]
 
 
 def job_for(engine: XttsEngine, index: int) -> SpeechJob:
