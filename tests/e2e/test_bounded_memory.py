@@ -120,17 +120,19 @@ def pieces(text: str) -> list[str]:
 Door = Callable[[str, str, str], Coroutine[Any, Any, float]]
 
 
-async def native_http_stream(base_url: str, key: str, text: str) -> float:
-    body = {"text": text, "format": "pcm", "sample_rate": 8000, "streaming": True}
-    received = 0
+async def streamed_body(url: str, body: dict[str, Any], headers: dict[str, str]) -> bytes:
+    """A POST's streamed answer, read as it comes."""
     async with (
         httpx.AsyncClient(timeout=READ_TIMEOUT_S) as client,
-        client.stream("POST", f"{base_url}/v1/synthesize", json=body, headers=bearer(key)) as response,
+        client.stream("POST", url, json=body, headers=headers) as response,
     ):
         assert response.status_code == 200, await response.aread()
-        async for chunk in response.aiter_bytes():
-            received += len(chunk)
-    return received / 2 / 8000
+        return b"".join([chunk async for chunk in response.aiter_bytes()])
+
+
+async def native_http_stream(base_url: str, key: str, text: str) -> float:
+    body = {"text": text, "format": "pcm", "sample_rate": 8000, "streaming": True}
+    return len(await streamed_body(f"{base_url}/v1/synthesize", body, bearer(key))) / 2 / 8000
 
 
 async def native_http_whole(base_url: str, key: str, text: str) -> float:
@@ -141,49 +143,43 @@ async def native_http_whole(base_url: str, key: str, text: str) -> float:
     return len(response.content) / 2 / 8000
 
 
-async def synthesize_url(base_url: str, key: str, text: str) -> float:
+async def _stored_audio(
+    base_url: str, key: str, text: str, route: str, url_of: Callable[[bytes], str]
+) -> float:
+    """The audio of a route that answers where to fetch it."""
     body = {"text": text, "format": "pcm", "sample_rate": 8000}
     async with httpx.AsyncClient(timeout=READ_TIMEOUT_S) as client:
-        answer = await client.post(f"{base_url}/v1/synthesize-url", json=body, headers=bearer(key))
+        answer = await client.post(f"{base_url}{route}", json=body, headers=bearer(key))
         assert answer.status_code == 200, answer.text
-        audio = await client.get(answer.json()["url"])
+        audio = await client.get(url_of(answer.content))
     assert audio.status_code == 200
     return len(audio.content) / 2 / 8000
+
+
+def _play_url(twiml: bytes) -> str:
+    (play,) = list(ElementTree.fromstring(twiml))  # noqa: S314  (our own server's answer)
+    return play.text or ""
+
+
+async def synthesize_url(base_url: str, key: str, text: str) -> float:
+    return await _stored_audio(
+        base_url, key, text, "/v1/synthesize-url", lambda answer: json.loads(answer)["url"]
+    )
 
 
 async def twiml_play(base_url: str, key: str, text: str) -> float:
-    body = {"text": text, "format": "pcm", "sample_rate": 8000}
-    async with httpx.AsyncClient(timeout=READ_TIMEOUT_S) as client:
-        answer = await client.post(f"{base_url}/v1/twiml/play", json=body, headers=bearer(key))
-        assert answer.status_code == 200, answer.text
-        (play,) = list(ElementTree.fromstring(answer.content))  # noqa: S314  (our own server's answer)
-        audio = await client.get(play.text or "")
-    assert audio.status_code == 200
-    return len(audio.content) / 2 / 8000
+    return await _stored_audio(base_url, key, text, "/v1/twiml/play", _play_url)
 
 
 async def openai_speech(base_url: str, key: str, text: str) -> float:
     body = {"model": "tts-1", "voice": "alloy", "input": text, "response_format": "pcm"}
-    received = 0
-    async with (
-        httpx.AsyncClient(timeout=READ_TIMEOUT_S) as client,
-        client.stream("POST", f"{base_url}/v1/audio/speech", json=body, headers=bearer(key)) as response,
-    ):
-        assert response.status_code == 200, await response.aread()
-        async for chunk in response.aiter_bytes():
-            received += len(chunk)
-    return received / 2 / 24000  # OpenAI's pcm is 24 kHz
+    audio = await streamed_body(f"{base_url}/v1/audio/speech", body, bearer(key))
+    return len(audio) / 2 / 24000  # OpenAI's pcm is 24 kHz
 
 
 async def _elevenlabs_http(base_url: str, key: str, text: str, suffix: str) -> bytes:
     url = f"{base_url}/v1/text-to-speech/joe{suffix}?output_format=pcm_16000"
-    body = {"text": text, "model_id": "eleven_flash_v2_5"}
-    async with (
-        httpx.AsyncClient(timeout=READ_TIMEOUT_S) as client,
-        client.stream("POST", url, json=body, headers={"xi-api-key": key}) as response,
-    ):
-        assert response.status_code == 200, await response.aread()
-        return b"".join([chunk async for chunk in response.aiter_bytes()])
+    return await streamed_body(url, {"text": text, "model_id": "eleven_flash_v2_5"}, {"xi-api-key": key})
 
 
 async def elevenlabs_http(base_url: str, key: str, text: str) -> float:
