@@ -79,8 +79,10 @@ check: lint typecheck
 
 # Each test has its own limit (pytest-timeout); this one is the backstop for a hang no
 # signal handler can reach: SIGABRT makes Python dump every thread's stack, then exit.
-# 90 minutes: the suite takes some 22 on 2 idle cores and about 40 beside stress-ng --cpu 4;
-# a shared machine's load must not be what ends it.
+# 90 minutes: the suite took some 22 on 2 idle cores and about 40 beside stress-ng --cpu 4
+# before the bounded-memory test (tests/e2e/test_bounded_memory.py, 16 min of it on a
+# loaded machine); with it, 62 beside stress-ng and a second suite. A shared machine's load
+# must not be what ends it.
 test: env-check services check
 	timeout --signal=ABRT 5400 $(BIN)/pytest
 
